@@ -1,0 +1,82 @@
+"""What the four model deployments share: loading with honest degradation, batching knobs from
+``user_config``, a per-item error convention, and the info that ``/v1/models`` reports."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from festival_serve.settings import BatchConfig
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class StageError:
+    """Stands in for one item's result when the stage could not produce it (one per request, so a
+    failure never takes the rest of the batch with it)."""
+
+    stage: str
+    reason: str
+
+
+class ModelDeployment:
+    """Base of the model deployments. Subclasses set ``stage`` and ``batched_method`` (the name of
+    their ``@serve.batch`` method) and call ``_load`` in ``__init__``."""
+
+    stage: ClassVar[str]
+    batched_method: ClassVar[str]
+
+    def _load(self, load: Callable[[], Any], *, missing: tuple[type[Exception], ...], weights: Path | str) -> None:
+        """Load the model. Missing weights leave the deployment running but unavailable (every answer
+        says why); any other failure (a corrupt checkpoint, GPU-only refusal) fails the deployment."""
+        self.weights = str(weights)
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self.batch_config = BatchConfig()
+        try:
+            self.model = load()
+            self.unavailable: str | None = None
+        except missing as e:
+            self.model, self.unavailable = None, str(e)
+            logger.warning("%s is not serving: %s", self.stage, e)
+
+    def reconfigure(self, user_config: dict) -> None:
+        self.batch_config = BatchConfig.model_validate(user_config or {})
+        batched = getattr(self, self.batched_method)
+        batched.set_max_batch_size(self.batch_config.max_batch_size)
+        batched.set_batch_wait_timeout_s(self.batch_config.batch_wait_timeout_s)
+
+    async def _run_batch(self, size: int, work: Callable[[], list]) -> list:
+        """Run ``work`` (one forward pass over the whole batch) off the event loop; on failure answer
+        every item with a ``StageError`` instead of failing the requests."""
+        self.batch_sizes[size] += 1
+        if self.model is None:
+            return [StageError(self.stage, f"model not loaded: {self.unavailable}")] * size
+        try:
+            results = await asyncio.to_thread(work)
+        except Exception as e:  # noqa: BLE001 - every request must get an answer
+            logger.exception("%s batch of %d failed", self.stage, size)
+            return [StageError(self.stage, f"{type(e).__name__}: {e}")] * size
+        assert len(results) == size, f"{self.stage} returned {len(results)} results for {size} items"
+        return results
+
+    def _describe_model(self) -> dict:
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        model = self._describe_model() if self.model is not None else {"weights": self.weights}
+        return {
+            "stage": self.stage,
+            "ready": self.model is not None,
+            "unavailable_reason": self.unavailable,
+            **model,
+            "batch": {**self.batch_config.model_dump(), "observed_sizes": dict(sorted(self.batch_sizes.items()))},
+        }
+
+    def check_health(self) -> None:
+        # Missing weights are a known, reported state, not a failure: restarting would not fix it.
+        return None

@@ -1,0 +1,33 @@
+"""HazardCells: YOLIC-M2 multi-label hazard classification of the outdoor cell layout, batched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from ray import serve
+
+from deployments.base import ModelDeployment
+from festival_serve import yolic
+from festival_serve.settings import HazardCellsSettings
+
+
+@serve.deployment
+class HazardCells(ModelDeployment):
+    stage = "hazard_cells"
+    batched_method = "classify"
+
+    def __init__(self, settings: HazardCellsSettings, model_store: str, gpu_only: bool = False) -> None:
+        self._load(
+            lambda: yolic.HazardCellClassifier(settings, model_store=Path(model_store), gpu_only=gpu_only),
+            missing=(FileNotFoundError,),
+            weights=Path(model_store) / settings.weights,
+        )
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def classify(self, images: list[np.ndarray]) -> list[list[yolic.HazardCell]]:
+        """(H, W, 3) uint8 RGB frames → the cells flagged with hazards in each."""
+        return await self._run_batch(len(images), lambda: self.model.classify(images))
+
+    def _describe_model(self) -> dict:
+        return self.model.describe()

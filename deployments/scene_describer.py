@@ -1,0 +1,33 @@
+"""SceneDescriber: SmolVLM scene descriptions grounded on the detectors' findings, batched generate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from ray import serve
+
+from deployments.base import ModelDeployment
+from festival_serve import vlm
+from festival_serve.settings import SceneDescriberSettings
+
+
+@serve.deployment
+class SceneDescriber(ModelDeployment):
+    stage = "scene_describer"
+    batched_method = "describe"
+
+    def __init__(self, settings: SceneDescriberSettings, model_store: str, gpu_only: bool = False) -> None:
+        self._load(
+            lambda: vlm.SceneDescriber(settings, model_store=Path(model_store), gpu_only=gpu_only),
+            missing=(vlm.WeightsMissing,),
+            weights=Path(model_store) / settings.model,
+        )
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def describe(self, images: list[np.ndarray], findings: list[vlm.Findings]) -> list[str]:
+        """Frames and what was found in them → one short description each (one generate call)."""
+        return await self._run_batch(len(images), lambda: self.model.describe(images, findings))
+
+    def _describe_model(self) -> dict:
+        return self.model.describe_info()

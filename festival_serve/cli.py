@@ -1,0 +1,148 @@
+"""``festival-serve``: the project's own commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_CONFIG = Path("serve_config.yaml")
+SAMPLE_SCENE = Path(__file__).parent / "data" / "sample_scene.jpg"
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from festival_serve import local
+    from festival_serve.devices import cuda_available
+
+    config, changes = local.local_profile(
+        local.load_config(args.config), host=args.host, port=args.port, model_store=args.model_store,
+        has_gpu=cuda_available() and not args.cpu, base_dir=Path.cwd(),
+    )
+    print(f"festival-serve: deploying {args.config} locally")
+    for change in changes:
+        print(f"  {change}")
+    local.start(config, offline=not args.allow_network)
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            print("\nfestival-serve: stopping Serve and Ray …")
+            local.stop()
+        sys.exit(0)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        local.wait_until_running(args.timeout)
+    except (RuntimeError, TimeoutError) as e:
+        print(f"festival-serve: {e}", file=sys.stderr)
+        local.stop()
+        return 1
+    url = f"http://{args.host}:{args.port}"
+    print(f"festival-serve: serving {url}  (POST {url}/v1/analyze, GET {url}/v1/models; Ctrl-C stops)")
+    while True:
+        time.sleep(3600)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import httpx
+
+    data = Path(args.image).read_bytes()
+    content_type = {".png": "image/png", ".webp": "image/webp"}.get(Path(args.image).suffix.lower(), "image/jpeg")
+    try:
+        reply = httpx.post(f"{args.url}/v1/analyze", content=data, params={"describe": str(not args.no_describe).lower()},
+                           headers={"content-type": content_type}, timeout=args.timeout)
+    except httpx.HTTPError as e:
+        print(f"festival-serve: cannot reach {args.url}: {e} (is `festival-serve up` running?)", file=sys.stderr)
+        return 1
+    print(json.dumps(reply.json(), indent=2, ensure_ascii=False))
+    return 0 if reply.status_code == 200 else 1
+
+
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    from festival_serve import local, vlm
+    from festival_serve.settings import PipelineArgs
+
+    pipeline = _pipeline_args(local.load_config(args.config), args.model_store)
+    target = vlm.pull(pipeline.scene_describer, model_store=Path(pipeline.model_store))
+    print(f"scene describer: {pipeline.scene_describer.hub_id} → {target}")
+    print("sign detector / hazard cells: copy your checkpoints to "
+          f"{pipeline.store_path(pipeline.sign_detector.weights)} and {pipeline.store_path(pipeline.hazard_cells.weights)}")
+    return 0
+
+
+def cmd_models_status(args: argparse.Namespace) -> int:
+    from festival_serve import local
+
+    pipeline = _pipeline_args(local.load_config(args.config), args.model_store)
+    rows = {
+        "sign_detector": pipeline.store_path(pipeline.sign_detector.weights),
+        "hazard_cells": pipeline.store_path(pipeline.hazard_cells.weights),
+        "sign_reader": pipeline.store_path(pipeline.sign_reader.rec_model) if pipeline.sign_reader.rec_model else None,
+        "scene_describer": pipeline.store_path(pipeline.scene_describer.model),
+    }
+    for name, path in rows.items():
+        state = "bundled (rapidocr PP-OCR)" if path is None else ("present" if path.exists() else "MISSING")
+        print(f"{name:16} {state:26} {path or ''}")
+    return 0
+
+
+def _pipeline_args(config: dict, model_store: str | None):
+    from festival_serve.settings import PipelineArgs
+
+    args = dict(config["applications"][0].get("args") or {})
+    if model_store:
+        args["model_store"] = model_store
+    return PipelineArgs.model_validate(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="festival-serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start a local Ray and deploy the whole graph (Ctrl-C stops it)")
+    up.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config file (default: %(default)s)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--model-store", help="override args.model_store")
+    up.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is visible")
+    up.add_argument("--allow-network", action="store_true", help="do not block connections to other machines")
+    up.add_argument("--timeout", type=float, default=600, help="seconds to wait for the graph to start")
+    up.set_defaults(func=cmd_up)
+
+    demo = sub.add_parser("demo", help="post the bundled sample scene to a running server and print the answer")
+    demo.add_argument("--url", default="http://127.0.0.1:8000")
+    demo.add_argument("--image", default=str(SAMPLE_SCENE))
+    demo.add_argument("--no-describe", action="store_true", help="skip the scene description")
+    demo.add_argument("--timeout", type=float, default=120)
+    demo.set_defaults(func=cmd_demo)
+
+    models = sub.add_parser("models", help="model weights in the model store")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    for name, func, help_ in (("pull", cmd_models_pull, "fetch real weights (needs internet)"),
+                              ("status", cmd_models_status, "show which weights are present")):
+        p = models_sub.add_parser(name, help=help_)
+        p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+        p.add_argument("--model-store", help="override args.model_store")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FileNotFoundError as e:
+        print(f"festival-serve: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,409 @@
+"""TensorRT engines: build from ONNX ahead of time, cache per GPU and TensorRT version, load.
+
+An engine is compiled for one GPU architecture by one TensorRT release and does not load anywhere
+else, so its file name carries those facts plus a hash of the ONNX bytes and the build options:
+
+    <onnx stem>.<gpu slug>-sm<cc>.trt<version>.<fp16|fp32>.b<max_batch>.<hash12>.engine
+
+A JSON sidecar (``<engine>.json``) records the same facts for humans and tools. Everything that
+touches ``tensorrt`` or CUDA imports it inside the function, so this module imports on any machine.
+
+TensorRT 10 vs 11 (see ``_precision_plan``):
+
+* TensorRT 10 builds *weakly typed* networks by default: the graph says fp32 and
+  ``BuilderFlag.FP16`` lets the builder pick fp16 kernels wherever it likes.
+* TensorRT 11 removed ``BuilderFlag.FP16`` (and every other precision flag) and only builds
+  *strongly typed* networks: each tensor runs in the type the ONNX graph gives it, so an fp16 engine
+  needs an fp16 (mixed-precision) ONNX. NVIDIA's documented route is ModelOpt AutoCast
+  (``modelopt.onnx.autocast.convert_to_mixed_precision``); without it we fall back to the
+  fp32→fp16 graph converter of onnxconverter-common, also shipped inside onnxruntime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from festival_serve.backends.base import BackendUnavailable
+from festival_serve.cache import build_once, file_sha256
+
+logger = logging.getLogger(__name__)
+
+ENGINE_SUFFIX = ".engine"
+#: Ray Serve batches default to 8 requests (``BatchConfig.max_batch_size``): tune kernels for that.
+DEFAULT_OPT_BATCH = 8
+
+Progress = Callable[[str], None]
+
+
+class EngineBuildError(RuntimeError):
+    """The ONNX could not be parsed or TensorRT could not build an engine from it."""
+
+
+def require_tensorrt():
+    """Import and return the ``tensorrt`` module, or raise ``BackendUnavailable`` saying how to get it."""
+    try:
+        import tensorrt
+    except ImportError as e:
+        raise BackendUnavailable(
+            "TensorRT is not installed: pip install 'festival-serve[tensorrt]' on a machine with an NVIDIA GPU "
+            f"(its library wheels come from NVIDIA's package index; import failed with: {e})"
+        ) from e
+    return tensorrt
+
+
+def gpu_facts(device: int | str = "cuda") -> dict[str, str]:
+    """What an engine is tied to: the GPU's name and compute capability, and the TensorRT version."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendUnavailable("TensorRT engines need a CUDA GPU, and CUDA is not available here")
+    trt = require_tensorrt()
+    index = _cuda_index(device)
+    major, minor = torch.cuda.get_device_capability(index)
+    return {
+        "gpu_name": torch.cuda.get_device_name(index),
+        "compute_capability": f"{major}{minor}",
+        "trt_version": trt.__version__,
+    }
+
+
+def engine_cache_key(
+    onnx_path: Path,
+    *,
+    fp16: bool,
+    max_batch: int,
+    gpu_name: str,
+    compute_capability: str | tuple[int, int],
+    trt_version: str,
+    opt_batch: int | None = None,
+) -> str:
+    """sha256 over the ONNX bytes and every fact the compiled engine depends on (hex digest)."""
+    facts = {
+        "onnx_sha256": file_sha256(Path(onnx_path)),
+        "fp16": bool(fp16),
+        "max_batch": int(max_batch),
+        "opt_batch": None if opt_batch is None else int(opt_batch),
+        "gpu_name": gpu_name,
+        "compute_capability": _cc(compute_capability),
+        "trt_version": trt_version,
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+
+def engine_path(onnx_path: Path, cache_dir: Path, **facts: Any) -> Path:
+    """Where the engine for ``onnx_path`` and ``facts`` (``engine_cache_key``'s keywords) lives."""
+    onnx_path = Path(onnx_path)
+    key = engine_cache_key(onnx_path, **facts)
+    precision = "fp16" if facts["fp16"] else "fp32"
+    name = (
+        f"{onnx_path.stem}.{_slug(facts['gpu_name'])}-sm{_cc(facts['compute_capability'])}"
+        f".trt{facts['trt_version']}.{precision}.b{int(facts['max_batch'])}.{key[:12]}{ENGINE_SUFFIX}"
+    )
+    return Path(cache_dir) / name
+
+
+def sidecar_path(engine_file: Path) -> Path:
+    return engine_file.with_name(engine_file.name + ".json")
+
+
+def build_engine(
+    onnx_path: Path,
+    *,
+    fp16: bool,
+    max_batch: int,
+    opt_batch: int | None = None,
+    cache_dir: Path | None = None,
+    workspace_gib: float = 2.0,
+    progress: Progress | None = None,
+    device: int | str = "cuda",
+) -> Path:
+    """Return the engine file for ``onnx_path`` on this GPU, building and caching it first if absent.
+
+    The ONNX must have one dynamic batch axis (dim 0) per input and fixed other dims; the engine gets
+    one optimisation profile with batch ``1 .. opt_batch .. max_batch``. Builds take minutes: run
+    ``festival-serve engines build`` ahead of deployment so replicas only load. ``cache_dir`` defaults
+    to the ONNX file's folder. Replicas starting together on one node build once (a file lock), and the
+    engine appears by atomic rename, so nobody loads a half-written file.
+    """
+    onnx_path = Path(onnx_path)
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    opt = min(DEFAULT_OPT_BATCH, max_batch) if opt_batch is None else opt_batch
+    if not 1 <= opt <= max_batch:
+        raise ValueError(f"opt_batch must lie in [1, max_batch={max_batch}], got {opt}")
+    cache_dir = Path(cache_dir) if cache_dir is not None else onnx_path.parent
+    say = _reporter(progress)
+
+    facts = gpu_facts(device)
+    target = engine_path(onnx_path, cache_dir, fp16=fp16, max_batch=max_batch, opt_batch=opt, **facts)
+    if target.exists():
+        say(f"using cached engine {target}")
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target.with_name(target.name + ".lock")):
+        if target.exists():  # another replica built it while we waited for the lock
+            say(f"using engine {target} built by another process")
+            return target
+        started = time.perf_counter()
+        plan, notes = _build_plan(
+            onnx_path, fp16=fp16, opt_batch=opt, max_batch=max_batch, cache_dir=cache_dir,
+            workspace_gib=workspace_gib, say=say,
+        )
+        seconds = time.perf_counter() - started
+        sidecar = {
+            "onnx": str(onnx_path),
+            "onnx_sha256": file_sha256(onnx_path),
+            "fp16": fp16,
+            "batch": {"min": 1, "opt": opt, "max": max_batch},
+            "workspace_gib": workspace_gib,
+            **facts,
+            **notes,
+            "build_seconds": round(seconds, 1),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        _write_atomic(sidecar_path(target), (json.dumps(sidecar, indent=2) + "\n").encode())
+        build_once(target, lambda tmp: tmp.write_bytes(plan))
+    say(f"built {target.name} in {seconds:.0f} s ({len(plan) / 2**20:.1f} MiB)")
+    return target
+
+
+def load_engine(engine_file: Path):
+    """Deserialize ``engine_file`` on the current CUDA device (an ``ICudaEngine``)."""
+    global _TRT_RUNTIME
+    trt = require_tensorrt()
+    # One runtime per process, kept alive: an IRuntime must outlive the engines it deserialized.
+    if _TRT_RUNTIME is None:
+        _TRT_RUNTIME = trt.Runtime(_trt_logger(trt))
+    engine = _TRT_RUNTIME.deserialize_cuda_engine(Path(engine_file).read_bytes())
+    if engine is None:
+        raise EngineBuildError(
+            f"TensorRT could not deserialize {engine_file} (see its log above); an engine only loads on the GPU "
+            "model and TensorRT version that built it: delete the file to rebuild it"
+        )
+    return engine
+
+
+def onnx_has_fp16(onnx_path: Path) -> bool:
+    """Whether the graph already computes in fp16 (fp16 weights, fp16 inputs, or casts to fp16)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    half = onnx.TensorProto.FLOAT16
+    if any(t.data_type == half for t in graph.initializer):
+        return True
+    if any(v.type.tensor_type.elem_type == half for v in graph.input):
+        return True
+    return any(
+        node.op_type == "Cast" and any(a.name == "to" and a.i == half for a in node.attribute)
+        for node in graph.node
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Building
+
+
+def _build_plan(
+    onnx_path: Path, *, fp16: bool, opt_batch: int, max_batch: int, cache_dir: Path,
+    workspace_gib: float, say: Progress,
+) -> tuple[bytes, dict[str, str]]:
+    """Parse, configure and build: the serialized engine, plus notes for the sidecar."""
+    trt = require_tensorrt()
+    trt_logger = _trt_logger(trt)
+    builder = trt.Builder(trt_logger)
+    strongly_typed, use_fp16_flag = _precision_plan(trt, fp16)
+
+    source = onnx_path
+    if fp16 and strongly_typed and not onnx_has_fp16(onnx_path):
+        source, converter = _fp16_onnx(onnx_path, cache_dir, say)
+    else:
+        converter = None
+
+    # Explicit batch is the only mode since TensorRT 10 (EXPLICIT_BATCH is deprecated and ignored), so the
+    # only creation flag left is STRONGLY_TYPED: required to opt in on 10.x, accepted and ignored on 11.x.
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, trt_logger)
+    say(f"parsing {source}")
+    # parse_from_file (not parse(bytes)) so ONNX files with external weights resolve their data files.
+    if not parser.parse_from_file(str(source)):
+        errors = "\n".join(f"  - {parser.get_error(i)}" for i in range(parser.num_errors))
+        raise EngineBuildError(f"TensorRT's ONNX parser rejected {source}:\n{errors or '  - (no error recorded)'}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    if use_fp16_flag:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    shapes = {}
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        fixed = _batch_profile_dims(tensor.name, tuple(tensor.shape))
+        shapes[tensor.name] = fixed
+        profile.set_shape(tensor.name, (1, *fixed), (opt_batch, *fixed), (max_batch, *fixed))
+    config.add_optimization_profile(profile)
+
+    say(
+        f"building {'fp16' if fp16 else 'fp32'} engine for batch 1..{max_batch} (opt {opt_batch}); "
+        "this takes a few minutes"
+    )
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise EngineBuildError(f"TensorRT failed to build an engine from {source}; its log above says why")
+    notes = {
+        "typing": "strongly typed" if strongly_typed else "weakly typed",
+        "fp16_via": (
+            "BuilderFlag.FP16" if use_fp16_flag
+            else f"fp16 ONNX graph ({converter or 'as exported'})" if fp16 else "n/a"
+        ),
+        "built_from": str(source),
+        "inputs": {name: ["batch", *dims] for name, dims in shapes.items()},
+    }
+    return bytes(plan), notes
+
+
+def _precision_plan(trt, fp16: bool) -> tuple[bool, bool]:
+    """``(strongly_typed, use_fp16_flag)`` for this TensorRT.
+
+    TensorRT 10 has ``BuilderFlag.FP16``: build a weakly typed network and let the flag enable fp16
+    kernels (per layer, TensorRT times fp16 and fp32 and keeps the faster). TensorRT 11 removed the flag and
+    every network is strongly typed: precision comes from the ONNX graph's own tensor types, and the
+    builder never lowers an fp32 tensor to fp16 by itself. Probing the flag rather than parsing the
+    version string keeps this right for any 10.x/11.x release.
+    """
+    has_flag = hasattr(trt.BuilderFlag, "FP16")
+    return (not has_flag, fp16 and has_flag)
+
+
+def _fp16_onnx(onnx_path: Path, cache_dir: Path, say: Progress) -> tuple[Path, str]:
+    """A mixed-precision fp16 copy of an fp32 ONNX (inputs/outputs stay fp32), cached by content hash."""
+    import onnx
+
+    target = cache_dir / f"{onnx_path.stem}.{file_sha256(onnx_path)[:12]}.fp16.onnx"
+    try:
+        # NVIDIA's documented TensorRT 11 route: AutoCast keeps numerically risky nodes in fp32.
+        from modelopt.onnx.autocast import convert_to_mixed_precision
+
+        def convert() -> "onnx.ModelProto":
+            return convert_to_mixed_precision(onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True)
+
+        tool = "modelopt.onnx.autocast"
+    except ImportError:
+        float16 = _float16_converter()
+        tool = f"{float16.__name__}.convert_float_to_float16"
+
+        def convert() -> "onnx.ModelProto":
+            return float16.convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True)
+
+    if not target.exists():
+        say(f"TensorRT >= 11 takes fp16 from the graph: converting {onnx_path.name} to fp16 with {tool}")
+        build_once(target, lambda tmp: onnx.save(convert(), str(tmp)))
+    return target, tool
+
+
+def _float16_converter():
+    """onnxconverter-common's fp32→fp16 graph converter, or the copy maintained inside onnxruntime."""
+    try:
+        from onnxconverter_common import float16
+    except ImportError:
+        try:
+            from onnxruntime.transformers import float16
+        except ImportError as e:
+            raise EngineBuildError(
+                "TensorRT >= 11 builds fp16 engines only from an fp16 ONNX graph (BuilderFlag.FP16 is gone) and no "
+                "converter is installed: pip install nvidia-modelopt (ModelOpt AutoCast, NVIDIA's route) or "
+                "onnxconverter-common, export the model in fp16, or build with fp16=False"
+            ) from e
+    return float16
+
+
+def _batch_profile_dims(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The fixed dims after the batch axis; the batch axis itself must be dynamic (-1)."""
+    if not shape or shape[0] != -1:
+        raise EngineBuildError(
+            f"input {name!r} has shape {shape}: export the ONNX with a dynamic batch axis (dim 0 = -1)"
+        )
+    rest = shape[1:]
+    if any(d < 0 for d in rest):
+        raise EngineBuildError(
+            f"input {name!r} has shape {shape}: only the batch axis may be dynamic; export with fixed sizes"
+        )
+    return rest
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+
+
+_TRT_LOGGER = None
+_TRT_RUNTIME = None
+
+
+def _trt_logger(trt):
+    # One logger per process: TensorRT warns when several loggers are registered.
+    global _TRT_LOGGER
+    if _TRT_LOGGER is None:
+        _TRT_LOGGER = trt.Logger(trt.Logger.WARNING)
+    return _TRT_LOGGER
+
+
+def _reporter(progress: Progress | None) -> Progress:
+    def say(message: str) -> None:
+        logger.info(message)
+        if progress is not None:
+            progress(message)
+
+    return say
+
+
+def _cuda_index(device: int | str) -> int:
+    import torch
+
+    if isinstance(device, int):
+        return device
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
+
+
+def _cc(compute_capability: str | tuple[int, int]) -> str:
+    """(8, 9) / "8.9" / "89" → "89"."""
+    if isinstance(compute_capability, tuple):
+        return "".join(str(int(p)) for p in compute_capability)
+    return str(compute_capability).replace(".", "")
+
+
+def _slug(text: str) -> str:
+    """"NVIDIA GeForce RTX 4090" → "nvidia-geforce-rtx-4090"."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an advisory lock on ``lock_file`` (POSIX ``flock``; released when the process dies)."""
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,130 @@
+"""Typed settings for every model and for the pipeline, in one place.
+
+These are the ``args:`` of the Serve application (``graphs.pipeline:build_app``) in
+``serve_config.yaml``; each deployment receives its own section. Paths of weights are relative to
+``model_store`` unless absolute. Replicas, resources, autoscaling and batch sizes are not here: they
+live in ``serve_config.yaml`` (batch sizes via each deployment's ``user_config``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+BackendName = Literal["auto", "torch", "onnxruntime", "tensorrt"]
+Device = str  # "auto", "cpu", "cuda", "cuda:N"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class BatchConfig(_Section):
+    """A deployment's ``user_config``: Ray Serve dynamic batching knobs, applied in ``reconfigure``."""
+
+    max_batch_size: int = Field(8, ge=1, description="Most requests (or OCR crops) in one forward pass.")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, description="How long a partial batch waits for more requests, in seconds."
+    )
+
+
+class SignDetectorSettings(_Section):
+    weights: str = Field("sign_detector/signs.pt", description="Ultralytics YOLO checkpoint (.pt).")
+    backend: BackendName = Field(
+        "auto", description="auto: torch fp16 on CUDA, onnxruntime on CPU (ONNX exported from the .pt)."
+    )
+    device: Device = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    fp16: bool | None = Field(None, description="Half precision; default: on for CUDA, off for CPU.")
+    image_size: int = Field(640, ge=32, multiple_of=32, description="Square letterbox side, pixels.")
+    confidence: float = Field(0.25, gt=0, lt=1, description="Minimum class score of a kept box.")
+    iou: float = Field(0.45, gt=0, lt=1, description="NMS IoU threshold.")
+    max_detections: int = Field(50, ge=1, description="Most signs kept per image.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for the runtime (None: runtime default).")
+
+
+class HazardCellsSettings(_Section):
+    weights: str = Field("hazard_cells/yolic_m2.pth.tar", description="YOLIC-M2 state_dict checkpoint.")
+    layout: str = Field(
+        "outdoor", description="Cell layout: a bundled name ('outdoor') or a path to a layout JSON file."
+    )
+    backend: BackendName = "auto"
+    device: Device = "auto"
+    fp16: bool | None = None
+    threshold: float = Field(0.5, gt=0, lt=1, description="Sigmoid score above which a cell carries a label.")
+    threads: int | None = Field(None, ge=1)
+
+
+class SignReaderSettings(_Section):
+    engine: Literal["onnx", "paddle"] = Field(
+        "onnx", description="onnx: PP-OCR det+rec ONNX models on ONNX Runtime; paddle: PaddleOCR 3.x."
+    )
+    det_model: str | None = Field(None, description="PP-OCR detection ONNX; default: the one shipped in rapidocr.")
+    rec_model: str | None = Field(None, description="PP-OCR recognition ONNX; default: the one shipped in rapidocr.")
+    rec_dict: str | None = Field(
+        None, description="Recognizer character dictionary (one char per line); default: the model's own."
+    )
+    device: Device = "auto"
+    det_size: int = Field(320, ge=32, multiple_of=32, description="Square side each crop is letterboxed to for text detection.")
+    rec_height: int = Field(48, ge=16, description="Recognizer input height, pixels.")
+    min_text_score: float = Field(0.5, ge=0, le=1, description="Text lines scoring below this are dropped.")
+    threads: int | None = Field(None, ge=1)
+
+
+class SceneDescriberSettings(_Section):
+    model: str = Field(
+        "scene_describer/SmolVLM-256M-Instruct",
+        description="A transformers Idefics3 model directory (weights, processor, tokenizer).",
+    )
+    hub_id: str = Field(
+        "HuggingFaceTB/SmolVLM-256M-Instruct", description="Where `festival-serve models pull` fetches it from."
+    )
+    device: Device = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: float16 on CUDA, float32 on CPU."
+    )
+    max_new_tokens: int = Field(48, ge=1, le=1024)
+    do_image_splitting: bool = Field(
+        False, description="Split frames into tiles (13 tiles, 832 image tokens) instead of one 64-token image."
+    )
+    longest_edge: int | None = Field(
+        None, ge=32, description="Resize frames so the longest edge is this many pixels (None: the processor's default)."
+    )
+    threads: int | None = Field(None, ge=1)
+
+
+class IngressSettings(_Section):
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Largest accepted decoded image (width x height); guards decompression bombs."
+    )
+    crop_padding: float = Field(0.05, ge=0, le=1, description="Sign crops grow by this fraction of the box per side.")
+    max_signs_read: int = Field(16, ge=0, description="Most sign crops per image sent to the reader.")
+    stage_timeout_s: float = Field(30.0, gt=0, description="A stage slower than this is answered as degraded.")
+
+
+class PipelineArgs(_Section):
+    """The application's typed ``args`` (Ray Serve application builder)."""
+
+    model_store: str = Field("models", description="Directory holding every model's weights.")
+    gpu_only: bool = Field(
+        False, description="Refuse to start any model on the CPU (the seed's FORCE_GPU_ONLY)."
+    )
+    sign_detector: SignDetectorSettings = SignDetectorSettings()
+    hazard_cells: HazardCellsSettings = HazardCellsSettings()
+    sign_reader: SignReaderSettings = SignReaderSettings()
+    scene_describer: SceneDescriberSettings = SceneDescriberSettings()
+    ingress: IngressSettings = IngressSettings()
+
+    @model_validator(mode="after")
+    def _gpu_only_is_consistent(self) -> "PipelineArgs":
+        if self.gpu_only:
+            for section in (self.sign_detector, self.hazard_cells, self.sign_reader, self.scene_describer):
+                if section.device == "cpu":
+                    raise ValueError(f"gpu_only is set but {type(section).__name__}.device is 'cpu'")
+        return self
+
+    def store_path(self, relative: str) -> Path:
+        path = Path(relative).expanduser()
+        return path if path.is_absolute() else Path(self.model_store).expanduser() / path
