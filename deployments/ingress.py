@@ -93,8 +93,8 @@ class PipelineIngress:
         timings = {"decode": _ms_since(started)}
         result = await self._run_graph(image, describe, timings)
         timings["total"] = _ms_since(started)
-        return JSONResponse({"request_id": request_id, **result, "timings_ms": timings},
-                            headers={"x-request-id": request_id})
+        # Serve's proxy puts the same id in the x-request-id response header.
+        return JSONResponse({"request_id": request_id, **result, "timings_ms": timings})
 
     async def list_models(self, request: Request) -> JSONResponse:
         infos = await self._model_infos()

@@ -5,8 +5,6 @@ Serve's typed application builder, fed by ``args:`` in ``serve_config.yaml``. Re
 autoscaling and batch sizes come from that file, not from code.
 """
 
-from __future__ import annotations
-
 from ray.serve import Application
 
 from deployments.hazard_cells import HazardCells

@@ -1,0 +1,16 @@
+"""Test-wide rules: no connection leaves this machine (enforced here and in every Ray worker)."""
+
+from __future__ import annotations
+
+import pytest
+
+from festival_serve.offline import install_network_guard
+
+install_network_guard()  # before any test module imports a library that might call home
+
+
+@pytest.fixture(scope="session")
+def yolic_layout():
+    from festival_serve.yolic import load_layout
+
+    return load_layout("outdoor")
