@@ -25,7 +25,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"festival-serve: deploying {args.config} locally")
     for change in changes:
         print(f"  {change}")
-    local.start(config, offline=not args.allow_network)
+    local.start(config, offline=not args.allow_network, dashboard=not args.no_dashboard)
     stopping = False
 
     def stop(*_):
@@ -46,6 +46,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     url = f"http://{args.host}:{args.port}"
     print(f"festival-serve: serving {url}  (POST {url}/v1/analyze, GET {url}/v1/models; Ctrl-C stops)")
+    if not args.no_dashboard:
+        print("festival-serve: inspect with `RAY_AUTH_MODE=token serve status` (Ray token auth is on)")
     while True:
         time.sleep(3600)
 
@@ -113,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model-store", help="override args.model_store")
     up.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is visible")
     up.add_argument("--allow-network", action="store_true", help="do not block connections to other machines")
+    up.add_argument("--no-dashboard", action="store_true",
+                    help="skip Ray's dashboard (~1 GB less memory; `serve status` then cannot connect)")
     up.add_argument("--timeout", type=float, default=600, help="seconds to wait for the graph to start")
     up.set_defaults(func=cmd_up)
 

@@ -57,7 +57,7 @@ def logical_cpus(config: dict) -> int:
     return max(os.cpu_count() or 1, int(wanted + 2.999))
 
 
-def start(config: dict, *, offline: bool) -> None:
+def start(config: dict, *, offline: bool, dashboard: bool = False) -> None:
     """Start Ray and Serve on this machine and submit ``config`` (non-blocking)."""
     import ray
     from ray.serve._private import api as serve_api
@@ -73,7 +73,7 @@ def start(config: dict, *, offline: bool) -> None:
         apply_offline_env()
         runtime_env = {"env_vars": dict(OFFLINE_ENV),
                        "worker_process_setup_hook": "festival_serve.offline.install_network_guard"}
-    ray.init(namespace=SERVE_NAMESPACE, include_dashboard=False, num_cpus=logical_cpus(config),
+    ray.init(namespace=SERVE_NAMESPACE, include_dashboard=dashboard, num_cpus=logical_cpus(config),
              runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
     client = serve_api.serve_start(
         http_options=schema.http_options.model_dump(),
@@ -98,7 +98,7 @@ def wait_until_running(timeout_s: float, progress=print) -> None:
                 details = "; ".join(f"{d}: {s.message}" for d, s in app.deployments.items() if s.message)
                 raise RuntimeError(f"application {name!r} failed to deploy: {app.message or details}")
         line = ", ".join(
-            f"{d}={s.status}" for app in apps.values() for d, s in app.deployments.items()
+            f"{d}={getattr(s.status, 'value', s.status)}" for app in apps.values() for d, s in app.deployments.items()
         ) or "starting Serve"
         if line != last:
             progress(f"  … {line}")
