@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from festival_serve.backends import BackendUnavailable
+
 DEFAULT_CONFIG = Path("serve_config.yaml")
 SAMPLE_SCENE = Path(__file__).parent / "data" / "sample_scene.jpg"
 
@@ -95,6 +97,26 @@ def cmd_models_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_engines_build(args: argparse.Namespace) -> int:
+    """Build (or find cached) TensorRT engines for both detectors, exactly as serving would load them."""
+    from festival_serve import local
+    from festival_serve.backends import create_backend
+    from festival_serve.signs import YoloCheckpoint
+    from festival_serve.yolic import YolicNetwork, load_layout
+
+    pipeline = _pipeline_args(local.load_config(args.config), args.model_store)
+    signs, hazards = pipeline.sign_detector, pipeline.hazard_cells
+    sources = {
+        "sign_detector": lambda: YoloCheckpoint(pipeline.store_path(signs.weights), signs.image_size),
+        "hazard_cells": lambda: YolicNetwork(pipeline.store_path(hazards.weights), load_layout(hazards.layout)),
+    }
+    for name, source in sources.items():
+        print(f"{name}: building TensorRT {'fp32' if args.fp32 else 'fp16'} engine on {args.device} …")
+        backend = create_backend("tensorrt", source(), device=args.device, fp16=not args.fp32)
+        print(f"{name}: ready ({backend.describe()})")
+    return 0
+
+
 def _pipeline_args(config: dict, model_store: str | None):
     from festival_serve.settings import PipelineArgs
 
@@ -135,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
         p.add_argument("--model-store", help="override args.model_store")
         p.set_defaults(func=func)
+
+    engines = sub.add_parser("engines", help="TensorRT engines for the detectors")
+    engines_sub = engines.add_subparsers(dest="engines_command", required=True)
+    build = engines_sub.add_parser("build", help="build and cache engines ahead of time (per GPU model and TensorRT version)")
+    build.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    build.add_argument("--model-store", help="override args.model_store")
+    build.add_argument("--device", default="cuda")
+    build.add_argument("--fp32", action="store_true", help="build fp32 engines instead of fp16")
+    build.set_defaults(func=cmd_engines_build)
     return parser
 
 
@@ -143,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, BackendUnavailable) as e:
         print(f"festival-serve: {e}", file=sys.stderr)
         return 2
 

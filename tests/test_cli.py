@@ -1,0 +1,69 @@
+"""The `festival-serve` commands that need no running server, and the local profile of `up`."""
+
+from pathlib import Path
+
+import pytest
+
+from festival_serve import local
+from festival_serve.cli import main
+from festival_serve.settings import PipelineArgs
+from tests.builders.hazards import build_yolic_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_local_profile_drops_gpus_and_makes_the_store_absolute(tmp_path):
+    config = local.load_config(ROOT / "serve_config.yaml")
+    profiled, changes = local.local_profile(config, host="127.0.0.1", port=8123, model_store=None,
+                                            has_gpu=False, base_dir=tmp_path)
+    app = profiled["applications"][0]
+    assert profiled["http_options"] == {**config["http_options"], "host": "127.0.0.1", "port": 8123}
+    assert app["args"]["model_store"] == str(tmp_path / "models")
+    assert all((d.get("ray_actor_options") or {}).get("num_gpus", 0) == 0 for d in app["deployments"])
+    assert any("num_gpus set to 0" in c for c in changes)
+    # the original, for `serve deploy`, is untouched: the four models share one GPU
+    gpus = [d["ray_actor_options"].get("num_gpus", 0) for d in config["applications"][0]["deployments"]]
+    assert 0 < sum(gpus) <= 1 and all(0 < g < 1 for g in gpus[:4])
+
+
+def test_local_profile_keeps_gpus_when_there_is_one(tmp_path):
+    config = local.load_config(ROOT / "serve_config.yaml")
+    profiled, _ = local.local_profile(config, host="127.0.0.1", port=8000, model_store=str(tmp_path),
+                                      has_gpu=True, base_dir=ROOT)
+    assert profiled["applications"][0]["deployments"][0]["ray_actor_options"]["num_gpus"] == 0.2
+
+
+def test_serve_config_args_validate_as_pipeline_args():
+    args = local.load_config(ROOT / "serve_config.yaml")["applications"][0]["args"]
+    PipelineArgs.model_validate(args)
+
+
+def test_unknown_setting_is_rejected():
+    with pytest.raises(ValueError, match="backnd"):
+        PipelineArgs.model_validate({"sign_detector": {"backnd": "torch"}})
+
+
+def test_gpu_only_refuses_cpu_device():
+    with pytest.raises(ValueError, match="gpu_only"):
+        PipelineArgs.model_validate({"gpu_only": True, "hazard_cells": {"device": "cpu"}})
+
+
+def test_models_status_lists_every_model(tmp_path, capsys, yolic_layout):
+    build_yolic_checkpoint(tmp_path / "hazard_cells" / "yolic_m2.pth.tar", yolic_layout)
+    assert main(["models", "status", "--config", str(ROOT / "serve_config.yaml"), "--model-store", str(tmp_path)]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "MISSING" in lines["sign_detector"] and "present" in lines["hazard_cells"]
+    assert "bundled" in lines["sign_reader"] and "MISSING" in lines["scene_describer"]
+
+
+def test_engines_build_without_gpu_says_why(tmp_path, capsys, yolic_layout):
+    from tests.builders.signs import build_yolo_checkpoint
+
+    build_yolo_checkpoint(tmp_path / "sign_detector" / "signs.pt", ["stop"])
+    code = main(["engines", "build", "--config", str(ROOT / "serve_config.yaml"), "--model-store", str(tmp_path)])
+    assert code == 2 and "CUDA" in capsys.readouterr().err
+
+
+def test_demo_without_server_fails_clearly(capsys):
+    assert main(["demo", "--url", "http://127.0.0.1:9", "--timeout", "2"]) == 1
+    assert "festival-serve up" in capsys.readouterr().err
