@@ -9,7 +9,7 @@ from ray import serve
 
 from deployments.base import ModelDeployment
 from festival_serve import vlm
-from festival_serve.settings import SceneDescriberSettings
+from festival_serve.settings import SceneDescriberSettings, in_store
 
 
 @serve.deployment
@@ -21,7 +21,7 @@ class SceneDescriber(ModelDeployment):
         self._load(
             lambda: vlm.SceneDescriber(settings, model_store=Path(model_store), gpu_only=gpu_only),
             missing=(vlm.WeightsMissing,),
-            weights=Path(model_store) / settings.model,
+            weights=in_store(settings.model, model_store),
         )
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)

@@ -9,7 +9,7 @@ from ray import serve
 
 from deployments.base import ModelDeployment
 from festival_serve import signs
-from festival_serve.settings import SignDetectorSettings
+from festival_serve.settings import SignDetectorSettings, in_store
 
 
 @serve.deployment
@@ -21,7 +21,7 @@ class SignDetector(ModelDeployment):
         self._load(
             lambda: signs.SignDetector(settings, model_store=Path(model_store), gpu_only=gpu_only),
             missing=(FileNotFoundError,),
-            weights=Path(model_store) / settings.weights,
+            weights=in_store(settings.weights, model_store),
         )
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)

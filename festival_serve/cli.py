@@ -71,7 +71,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_models_pull(args: argparse.Namespace) -> int:
     from festival_serve import local, vlm
-    from festival_serve.settings import PipelineArgs
 
     pipeline = _pipeline_args(local.load_config(args.config), args.model_store)
     target = vlm.pull(pipeline.scene_describer, model_store=Path(pipeline.model_store))

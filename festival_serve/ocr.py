@@ -34,7 +34,7 @@ from rapidocr.utils.process_img import get_rotate_crop_image
 
 from festival_serve.backends.base import BackendUnavailable
 from festival_serve.devices import resolve_device
-from festival_serve.settings import SignReaderSettings
+from festival_serve.settings import SignReaderSettings, in_store
 
 logger = logging.getLogger(__name__)
 
@@ -281,8 +281,7 @@ SHIPPED_REC = "PP-OCRv6_rec_small.onnx"
 
 def store_path(value: str, model_store: Path) -> Path:
     """A path from the settings: relative to ``model_store`` unless absolute; it must exist."""
-    path = Path(value).expanduser()
-    path = path if path.is_absolute() else Path(model_store).expanduser() / path
+    path = in_store(value, model_store)
     if not path.exists():
         raise FileNotFoundError(f"sign reader model file not found: {path}")
     return path

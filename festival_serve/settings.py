@@ -17,6 +17,12 @@ BackendName = Literal["auto", "torch", "onnxruntime", "tensorrt"]
 Device = str  # "auto", "cpu", "cuda", "cuda:N"
 
 
+def in_store(value: str, model_store: str | Path) -> Path:
+    """A weights path from the settings: relative to ``model_store`` unless absolute."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(model_store).expanduser() / path
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -126,5 +132,4 @@ class PipelineArgs(_Section):
         return self
 
     def store_path(self, relative: str) -> Path:
-        path = Path(relative).expanduser()
-        return path if path.is_absolute() else Path(self.model_store).expanduser() / path
+        return in_store(relative, self.model_store)

@@ -29,7 +29,7 @@ import numpy as np
 
 from festival_serve.cache import build_once, file_sha256
 from festival_serve.devices import resolve_backend, resolve_device, resolve_fp16
-from festival_serve.settings import SignDetectorSettings
+from festival_serve.settings import SignDetectorSettings, in_store
 
 logger = logging.getLogger(__name__)
 
@@ -265,8 +265,7 @@ class SignDetector:
         from festival_serve.backends import create_backend
 
         self.settings = settings
-        weights = Path(settings.weights).expanduser()
-        self.weights = weights if weights.is_absolute() else Path(model_store) / weights
+        self.weights = in_store(settings.weights, model_store)
         device = resolve_device(settings.device, gpu_only=gpu_only, model="sign_detector")
         self.checkpoint = YoloCheckpoint(self.weights, settings.image_size)
         self.names = self.checkpoint.names

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from festival_serve.settings import SceneDescriberSettings
+from festival_serve.settings import SceneDescriberSettings, in_store
 
 if TYPE_CHECKING:
     from transformers import BatchFeature
@@ -85,8 +85,7 @@ def build_prompt(findings: Findings) -> str:
 
 
 def model_dir(settings: SceneDescriberSettings, *, model_store: Path) -> Path:
-    path = Path(settings.model).expanduser()
-    return path if path.is_absolute() else Path(model_store).expanduser() / path
+    return in_store(settings.model, model_store)
 
 
 def check_weights(path: Path) -> None:

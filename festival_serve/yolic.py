@@ -19,7 +19,7 @@ from PIL import Image
 
 from festival_serve.cache import build_once, file_sha256
 from festival_serve.devices import resolve_backend, resolve_device, resolve_fp16
-from festival_serve.settings import HazardCellsSettings
+from festival_serve.settings import HazardCellsSettings, in_store
 
 logger = logging.getLogger(__name__)
 
@@ -192,8 +192,7 @@ class HazardCellClassifier:
 
         self.settings = settings
         self.layout = load_layout(settings.layout)
-        weights = Path(settings.weights).expanduser()
-        self.weights = weights if weights.is_absolute() else model_store / weights
+        self.weights = in_store(settings.weights, model_store)
         device = resolve_device(settings.device, gpu_only=gpu_only, model="hazard_cells")
         network = YolicNetwork(self.weights, self.layout)
         self.backend = create_backend(

@@ -143,7 +143,7 @@ def test_batch_reads_every_crop_in_order_and_equals_single_reads(reader, signs):
     assert [s.text for s in singles] == [b.text for b in batched]
     for single, batch in zip(singles, batched):
         # Boxes come from identical letterboxed inputs; recognition pads differently per batch.
-        assert np.allclose([l.box for l in single.lines], [l.box for l in batch.lines], atol=1)
+        assert np.allclose([line.box for line in single.lines], [line.box for line in batch.lines], atol=1)
         assert single.score == pytest.approx(batch.score, abs=0.02)
 
 

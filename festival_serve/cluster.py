@@ -1,0 +1,261 @@
+"""Cluster manifests derived from ``serve_config.yaml``: the KubeRay ``RayService`` committed as
+``cluster/rayservice.yaml``, and a copy of the Serve config whose model store is an absolute path
+(what ``serve deploy`` needs on a Ray cluster launcher cluster).
+
+``serve_config.yaml`` stays the single source of replicas, resources, autoscaling and batch sizes:
+the RayService embeds it verbatim as ``serveConfigV2``, changing only ``args.model_store``.
+No Ray import; this module only shapes dicts and YAML. Regenerate the committed manifest with::
+
+    python -m festival_serve.cluster render --config serve_config.yaml \\
+        --image ghcr.io/your-org/festival-serve:0.1.0 --out cluster/rayservice.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import yaml
+
+#: Stand-in for the image a user builds and pushes (see cluster/README.md); never pullable.
+PLACEHOLDER_IMAGE = "ghcr.io/your-org/festival-serve:0.1.0"
+#: Must equal the Ray inside the image: pyproject.toml pins ray[serve]==2.60.0.
+RAY_VERSION = "2.60.0"
+#: PersistentVolumeClaim holding the weights and the derived ONNX files / TensorRT engines.
+MODEL_STORE_CLAIM = "festival-models"
+MODEL_STORE_VOLUME = "model-store"
+DEFAULT_GPU_WORKERS_MIN = 1
+#: 2.8 GPUs of replicas at every deployment's max_replicas (see gpu_demand) need 3 one-GPU workers
+#: when they pack perfectly; the fourth absorbs imperfect packing and a rolling update.
+DEFAULT_GPU_WORKERS_MAX = 4
+
+
+class GpuDemand(NamedTuple):
+    """GPUs (Ray's logical units) asked for by the Serve config."""
+
+    replica_set: float  # one replica of every deployment
+    at_max_replicas: float  # every deployment at its autoscaling max_replicas
+    largest_replica: float  # the biggest single num_gpus: must fit on one worker
+
+
+def with_model_store(serve_config: dict, model_store: str) -> dict:
+    """A copy of ``serve_config`` whose every application reads weights from ``model_store``."""
+    config = copy.deepcopy(serve_config)
+    for app in config["applications"]:
+        app.setdefault("args", {})["model_store"] = model_store
+    return config
+
+
+def gpu_demand(serve_config: dict) -> GpuDemand:
+    replica_set = at_max = largest = 0.0
+    for app in serve_config["applications"]:
+        for deployment in app.get("deployments", []):
+            gpus = float((deployment.get("ray_actor_options") or {}).get("num_gpus", 0) or 0)
+            scaling = deployment.get("autoscaling_config") or {}
+            most = scaling.get("max_replicas", deployment.get("num_replicas", 1))
+            replica_set += gpus
+            at_max += gpus * most
+            largest = max(largest, gpus)
+    return GpuDemand(round(replica_set, 6), round(at_max, 6), largest)
+
+
+def render_rayservice(
+    serve_config: dict,
+    *,
+    image: str,
+    model_store_mount: str = "/models",
+    gpu_workers_min: int,
+    gpu_workers_max: int,
+    gpus_per_worker: int = 1,
+    name: str = "festival-serve",
+    worker_cpus: int = 6,
+    worker_memory: str = "24Gi",
+) -> dict:
+    """A KubeRay ``RayService`` (``ray.io/v1``) that serves ``serve_config`` on GPU workers.
+
+    The head runs Ray's control processes only (``num-cpus: "0"``), every pod mounts the
+    ``festival-models`` claim at ``model_store_mount``, and the Ray autoscaler adds GPU workers
+    when Serve asks for replicas that do not fit. Worker size defaults suit a node with 8 vCPU,
+    32 GiB and one GPU (e.g. AWS g5.2xlarge), leaving room for the kubelet and daemon sets.
+    """
+    if not 0 <= gpu_workers_min <= gpu_workers_max or gpu_workers_max < 1:
+        raise ValueError(f"need 0 <= gpu_workers_min <= gpu_workers_max and max >= 1, "
+                         f"got {gpu_workers_min}..{gpu_workers_max}")
+    if gpus_per_worker < 1:
+        raise ValueError(f"gpus_per_worker must be >= 1, got {gpus_per_worker}")
+    demand = gpu_demand(serve_config)
+    if demand.largest_replica > gpus_per_worker:
+        raise ValueError(f"a replica asks for {demand.largest_replica} GPUs but a worker has {gpus_per_worker}")
+    if not model_store_mount.startswith("/"):
+        raise ValueError(f"model_store_mount must be an absolute path, got {model_store_mount!r}")
+
+    serve_config = with_model_store(serve_config, model_store_mount)
+    head = _pod_template("ray-head", image, model_store_mount, cpu=2, memory="8Gi", ports=[
+        {"containerPort": 6379, "name": "gcs-server"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+        {"containerPort": 8000, "name": "serve"},
+    ])
+    worker = _pod_template("ray-worker", image, model_store_mount, cpu=worker_cpus, memory=worker_memory,
+                           gpus=gpus_per_worker)
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": name},
+        "spec": {
+            "serveConfigV2": yaml.safe_dump(serve_config, sort_keys=False, width=1000),
+            "rayClusterConfig": {
+                "rayVersion": RAY_VERSION,
+                "enableInTreeAutoscaling": True,
+                # A GPU worker with no replicas left goes after 5 min: Serve's own downscale delays
+                # (120-300 s in serve_config.yaml) already decided the crowd has gone.
+                "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300},
+                # Token auth with a Secret the operator does not rotate per RayCluster, so the
+                # token survives RayService upgrades (cluster/README.md, "Token authentication").
+                "authOptions": {"mode": "token", "secretName": f"{name}-ray-token"},
+                "headGroupSpec": {
+                    # num-cpus/num-gpus 0: Ray schedules no replica on the head (every deployment
+                    # asks for CPU), so losing a model replica never takes the control plane with it.
+                    "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0", "num-gpus": "0"},
+                    "template": head,
+                },
+                "workerGroupSpecs": [{
+                    "groupName": "gpu",
+                    "replicas": gpu_workers_min,
+                    "minReplicas": gpu_workers_min,
+                    "maxReplicas": gpu_workers_max,
+                    "rayStartParams": {},  # KubeRay passes the container's GPU/CPU/memory limits to ray start
+                    "template": worker,
+                }],
+            },
+        },
+    }
+
+
+def _pod_template(container: str, image: str, mount: str, *, cpu: int, memory: str,
+                  gpus: int = 0, ports: list | None = None) -> dict:
+    # KubeRay advertises limits (not requests) to Ray and ignores memory/GPU requests, so both
+    # are set equal (KubeRay's RayCluster configuration guide).
+    resources = {"cpu": str(cpu), "memory": memory}
+    if gpus:
+        resources["nvidia.com/gpu"] = gpus
+    spec: dict[str, Any] = {
+        "name": container,
+        "image": image,
+        "resources": {"limits": dict(resources), "requests": dict(resources)},
+        "volumeMounts": [{"name": MODEL_STORE_VOLUME, "mountPath": mount}],
+    }
+    if ports:
+        spec["ports"] = ports
+    return {"spec": {
+        "containers": [spec],
+        "volumes": [{"name": MODEL_STORE_VOLUME, "persistentVolumeClaim": {"claimName": MODEL_STORE_CLAIM}}],
+    }}
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style throughout; multi-line strings (``serveConfigV2``) as literal ``|`` blocks."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    if "\n" in value:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|")
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def dump_yaml(manifest: dict) -> str:
+    return yaml.dump(manifest, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000)
+
+
+def render_document(serve_config: dict, *, source: str, image: str,
+                    gpu_workers_min: int = DEFAULT_GPU_WORKERS_MIN,
+                    gpu_workers_max: int = DEFAULT_GPU_WORKERS_MAX, **options: Any) -> str:
+    """The text of ``cluster/rayservice.yaml``: a header saying how it was made, then the manifest."""
+    manifest = render_rayservice(serve_config, image=image, gpu_workers_min=gpu_workers_min,
+                                 gpu_workers_max=gpu_workers_max, **options)
+    header = (
+        f"# GENERATED from {source} by festival_serve/cluster.py. Do not edit by hand: change {source}\n"
+        f"# (or the options below) and regenerate; tests/test_cluster.py fails while the two differ.\n"
+        f"#   python -m festival_serve.cluster render --config {source} --image {image} \\\n"
+        f"#       --gpu-workers-min {gpu_workers_min} --gpu-workers-max {gpu_workers_max} --out <this file>\n"
+    )
+    if image == PLACEHOLDER_IMAGE:
+        header += f"# {PLACEHOLDER_IMAGE} is a placeholder: render again with your image (cluster/README.md).\n"
+    if options:
+        header += "# Other options: " + ", ".join(f"{k}={v}" for k, v in sorted(options.items())) + "\n"
+    return header + dump_yaml(manifest)
+
+
+def _load(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"serve config not found: {path}")
+    return yaml.safe_load(path.read_text())
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    options = {k: v for k, v in (("model_store_mount", args.model_store_mount), ("gpus_per_worker", args.gpus_per_worker),
+                                 ("name", args.name)) if v is not None}
+    config = _load(args.config)
+    text = render_document(config, source=args.config.name, image=args.image,
+                           gpu_workers_min=args.gpu_workers_min, gpu_workers_max=args.gpu_workers_max, **options)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    demand = gpu_demand(config)
+    print(f"wrote {args.out}: RayService from {args.config}, image {args.image}, "
+          f"{args.gpu_workers_min}-{args.gpu_workers_max} GPU workers "
+          f"({demand.replica_set:g} GPU per replica set, {demand.at_max_replicas:g} at max replicas)")
+    return 0
+
+
+def _cmd_serve_config(args: argparse.Namespace) -> int:
+    if not args.model_store.startswith("/"):
+        # Replicas do not run in the directory `serve deploy` was called from.
+        raise ValueError(f"--model-store must be an absolute path, got {args.model_store!r}")
+    text = yaml.safe_dump(with_model_store(_load(args.config), args.model_store), sort_keys=False, width=1000)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(f"# {args.config.name} with args.model_store = {args.model_store} (festival_serve/cluster.py)\n" + text)
+    print(f"wrote {args.out}: {args.config} with model_store {args.model_store}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m festival_serve.cluster", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    render = sub.add_parser("render", help="write the KubeRay RayService manifest for a serve config")
+    render.add_argument("--config", type=Path, default=Path("serve_config.yaml"))
+    render.add_argument("--image", required=True, help="container image with the project installed")
+    render.add_argument("--out", type=Path, default=Path("cluster/rayservice.yaml"))
+    render.add_argument("--gpu-workers-min", type=int, default=DEFAULT_GPU_WORKERS_MIN)
+    render.add_argument("--gpu-workers-max", type=int, default=DEFAULT_GPU_WORKERS_MAX)
+    render.add_argument("--gpus-per-worker", type=int, help="nvidia.com/gpu per worker pod (default 1)")
+    render.add_argument("--model-store-mount", help="where the model volume is mounted (default /models)")
+    render.add_argument("--name", help="RayService name (default festival-serve)")
+    render.set_defaults(func=_cmd_render)
+
+    serve = sub.add_parser("serve-config", help="write the serve config with an absolute model store, for `serve deploy`")
+    serve.add_argument("--config", type=Path, default=Path("serve_config.yaml"))
+    serve.add_argument("--model-store", required=True, help="absolute path of the model store on every node")
+    serve.add_argument("--out", type=Path, required=True)
+    serve.set_defaults(func=_cmd_serve_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"festival-serve cluster: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The cluster configs stay true to serve_config.yaml: the KubeRay RayService embeds it unchanged
+but for the model store, the committed manifest never drifts from a fresh render, the four models
+fit on one GPU, and the cluster launcher config passes Ray's own validation. Offline and fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from festival_serve import cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_CONFIG = ROOT / "serve_config.yaml"
+RAYSERVICE = ROOT / "cluster" / "rayservice.yaml"
+LAUNCHER = ROOT / "cluster" / "ray-cluster.yaml"
+REGENERATE = (f"python -m festival_serve.cluster render --config serve_config.yaml "
+              f"--image {cluster.PLACEHOLDER_IMAGE} --out cluster/rayservice.yaml")
+MODEL_NAMES = {"SignDetector", "HazardCells", "SignReader", "SceneDescriber"}
+
+
+@pytest.fixture(scope="module")
+def serve_config() -> dict:
+    return yaml.safe_load(SERVE_CONFIG.read_text())
+
+
+@pytest.fixture(scope="module")
+def manifest(serve_config) -> dict:
+    return cluster.render_rayservice(serve_config, image=cluster.PLACEHOLDER_IMAGE, gpu_workers_min=1, gpu_workers_max=4)
+
+
+def deployments(config: dict) -> list[dict]:
+    return [d for app in config["applications"] for d in app.get("deployments", [])]
+
+
+def pods(manifest: dict) -> list[dict]:
+    spec = manifest["spec"]["rayClusterConfig"]
+    return [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+
+
+# --- serve_config.yaml itself -------------------------------------------------------------------
+
+def test_serve_config_validates_with_rays_deploy_schema(serve_config):
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(serve_config)
+    assert {d.name for app in schema.applications for d in app.deployments} >= MODEL_NAMES | {"PipelineIngress"}
+
+
+def test_every_batch_fits_within_max_ongoing_requests(serve_config):
+    # A replica never holds more than max_ongoing_requests requests (Ray's default is 5), so a
+    # smaller cap than max_batch_size silently caps every batch.
+    batched = [d for d in deployments(serve_config) if "max_batch_size" in (d.get("user_config") or {})]
+    assert {d["name"] for d in batched} == MODEL_NAMES
+    for d in batched:
+        assert d["max_ongoing_requests"] >= d["user_config"]["max_batch_size"], d["name"]
+
+
+def test_one_replica_of_every_model_fits_on_one_gpu(serve_config):
+    gpus = {d["name"]: d["ray_actor_options"].get("num_gpus", 0) for d in deployments(serve_config)}
+    assert all(gpus[name] > 0 for name in MODEL_NAMES), gpus
+    assert sum(gpus.values()) <= 1.0, gpus
+    assert cluster.gpu_demand(serve_config).replica_set == pytest.approx(sum(gpus.values()))
+
+
+# --- the RayService -----------------------------------------------------------------------------
+
+def test_serve_config_v2_is_serve_config_with_only_the_model_store_changed(manifest, serve_config):
+    embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    assert [app["args"]["model_store"] for app in embedded["applications"]] == ["/models"]
+    assert embedded == cluster.with_model_store(serve_config, "/models")
+    for app in embedded["applications"]:
+        app["args"]["model_store"] = "models"
+    assert embedded == serve_config
+
+
+def test_the_manifest_is_a_rayservice_with_autoscaling_and_token_auth(manifest):
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayService")
+    spec = manifest["spec"]["rayClusterConfig"]
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["rayVersion"] == cluster.RAY_VERSION
+    assert spec["authOptions"] == {"mode": "token", "secretName": "festival-serve-ray-token"}
+
+
+def test_ray_version_is_the_installed_ray():
+    from importlib.metadata import version
+
+    assert cluster.RAY_VERSION == version("ray")
+
+
+def test_the_head_runs_no_replicas_and_gpu_workers_autoscale(manifest):
+    spec = manifest["spec"]["rayClusterConfig"]
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0" and head["rayStartParams"]["num-gpus"] == "0"
+    assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]
+    [workers] = spec["workerGroupSpecs"]
+    assert (workers["replicas"], workers["minReplicas"], workers["maxReplicas"]) == (1, 1, 4)
+    resources = workers["template"]["spec"]["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 1
+
+
+def test_gpu_workers_can_hold_every_deployment_at_max_replicas(manifest, serve_config):
+    [workers] = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    gpus = workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    cpus = float(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    demand = cluster.gpu_demand(serve_config)
+    assert demand.at_max_replicas <= workers["maxReplicas"] * gpus
+    assert all(d["ray_actor_options"].get("num_cpus", 1) <= cpus for d in deployments(serve_config))
+
+
+def test_every_pod_mounts_the_writable_model_store_and_sets_no_offline_env(manifest):
+    for pod in pods(manifest):
+        assert pod["volumes"] == [{"name": "model-store", "persistentVolumeClaim": {"claimName": "festival-models"}}]
+        [container] = pod["containers"]
+        assert container["image"] == cluster.PLACEHOLDER_IMAGE
+        assert container["volumeMounts"] == [{"name": "model-store", "mountPath": "/models"}]  # no readOnly
+        assert "env" not in container  # weights are pre-pulled into the volume; no HF_HUB_OFFLINE & co
+
+
+def test_the_committed_manifest_equals_a_fresh_render(tmp_path):
+    fresh = tmp_path / "rayservice.yaml"
+    assert cluster.main(["render", "--config", str(SERVE_CONFIG), "--image", cluster.PLACEHOLDER_IMAGE,
+                         "--out", str(fresh)]) == 0
+    assert RAYSERVICE.read_text() == fresh.read_text(), f"cluster/rayservice.yaml is stale; regenerate it: {REGENERATE}"
+
+
+def test_the_committed_manifest_keeps_serve_config_v2_a_literal_block():
+    text = RAYSERVICE.read_text()
+    assert text.startswith("# GENERATED from serve_config.yaml")
+    assert "  serveConfigV2: |\n    proxy_location: EveryNode\n" in text
+    assert yaml.safe_load(text) == cluster.render_rayservice(
+        yaml.safe_load(SERVE_CONFIG.read_text()), image=cluster.PLACEHOLDER_IMAGE, gpu_workers_min=1, gpu_workers_max=4)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"gpu_workers_min": 3, "gpu_workers_max": 2}, "gpu_workers_min <= gpu_workers_max"),
+    ({"gpu_workers_min": 0, "gpu_workers_max": 0}, "max >= 1"),
+    ({"gpus_per_worker": 0}, "gpus_per_worker"),
+    ({"model_store_mount": "models"}, "absolute"),
+])
+def test_render_refuses_clusters_that_cannot_work(serve_config, options, message):
+    kwargs = {"image": "img", "gpu_workers_min": 1, "gpu_workers_max": 2} | options
+    with pytest.raises(ValueError, match=message):
+        cluster.render_rayservice(serve_config, **kwargs)
+
+
+def test_render_refuses_a_replica_larger_than_a_worker(serve_config):
+    big = cluster.with_model_store(serve_config, "/models")
+    deployments(big)[0]["ray_actor_options"]["num_gpus"] = 2
+    with pytest.raises(ValueError, match="asks for 2.0 GPUs"):
+        cluster.render_rayservice(big, image="img", gpu_workers_min=1, gpu_workers_max=2)
+
+
+def test_serve_config_command_writes_an_absolute_model_store(tmp_path, serve_config):
+    out = tmp_path / "serve_config.cluster.yaml"
+    assert cluster.main(["serve-config", "--config", str(SERVE_CONFIG), "--model-store", "/home/ubuntu/models",
+                         "--out", str(out)]) == 0
+    assert yaml.safe_load(out.read_text()) == cluster.with_model_store(serve_config, "/home/ubuntu/models")
+    assert cluster.main(["serve-config", "--config", str(SERVE_CONFIG), "--model-store", "models",
+                         "--out", str(out)]) == 2
+
+
+# --- the Ray cluster launcher config ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def launcher() -> dict:
+    return yaml.safe_load(LAUNCHER.read_text())
+
+
+def test_launcher_config_passes_rays_validation(launcher):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    assert launcher["head_node_type"] in launcher["available_node_types"]
+    validate_config(prepare_config(launcher))  # Ray's schema plus its min/max worker checks
+
+
+def test_launcher_head_runs_no_replicas_and_workers_bring_a_gpu(launcher, serve_config):
+    types = launcher["available_node_types"]
+    assert types[launcher["head_node_type"]]["resources"] == {"CPU": 0, "GPU": 0}
+    [worker] = [t for name, t in types.items() if name != launcher["head_node_type"]]
+    assert worker["resources"]["GPU"] >= 1
+    assert worker["min_workers"] >= 1
+    assert cluster.gpu_demand(serve_config).at_max_replicas <= worker["max_workers"] * worker["resources"]["GPU"]
+    assert worker["max_workers"] <= launcher["max_workers"]
+
+
+def test_launcher_installs_the_locked_environment_with_token_auth(launcher):
+    assert any("uv sync --frozen --extra tensorrt" in c for c in launcher["setup_commands"])
+    assert any("RAY_AUTH_MODE=token" in c for c in launcher["initialization_commands"])
+    assert "/home/ubuntu/.ray/auth_token" in launcher["file_mounts"]
+    for command in launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]:
+        assert "festival-serve/.venv/bin/ray " in command  # the locked Ray, not whatever the image has
