@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from festival_serve.backends import BackendUnavailable
 
 DEFAULT_CONFIG = Path("serve_config.yaml")
@@ -24,6 +26,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         local.load_config(args.config), host=args.host, port=args.port, model_store=args.model_store,
         has_gpu=cuda_available() and not args.cpu, base_dir=Path.cwd(),
     )
+    if args.dry_run:
+        print(yaml.safe_dump(config, sort_keys=False), end="")
+        return 0
     print(f"festival-serve: deploying {args.config} locally")
     for change in changes:
         print(f"  {change}")
@@ -138,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--allow-network", action="store_true", help="do not block connections to other machines")
     up.add_argument("--no-dashboard", action="store_true",
                     help="skip Ray's dashboard (~1 GB less memory; `serve status` then cannot connect)")
+    up.add_argument("--dry-run", action="store_true",
+                    help="print the config this machine would run (feed it to `serve run`) and exit")
     up.add_argument("--timeout", type=float, default=600, help="seconds to wait for the graph to start")
     up.set_defaults(func=cmd_up)
 
@@ -157,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model-store", help="override args.model_store")
         p.set_defaults(func=func)
 
+    # Its own parser lives in festival_serve.cluster; main() hands it the rest of the command line.
+    sub.add_parser("cluster", help="render cluster manifests from serve_config.yaml (see cluster/README.md)")
+
     engines = sub.add_parser("engines", help="TensorRT engines for the detectors")
     engines_sub = engines.add_subparsers(dest="engines_command", required=True)
     build = engines_sub.add_parser("build", help="build and cache engines ahead of time (per GPU model and TensorRT version)")
@@ -170,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["cluster"]:
+        from festival_serve import cluster
+
+        return cluster.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

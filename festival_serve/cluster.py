@@ -225,7 +225,7 @@ def _cmd_serve_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m festival_serve.cluster", description=__doc__,
+    parser = argparse.ArgumentParser(prog="festival-serve cluster", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 

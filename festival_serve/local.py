@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -45,18 +44,6 @@ def local_profile(config: dict, *, host: str, port: int, model_store: str | None
     return config, changes
 
 
-def logical_cpus(config: dict) -> int:
-    """Enough Ray CPU slots for every deployment's first replica plus Serve's own actors.
-
-    Ray's CPU counts are scheduling tokens, not cores; the replicas mostly wait on each other, and a
-    laptop with 2 cores must still be able to place all five deployments."""
-    wanted = sum(
-        (d.get("ray_actor_options") or {}).get("num_cpus", 1)
-        for app in config["applications"] for d in app.get("deployments", [])
-    )
-    return max(os.cpu_count() or 1, int(wanted + 2.999))
-
-
 def start(config: dict, *, offline: bool, dashboard: bool = False) -> None:
     """Start Ray and Serve on this machine and submit ``config`` (non-blocking)."""
     import ray
@@ -73,7 +60,7 @@ def start(config: dict, *, offline: bool, dashboard: bool = False) -> None:
         apply_offline_env()
         runtime_env = {"env_vars": dict(OFFLINE_ENV),
                        "worker_process_setup_hook": "festival_serve.offline.install_network_guard"}
-    ray.init(namespace=SERVE_NAMESPACE, include_dashboard=dashboard, num_cpus=logical_cpus(config),
+    ray.init(namespace=SERVE_NAMESPACE, include_dashboard=dashboard,
              runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
     client = serve_api.serve_start(
         http_options=schema.http_options.model_dump(),
