@@ -353,6 +353,9 @@ class PPOCROnnxReader:
         self.decoder = CTCLabelDecode(character=list(chars))
         self.postprocess = DBPostProcess(**DB_PARAMS)
         self.weights = f"det={det_label} rec={rec_label}" + (f" dict={dict_path}" if dict_path else "")
+        # Warm-up: the first run of each session allocates its arenas; do it before serving.
+        self.detect([np.zeros((settings.det_size, settings.det_size, 3), np.uint8)])
+        self.recognize([np.zeros((settings.rec_height, settings.rec_height * 4, 3), np.uint8)])
         logger.info("sign_reader: PP-OCR onnx on %s (%s, %d characters)", self.device, self.weights, len(chars))
 
     def describe(self) -> dict[str, str]:

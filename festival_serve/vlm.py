@@ -147,6 +147,8 @@ class SceneDescriber:
         )
         self.model.to(self.device).eval()
         self._image_kwargs = self._image_processor_kwargs()
+        # Warm-up: one short generation so the first request does not pay for lazy initialisation.
+        self.generate_ids([np.zeros((64, 64, 3), np.uint8)], [Findings()], max_new_tokens=1)
         logger.info(
             "%s: loaded %s on %s (%s), image splitting %s, %d image tokens per frame",
             MODEL_NAME,
@@ -190,7 +192,9 @@ class SceneDescriber:
         )
         return inputs.to(self.device)
 
-    def generate_ids(self, images: list[np.ndarray], findings: list[Findings]) -> list[list[int]]:
+    def generate_ids(
+        self, images: list[np.ndarray], findings: list[Findings], max_new_tokens: int | None = None
+    ) -> list[list[int]]:
         """New token ids per item (prompt and padding removed, stopped at end-of-sequence), one generate call."""
         import torch
 
@@ -203,7 +207,7 @@ class SceneDescriber:
         with torch.inference_mode():
             out = self.model.generate(
                 **inputs,
-                max_new_tokens=self.settings.max_new_tokens,
+                max_new_tokens=max_new_tokens or self.settings.max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
             )
