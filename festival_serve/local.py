@@ -44,8 +44,10 @@ def local_profile(config: dict, *, host: str, port: int, model_store: str | None
     return config, changes
 
 
-def start(config: dict, *, offline: bool, dashboard: bool = False) -> None:
-    """Start Ray and Serve on this machine and submit ``config`` (non-blocking)."""
+def start(config: dict, *, offline: bool, dashboard: bool = False, num_cpus: int | None = None) -> None:
+    """Start Ray and Serve on this machine and submit ``config`` (non-blocking).
+
+    ``num_cpus`` overrides the CPU count Ray schedules with (default: the machine's cores)."""
     import ray
     from ray.serve._private import api as serve_api
     from ray.serve._private.constants import SERVE_NAMESPACE
@@ -60,7 +62,7 @@ def start(config: dict, *, offline: bool, dashboard: bool = False) -> None:
         apply_offline_env()
         runtime_env = {"env_vars": dict(OFFLINE_ENV),
                        "worker_process_setup_hook": "festival_serve.offline.install_network_guard"}
-    ray.init(namespace=SERVE_NAMESPACE, include_dashboard=dashboard,
+    ray.init(namespace=SERVE_NAMESPACE, include_dashboard=dashboard, num_cpus=num_cpus,
              runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
     client = serve_api.serve_start(
         http_options=schema.http_options.model_dump(),

@@ -60,7 +60,7 @@ def server(model_store, tmp_path_factory):
     bare = {**full, "name": "bare", "route_prefix": "/bare",
             "args": {**full["args"], "model_store": str(tmp_path_factory.mktemp("empty-store"))}}
     config["applications"].append(bare)
-    local.start(config, offline=True)
+    local.start(config, offline=True, num_cpus=4)  # two copies of the graph: 2 x 1.5 CPU shares
     try:
         local.wait_until_running(timeout_s=420, progress=lambda line: None)
         yield f"http://127.0.0.1:{port}"
