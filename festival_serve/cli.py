@@ -70,7 +70,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except httpx.HTTPError as e:
         print(f"festival-serve: cannot reach {args.url}: {e} (is `festival-serve up` running?)", file=sys.stderr)
         return 1
-    print(json.dumps(reply.json(), indent=2, ensure_ascii=False))
+    body = reply.json()
+    print(json.dumps(body, indent=2, ensure_ascii=False))
+    if args.out and reply.status_code == 200:
+        from festival_serve.annotate import annotate
+        from festival_serve.imaging import decode_image
+
+        annotate(decode_image(data, max_pixels=1 << 30), body, layout="outdoor").save(args.out)
+        print(f"annotated image: {args.out}", file=sys.stderr)
     return 0 if reply.status_code == 200 else 1
 
 
@@ -153,7 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--image", default=str(SAMPLE_SCENE))
     demo.add_argument("--no-describe", action="store_true", help="skip the scene description")
     demo.add_argument("--timeout", type=float, default=120)
+    demo.add_argument("--out", type=Path, help="also write the image annotated with the answer (PNG)")
     demo.set_defaults(func=cmd_demo)
+
+    from festival_serve import evaluate
+
+    evaluation = sub.add_parser("eval", help="score a running deployment on held-out synthetic scenes (JSON report last)")
+    evaluate.add_arguments(evaluation)
+    evaluation.set_defaults(func=evaluate.cmd_eval)
 
     models = sub.add_parser("models", help="model weights in the model store")
     models_sub = models.add_subparsers(dest="models_command", required=True)
