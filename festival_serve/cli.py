@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import signal
 import sys
 import time
@@ -62,8 +63,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import httpx
 
-    data = Path(args.image).read_bytes()
-    content_type = {".png": "image/png", ".webp": "image/webp"}.get(Path(args.image).suffix.lower(), "image/jpeg")
+    if args.scene_seed is not None:
+        from festival_serve.imaging import encode_jpeg
+        from festival_serve.synth import generate_scene
+
+        data, content_type = encode_jpeg(generate_scene(args.scene_seed).image), "image/jpeg"
+    else:
+        data = Path(args.image).read_bytes()
+        content_type = {".png": "image/png", ".webp": "image/webp"}.get(Path(args.image).suffix.lower(), "image/jpeg")
     try:
         reply = httpx.post(f"{args.url}/v1/analyze", content=data, params={"describe": str(not args.no_describe).lower()},
                            headers={"content-type": content_type}, timeout=args.timeout)
@@ -128,6 +135,12 @@ def cmd_engines_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_module(name: str):
+    import importlib
+
+    return importlib.import_module(f"festival_serve.training.{name}")
+
+
 def _pipeline_args(config: dict, model_store: str | None):
     from festival_serve.settings import PipelineArgs
 
@@ -158,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="post the bundled sample scene to a running server and print the answer")
     demo.add_argument("--url", default="http://127.0.0.1:8000")
     demo.add_argument("--image", default=str(SAMPLE_SCENE))
+    demo.add_argument("--scene-seed", type=int, help="post a generated synthetic scene instead of --image")
     demo.add_argument("--no-describe", action="store_true", help="skip the scene description")
     demo.add_argument("--timeout", type=float, default=120)
     demo.add_argument("--out", type=Path, help="also write the image annotated with the answer (PNG)")
@@ -180,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Its own parser lives in festival_serve.cluster; main() hands it the rest of the command line.
     sub.add_parser("cluster", help="render cluster manifests from serve_config.yaml (see cluster/README.md)")
+
+    train = sub.add_parser("train", help="retrain an embedded model from scratch on generated scenes")
+    train_sub = train.add_subparsers(dest="train_command", required=True)
+    for name, module, help_ in (("hazards", "hazards", "YOLIC-M2 hazard cells (plain PyTorch loop, as in the paper)"),
+                                ("signs", "signs", "YOLO sign detector (ultralytics' trainer)")):
+        p = train_sub.add_parser(name, help=help_)
+        _training_module(module).add_arguments(p)
+        p.set_defaults(func=lambda a, m=module: _training_module(m).cmd_train(a, "festival-serve " + shlex.join(sys.argv[1:])))
 
     engines = sub.add_parser("engines", help="TensorRT engines for the detectors")
     engines_sub = engines.add_subparsers(dest="engines_command", required=True)

@@ -1,0 +1,137 @@
+"""Training commands on tiny generated data: the artefacts they write load through the production loaders."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from festival_serve import synth
+from festival_serve.training.cards import write_model_card
+from festival_serve.training.hazards import cell_metrics, cell_targets, mirror_permutation, train_yolic
+from festival_serve.training.signs import narrow_yolov8, train_signs, write_yolo_dataset, yolo_labels
+from festival_serve.yolic import CellLayout, load_yolic_checkpoint
+
+
+# -- YOLIC ------------------------------------------------------------------------------------------
+
+def test_cell_metrics_count_every_scene_cell_and_class():
+    truth = np.zeros((2, 3, 2), bool)
+    pred = np.zeros((2, 3, 2), bool)
+    truth[0, 0, 0] = truth[0, 1, 1] = truth[1, 2, 0] = True
+    pred[0, 0, 0] = pred[1, 2, 0] = True  # two hits
+    pred[1, 0, 1] = True  # one false alarm; truth[0, 1, 1] missed
+    m = cell_metrics(pred, truth)
+    assert (m["true_positives"], m["false_positives"], m["false_negatives"]) == (2, 1, 1)
+    assert m["precision"] == pytest.approx(2 / 3, abs=1e-4) and m["recall"] == pytest.approx(2 / 3, abs=1e-4)
+    assert m["f1"] == pytest.approx(2 / 3, abs=1e-4)
+    assert cell_metrics(truth, truth)["f1"] == 1.0
+
+
+def test_targets_put_background_last_where_a_cell_is_empty():
+    cells = np.zeros((1, 2, 3), bool)
+    cells[0, 0, 1] = True
+    targets = cell_targets(cells)
+    assert targets.shape == (1, 2 * 4) and targets.dtype == np.float32
+    np.testing.assert_array_equal(targets.reshape(2, 4), [[0, 1, 0, 0], [0, 0, 0, 1]])
+
+
+def test_mirror_permutation_maps_each_cell_onto_its_mirror_image(yolic_layout):
+    permutation = mirror_permutation(yolic_layout)
+    assert permutation is not None
+    np.testing.assert_array_equal(permutation[permutation], np.arange(yolic_layout.num_cells))  # an involution
+    boxes = yolic_layout.boxes
+    np.testing.assert_allclose(boxes[permutation][:, [0, 2]], 1 - boxes[:, [2, 0]], atol=1e-4)
+    np.testing.assert_allclose(boxes[permutation][:, [1, 3]], boxes[:, [1, 3]])
+
+
+def test_an_asymmetric_layout_is_not_mirrored():
+    layout = CellLayout("lopsided", ("Cone",), np.array([[0, 0, 0.6, 1], [0.6, 0, 1, 1]], np.float32))
+    assert mirror_permutation(layout) is None
+
+
+def test_one_epoch_of_yolic_writes_a_checkpoint_the_server_loads(tmp_path, yolic_layout):
+    out = tmp_path / "hazard_cells" / "yolic_m2.pth.tar"
+    result = train_yolic(out, train_scenes=12, val_scenes=4, epochs=1, batch_size=6, progress=False, workers=1)
+    model = load_yolic_checkpoint(out, yolic_layout)
+    assert not model.training
+    assert np.isfinite(result["first_loss"]) and np.isfinite(result["history"][0]["loss"])
+    assert result["best_epoch"] == 1 and len(result["history"]) == 1
+    assert set(result["val_per_class"]) == set(yolic_layout.classes)
+    assert 0 <= result["val"]["f1"] <= 1 and result["seconds"]["per_epoch"] > 0
+    saved = torch.load(out, weights_only=True)
+    assert saved["classifier.1.weight"].dtype == torch.float16  # half the bytes; the loader casts to fp32
+
+
+# -- signs ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sign_dataset(tmp_path_factory):
+    return write_yolo_dataset(tmp_path_factory.mktemp("signs") / "dataset", train=4, val=2, progress=False, workers=1)
+
+
+def test_yolo_labels_are_normalised_and_clipped_to_the_frame():
+    sign = synth.SignTruth(box=(-10, 20, 90, 70), sign_class="info", text="CHỢ", occluded=0.0)
+    (line,) = yolo_labels([sign], 200, 100)
+    class_id, cx, cy, w, h = line.split()
+    assert int(class_id) == synth.SIGN_CLASSES.index("info")
+    np.testing.assert_allclose([float(v) for v in (cx, cy, w, h)], [0.225, 0.45, 0.45, 0.5])
+
+
+def test_yolo_dataset_labels_every_sign_of_its_scenes(sign_dataset):
+    root = sign_dataset.parent
+    for split, count in (("train", 4), ("val", 2)):
+        images = sorted((root / "images" / split).glob("*.jpg"))
+        labels = sorted((root / "labels" / split).glob("*.txt"))
+        assert len(images) == len(labels) == count
+        for image, label in zip(images, labels):
+            scene = synth.generate_scene(int(image.stem), size=Image.open(image).size)
+            rows = [line.split() for line in label.read_text().splitlines()]
+            assert len(rows) == len(scene.signs)
+            for class_id, *coords in rows:
+                assert 0 <= int(class_id) < len(synth.SIGN_CLASSES)
+                assert all(0 < float(v) <= 1 for v in coords)
+
+
+def test_data_yaml_passes_ultralytics_dataset_check_offline(sign_dataset):
+    from ultralytics.data.utils import check_det_dataset
+
+    data = check_det_dataset(str(sign_dataset), autodownload=False)
+    assert data["nc"] == len(synth.SIGN_CLASSES)
+    assert data["names"] == dict(enumerate(synth.SIGN_CLASSES))
+
+
+def test_narrow_yolov8_is_the_v8_graph_at_another_width():
+    config = narrow_yolov8(0.125)
+    assert config["width_multiple"] == 0.125 and "scales" not in config
+    assert config["head"][-1][2] == "Detect"
+
+
+def test_one_epoch_of_signs_writes_a_checkpoint_the_server_loads(tmp_path, sign_dataset):
+    from festival_serve.signs import YoloCheckpoint
+
+    out = tmp_path / "sign_detector" / "signs.pt"
+    result = train_signs(out, data_yaml=sign_dataset, epochs=1, imgsz=160, model=narrow_yolov8(0.125), batch=4)
+    checkpoint = YoloCheckpoint(out, 160)
+    assert list(checkpoint.names.values()) == list(synth.SIGN_CLASSES)
+    assert len(result["seconds"]["per_epoch"]) == 1
+    assert all(0 <= result[k] <= 1 for k in ("precision", "recall", "mAP50"))
+
+
+def test_fixed_settings_cannot_be_overridden(tmp_path, sign_dataset):
+    with pytest.raises(ValueError, match="fliplr"):
+        train_signs(tmp_path / "x.pt", data_yaml=sign_dataset, epochs=1, fliplr=0.5)
+
+
+# -- model cards ------------------------------------------------------------------------------------
+
+def test_model_card_records_data_seed_command_time_and_metrics(tmp_path):
+    card = write_model_card(tmp_path / "hazard_cells" / "MODEL_CARD.md", model="YOLIC-M2", data="2000 scenes", seed=7,
+                            command="python -m festival_serve.training.hazards --epochs 20", seconds=3725.0,
+                            metrics={"val": {"f1": 0.91234}, "history": [{"epoch": 1, "loss": 0.1}]}, notes="from scratch")
+    text = card.read_text()
+    for expected in ("YOLIC-M2", "2000 scenes", "**Seed:** 7", "--epochs 20", "1 h 02 min", "| val.f1 | 0.9123 |",
+                     "from scratch"):
+        assert expected in text
+    assert json.loads(text.split("```json\n")[1].split("\n```")[0]) == {"epoch": 1, "loss": 0.1}
