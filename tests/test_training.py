@@ -64,6 +64,19 @@ def test_one_epoch_of_yolic_writes_a_checkpoint_the_server_loads(tmp_path, yolic
     assert saved["classifier.1.weight"].dtype == torch.float16  # half the bytes; the loader casts to fp32
 
 
+def test_a_time_budget_replans_the_epochs_and_init_continues_a_checkpoint(tmp_path, yolic_layout):
+    from tests.builders.hazards import build_yolic_checkpoint
+
+    start = build_yolic_checkpoint(tmp_path / "start.pth.tar", yolic_layout, seed=1)
+    out = tmp_path / "continued.pth.tar"
+    result = train_yolic(out, train_scenes=4, val_scenes=2, epochs=50, batch_size=4, hours=1e-6, init=start,
+                         progress=False, workers=1)
+    assert result["epochs"] == 1 and len(result["history"]) == 1
+    head = load_yolic_checkpoint(out, yolic_layout).classifier[1].bias
+    assert not torch.allclose(head, torch.full_like(head, -3.0))  # trained, from the builder's -3 logits
+    assert torch.allclose(head, torch.full_like(head, -3.0), atol=0.1)  # ... by a few Adam steps, not from scratch
+
+
 # -- signs ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -122,6 +135,34 @@ def test_one_epoch_of_signs_writes_a_checkpoint_the_server_loads(tmp_path, sign_
 def test_fixed_settings_cannot_be_overridden(tmp_path, sign_dataset):
     with pytest.raises(ValueError, match="fliplr"):
         train_signs(tmp_path / "x.pt", data_yaml=sign_dataset, epochs=1, fliplr=0.5)
+
+
+# -- the commands -----------------------------------------------------------------------------------
+
+def test_hazards_command_writes_weights_and_card(tmp_path, capsys, yolic_layout):
+    from festival_serve.training import hazards
+
+    out = tmp_path / "hazard_cells" / "yolic_m2.pth.tar"
+    assert hazards.main(["--out", str(out), "--train-scenes", "4", "--val-scenes", "2", "--epochs", "1",
+                         "--batch-size", "4", "--workers", "1", "--no-progress"]) == 0
+    load_yolic_checkpoint(out, yolic_layout)
+    card = (out.parent / "MODEL_CARD.md").read_text()
+    assert "--train-scenes 4" in card and "val.f1" in card
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["weights"] == str(out)
+
+
+def test_signs_command_writes_weights_and_card(tmp_path, capsys):
+    from festival_serve.signs import YoloCheckpoint
+    from festival_serve.training import signs
+
+    out = tmp_path / "sign_detector" / "signs.pt"
+    assert signs.main(["--out", str(out), "--dataset", str(tmp_path / "data"), "--project", str(tmp_path / "runs"),
+                       "--train-scenes", "4", "--val-scenes", "2", "--epochs", "1", "--imgsz", "160",
+                       "--batch", "4", "--workers", "1", "--no-progress"]) == 0
+    assert YoloCheckpoint(out, 160).names == dict(enumerate(synth.SIGN_CLASSES))
+    card = (out.parent / "MODEL_CARD.md").read_text()
+    assert "image_size: 160" in card and "fliplr=0" in card
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["epochs"] == 1
 
 
 # -- model cards ------------------------------------------------------------------------------------
