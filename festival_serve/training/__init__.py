@@ -7,3 +7,17 @@
 Each trainer is a command (``python -m festival_serve.training.hazards``, ``... .signs``) that retrains
 its model from a seed, shows a progress bar, and writes the weights and their model card.
 """
+
+
+def run_trainer(module, argv: list[str] | None = None) -> int:
+    """``python -m festival_serve.training.<name>``: parse the trainer's arguments and run it."""
+    import argparse
+    import logging
+    import shlex
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    prog = f"python -m {module.__name__}"
+    parser = module.add_arguments(argparse.ArgumentParser(prog=prog, description=module.__doc__.split("\n\n")[0]))
+    return module.cmd_train(parser.parse_args(argv), f"{prog} {shlex.join(argv)}")

@@ -27,7 +27,6 @@ import io
 import logging
 import math
 import multiprocessing
-import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -404,11 +403,9 @@ def cmd_train(args: argparse.Namespace, command: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m festival_serve.training.hazards",
-                                                   description=__doc__.split("\n\n")[0]))
-    return cmd_train(parser.parse_args(argv), "python -m festival_serve.training.hazards " + shlex.join(argv))
+    from festival_serve.training import run_trainer
+
+    return run_trainer(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

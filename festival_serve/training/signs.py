@@ -28,7 +28,6 @@ import io
 import json
 import logging
 import multiprocessing
-import shlex
 import shutil
 import sys
 import tempfile
@@ -324,11 +323,9 @@ def cmd_train(args: argparse.Namespace, command: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m festival_serve.training.signs",
-                                                   description=__doc__.split("\n\n")[0]))
-    return cmd_train(parser.parse_args(argv), "python -m festival_serve.training.signs " + shlex.join(argv))
+    from festival_serve.training import run_trainer
+
+    return run_trainer(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
