@@ -18,6 +18,6 @@ def run_trainer(module, argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    prog = f"python -m {module.__name__}"
+    prog = f"python -m {module.__spec__.name}"  # __name__ is "__main__" under -m
     parser = module.add_arguments(argparse.ArgumentParser(prog=prog, description=module.__doc__.split("\n\n")[0]))
     return module.cmd_train(parser.parse_args(argv), f"{prog} {shlex.join(argv)}")
