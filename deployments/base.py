@@ -6,22 +6,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+from festival_serve.api import StageError
 from festival_serve.settings import BatchConfig
 
 logger = logging.getLogger("ray.serve")
-
-
-@dataclass(frozen=True)
-class StageError:
-    """Stands in for one item's result when the stage could not produce it (one per request, so a
-    failure never takes the rest of the batch with it)."""
-
-    stage: str
-    reason: str
 
 
 class ModelDeployment:

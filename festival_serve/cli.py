@@ -23,9 +23,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     from festival_serve import local
     from festival_serve.devices import cuda_available
 
+    has_gpu = cuda_available() and not args.cpu
     config, changes = local.local_profile(
         local.load_config(args.config), host=args.host, port=args.port, model_store=args.model_store,
-        has_gpu=cuda_available() and not args.cpu, base_dir=Path.cwd(),
+        has_gpu=has_gpu, base_dir=Path.cwd(),
     )
     if args.dry_run:
         print(yaml.safe_dump(config, sort_keys=False), end="")
@@ -33,6 +34,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"festival-serve: deploying {args.config} locally")
     for change in changes:
         print(f"  {change}")
+    local.prepare_models(config, has_gpu=has_gpu)
     local.start(config, offline=not args.allow_network, dashboard=not args.no_dashboard)
     stopping = False
 
@@ -182,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = sub.add_parser("eval", help="score a running deployment on held-out synthetic scenes (JSON report last)")
     evaluate.add_arguments(evaluation)
     evaluation.set_defaults(func=evaluate.cmd_eval)
+
+    from festival_serve import bench
+
+    benchmark = sub.add_parser("bench", help="benchmark the graph against the single-process baseline (report in docs/bench)")
+    bench.add_arguments(benchmark)
+    benchmark.set_defaults(func=bench.cmd_bench)
 
     models = sub.add_parser("models", help="model weights in the model store")
     models_sub = models.add_subparsers(dest="models_command", required=True)

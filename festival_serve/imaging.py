@@ -7,6 +7,7 @@ are read-only, so nothing here writes into its input.
 from __future__ import annotations
 
 import io
+import sys
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -19,12 +20,19 @@ class InvalidImage(ValueError):
     """The bytes are not a decodable image, or the image is unusable (empty, too large)."""
 
 
+def _pil_open(stream):
+    # ultralytics (when imported in this process) replaces Image.open with a wrapper that answers an
+    # unknown format by trying to install and import a HEIF plugin; call PIL's own opener instead.
+    patches = sys.modules.get("ultralytics.utils.patches")
+    return getattr(patches, "_image_open", Image.open)(stream)
+
+
 def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
     """Decode JPEG/PNG/WebP bytes to ``(H, W, 3) uint8 RGB``; raise ``InvalidImage`` otherwise."""
     if not data:
         raise InvalidImage("empty image")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with _pil_open(io.BytesIO(data)) as img:
             if img.format not in IMAGE_CONTENT_TYPES.values():
                 raise InvalidImage(f"unsupported image format {img.format!r}; send JPEG, PNG or WebP")
             width, height = img.size

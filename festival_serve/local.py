@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -23,8 +24,11 @@ def load_config(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
+MODEL_SECTIONS = ("sign_detector", "hazard_cells", "sign_reader", "scene_describer")
+
+
 def local_profile(config: dict, *, host: str, port: int, model_store: str | None, has_gpu: bool,
-                  base_dir: Path) -> tuple[dict, list[str]]:
+                  base_dir: Path, cpus: int | None = None) -> tuple[dict, list[str]]:
     """The config adapted to this machine, and one line per change made (printed to the user)."""
     config = copy.deepcopy(config)
     changes: list[str] = []
@@ -41,13 +45,55 @@ def local_profile(config: dict, *, host: str, port: int, model_store: str | None
                 if options.get("num_gpus"):
                     options["num_gpus"] = 0
             changes.append("no GPU visible: num_gpus set to 0, models run on the CPU (ONNX Runtime)")
+            # Four models share the cores: a runtime that spreads over all of them fights the others
+            # (and Ray) for every core. Half the cores each, unless the config says otherwise.
+            threads = max(1, (cpus or os.cpu_count() or 2) // 2)
+            pinned = []
+            for section in MODEL_SECTIONS:
+                settings = args.setdefault(section, {})
+                if settings.get("threads") is None:
+                    settings["threads"] = threads
+                    pinned.append(section)
+            if pinned:
+                changes.append(f"CPU threads per model runtime: {threads} ({', '.join(pinned)})")
     return config, changes
+
+
+def prepare_models(config: dict, *, has_gpu: bool) -> None:
+    """Export the detectors' ONNX files in a child process before the replicas start (see
+    ``festival_serve.prepare``: it keeps torch out of the ONNX Runtime replicas)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    for app in config["applications"]:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="festival-args-") as f:
+            json.dump(app.get("args") or {}, f)
+            f.flush()
+            command = [sys.executable, "-m", "festival_serve.prepare", "--args", f.name, *(["--gpu"] if has_gpu else [])]
+            subprocess.run(command, check=False)
+
+
+#: Ray settings for a one-machine run, set unless the environment already says otherwise. Ray hands the
+#: driver's environment to every process it starts.
+LOCAL_RAY_ENV = {
+    # Workers run this interpreter directly: under `uv run`, Ray would otherwise wrap every worker in its
+    # own `uv run` (an extra process and a dependency check per replica).
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+    # Ray gives a new HTTP proxy 5 s to answer its readiness check, three times, then kills it; a busy
+    # 2-core machine (training, tests) can need longer just to start the proxy's worker process.
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
+}
 
 
 def start(config: dict, *, offline: bool, dashboard: bool = False, num_cpus: int | None = None) -> None:
     """Start Ray and Serve on this machine and submit ``config`` (non-blocking).
 
     ``num_cpus`` overrides the CPU count Ray schedules with (default: the machine's cores)."""
+    # Before Ray is imported: it reads some of these once, at import.
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
     import ray
     from ray.serve._private import api as serve_api
     from ray.serve._private.constants import SERVE_NAMESPACE

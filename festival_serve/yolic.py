@@ -160,28 +160,33 @@ class YolicNetwork:
     """A YOLIC checkpoint as a ``NetworkSource``; its ONNX export is cached next to it by content hash."""
 
     def __init__(self, path: Path, layout: CellLayout) -> None:
+        if not path.is_file():
+            raise FileNotFoundError(f"YOLIC checkpoint not found: {path}")
         self.path, self.layout = path, layout
         self.name = f"yolic-m2:{path.name}"
-        self.module = load_yolic_checkpoint(path, layout)  # validates the checkpoint up front
+        self.onnx_target = path.with_name(f"{path.name.split('.')[0]}.{file_sha256(path)[:12]}.onnx")
+        # Validate the checkpoint up front, unless a cached export shows these exact bytes were loaded
+        # before: then an ONNX Runtime replica never imports torch (~500 MB less resident memory).
+        self._module = None if self.onnx_target.is_file() else load_yolic_checkpoint(path, layout)
 
     def torch_module(self):
-        return self.module
+        if self._module is None:
+            self._module = load_yolic_checkpoint(self.path, self.layout)
+        return self._module
 
     def onnx_file(self) -> Path:
-        import torch
-
-        target = self.path.with_name(f"{self.path.name.split('.')[0]}.{file_sha256(self.path)[:12]}.onnx")
-
         def export(tmp: Path) -> None:
-            logger.info("exporting %s to ONNX (%s)", self.path, target.name)
+            import torch
+
+            logger.info("exporting %s to ONNX (%s)", self.path, self.onnx_target.name)
             dummy = torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE)
             torch.onnx.export(
-                self.module, dummy, str(tmp), input_names=["images"], output_names=["logits"],
+                self.torch_module(), dummy, str(tmp), input_names=["images"], output_names=["logits"],
                 dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
                 dynamo=False,  # the TorchScript exporter needs no onnxscript and handles MobileNetV2 fully
             )
 
-        return build_once(target, export)
+        return build_once(self.onnx_target, export)
 
 
 class HazardCellClassifier:

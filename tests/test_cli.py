@@ -7,7 +7,7 @@ import pytest
 from festival_serve import local
 from festival_serve.cli import main
 from festival_serve.settings import PipelineArgs
-from tests.builders.hazards import build_yolic_checkpoint
+from festival_serve.standins.hazards import build_yolic_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def test_models_status_lists_every_model(tmp_path, capsys, yolic_layout):
 
 
 def test_engines_build_without_gpu_says_why(tmp_path, capsys, yolic_layout):
-    from tests.builders.signs import build_yolo_checkpoint
+    from festival_serve.standins.signs import build_yolo_checkpoint
 
     build_yolo_checkpoint(tmp_path / "sign_detector" / "signs.pt", ["stop"])
     code = main(["engines", "build", "--config", str(ROOT / "serve_config.yaml"), "--model-store", str(tmp_path)])

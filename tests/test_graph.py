@@ -19,9 +19,9 @@ from PIL import Image
 
 from festival_serve import local
 from festival_serve.cli import SAMPLE_SCENE
-from tests.builders.hazards import build_yolic_checkpoint
-from tests.builders.signs import build_yolo_checkpoint
-from tests.builders.vlm import build_tiny_idefics3
+from festival_serve.standins.hazards import build_yolic_checkpoint
+from festival_serve.standins.signs import build_yolo_checkpoint
+from festival_serve.standins.vlm import build_tiny_idefics3
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGN_CLASSES = ["speed_limit", "no_parking", "bus_station", "children"]

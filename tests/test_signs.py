@@ -1,6 +1,6 @@
 """The sign detector's contract: ultralytics checkpoints in, detections in original pixels out.
 
-A small random YOLOv8n checkpoint (``tests/builders/signs.py``) goes through the same loader, exporter
+A small random YOLOv8n checkpoint (``festival_serve/standins/signs.py``) goes through the same loader, exporter
 and backends that production uses; letterbox geometry and NMS are checked on hand-made inputs.
 """
 
@@ -22,7 +22,7 @@ from festival_serve.signs import (
     letterbox_batch,
     postprocess,
 )
-from tests.builders.signs import build_yolo_checkpoint, smooth_random_image
+from festival_serve.standins.signs import build_yolo_checkpoint, smooth_random_image
 
 NAMES = {0: "stop", 1: "give_way", 2: "speed_limit_50"}
 SIZE = 320  # small letterbox side keeps export and forward passes quick on two cores

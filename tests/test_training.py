@@ -65,7 +65,7 @@ def test_one_epoch_of_yolic_writes_a_checkpoint_the_server_loads(tmp_path, yolic
 
 
 def test_a_time_budget_replans_the_epochs_and_init_continues_a_checkpoint(tmp_path, yolic_layout):
-    from tests.builders.hazards import build_yolic_checkpoint
+    from festival_serve.standins.hazards import build_yolic_checkpoint
 
     start = build_yolic_checkpoint(tmp_path / "start.pth.tar", yolic_layout, seed=1)
     out = tmp_path / "continued.pth.tar"

@@ -13,7 +13,7 @@ import pytest
 
 from festival_serve.settings import SceneDescriberSettings
 from festival_serve.vlm import Findings, SceneDescriber, WeightsMissing, build_prompt, pull
-from tests.builders.vlm import IMAGE_SEQ_LEN, build_tiny_idefics3
+from festival_serve.standins.vlm import IMAGE_SEQ_LEN, build_tiny_idefics3
 
 FINDINGS = [
     Findings(signs=(("stop", "STOP"), ("speed_limit", "50"))),

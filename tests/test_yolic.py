@@ -16,7 +16,7 @@ from festival_serve.yolic import (
     load_yolic_checkpoint,
     preprocess_batch,
 )
-from tests.builders.hazards import build_yolic_checkpoint
+from festival_serve.standins.hazards import build_yolic_checkpoint
 
 
 def test_outdoor_layout_matches_the_paper(yolic_layout):

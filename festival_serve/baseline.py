@@ -1,0 +1,162 @@
+"""The benchmark baseline: the seed app's way of serving, behind the same HTTP API as the graph.
+
+One process, every model preloaded, each request run through the models one after another
+(decode → signs → hazards → OCR per crop → VLM), one request at a time, on a single-worker ASGI
+server (uvicorn). Same model modules, settings and backends as the Serve graph; the event loop stays
+free to accept connections while a request runs on the one model thread.
+
+    python -m festival_serve.baseline --args args.json --port 8100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from festival_serve.api import STAGES, ApiError, analyze_frame, error_response, http_error_code, ms_since, \
+    parse_bool, read_image_bytes
+from festival_serve.imaging import InvalidImage, decode_image
+from festival_serve.settings import PipelineArgs
+
+logger = logging.getLogger(__name__)
+
+
+def load_models(args: PipelineArgs) -> dict[str, Any]:
+    """Every model, loaded now, through the same loaders the deployments use."""
+    from festival_serve import ocr, signs, vlm, yolic
+
+    store, gpu_only = Path(args.model_store), args.gpu_only
+    loaders: dict[str, Callable[[], Any]] = {
+        "sign_detector": lambda: signs.SignDetector(args.sign_detector, model_store=store, gpu_only=gpu_only),
+        "hazard_cells": lambda: yolic.HazardCellClassifier(args.hazard_cells, model_store=store, gpu_only=gpu_only),
+        "sign_reader": lambda: ocr.create_reader(args.sign_reader, model_store=store, gpu_only=gpu_only),
+        "scene_describer": lambda: vlm.SceneDescriber(args.scene_describer, model_store=store, gpu_only=gpu_only),
+    }
+    models = {}
+    for stage, load in loaders.items():
+        started = time.perf_counter()
+        models[stage] = load()
+        logger.info("baseline: %s loaded in %.1f s", stage, time.perf_counter() - started)
+    return models
+
+
+class SequentialPipeline:
+    """Runs one request at a time through the models, each model call one image (or one crop)."""
+
+    def __init__(self, args: PipelineArgs, models: dict[str, Any]) -> None:
+        self.args, self.models = args, models
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="models")
+        self.one_at_a_time = asyncio.Lock()
+        self.batch_sizes = {stage: collections.Counter() for stage in STAGES}  # always 1: no batching here
+        self.stages = {
+            "sign_detector": lambda frame: self._call("sign_detector", lambda: models["sign_detector"].detect([frame])[0]),
+            "hazard_cells": lambda frame: self._call("hazard_cells", lambda: models["hazard_cells"].classify([frame])[0]),
+            "sign_reader": self._read_each,
+            "scene_describer": lambda frame, findings: self._call(
+                "scene_describer", lambda: models["scene_describer"].describe([frame], [findings])[0]),
+        }
+
+    async def _call(self, stage: str, work: Callable[[], Any]) -> Any:
+        self.batch_sizes[stage][1] += 1
+        return await asyncio.get_running_loop().run_in_executor(self.worker, work)
+
+    async def _read_each(self, crops: list) -> list:
+        reader = self.models["sign_reader"]
+        return [await self._call("sign_reader", lambda c=c: reader.read([c])[0]) for c in crops]
+
+    async def analyze(self, data: bytes, describe: bool) -> tuple[dict, dict]:
+        async with self.one_at_a_time:
+            started = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            image = await loop.run_in_executor(
+                self.worker, lambda: decode_image(data, max_pixels=self.args.ingress.max_image_pixels))
+            timings = {"decode": ms_since(started)}
+            result = await analyze_frame(image, image, describe, self.stages, self.args.ingress, timings)
+            return result, timings
+
+    def info(self) -> list[dict]:
+        return [{"name": stage, "ready": True, **_model_info(self.models[stage]),
+                 "batch": {"max_batch_size": 1, "observed_sizes": dict(self.batch_sizes[stage])}}
+                for stage in STAGES]
+
+
+def _model_info(model: Any) -> dict:
+    # The describer's describe() generates text; its model info is describe_info().
+    return model.describe_info() if hasattr(model, "describe_info") else model.describe()
+
+
+def build_app(args: PipelineArgs, models: dict[str, Any] | None = None) -> Starlette:
+    pipeline = SequentialPipeline(args, models if models is not None else load_models(args))
+
+    async def analyze(request: Request) -> JSONResponse:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        started = time.perf_counter()
+        try:
+            describe = parse_bool(request.query_params.get("describe", "true"), "describe")
+            data = await read_image_bytes(request, args.ingress.max_body_bytes)
+            result, timings = await pipeline.analyze(data, describe)
+        except InvalidImage as e:
+            return error_response(400, "invalid_image", str(e), request_id)
+        except ApiError as e:
+            return error_response(e.status, e.code, e.message, request_id)
+        timings["total"] = ms_since(started)
+        return JSONResponse({"request_id": request_id, **result, "timings_ms": timings},
+                            headers={"x-request-id": request_id})
+
+    async def list_models(request: Request) -> JSONResponse:
+        return JSONResponse({"models": pipeline.info()})
+
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(exc.status_code, http_error_code(exc.status_code), str(exc.detail))
+
+    return Starlette(
+        routes=[
+            Route("/v1/analyze", analyze, methods=["POST"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", healthz, methods=["GET"]),  # every model is loaded before the server starts
+        ],
+        exception_handlers={HTTPException: http_error},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m festival_serve.baseline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--args", type=Path, help="PipelineArgs as JSON (default: the built-in defaults)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--allow-network", action="store_true")
+    options = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not options.allow_network:
+        from festival_serve.offline import apply_offline_env, install_network_guard
+
+        apply_offline_env()
+        install_network_guard()
+    import uvicorn
+
+    args = PipelineArgs.model_validate(json.loads(options.args.read_text()) if options.args else {})
+    app = build_app(args)
+    uvicorn.run(app, host=options.host, port=options.port, workers=1, log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

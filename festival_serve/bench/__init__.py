@@ -1,0 +1,341 @@
+"""``festival-serve bench``: the Serve graph against the single-process baseline, same models, same
+images, same load client; then per-model microbenchmarks. Writes JSON, Markdown and plots, and
+``docs/bench/latest.json`` with the headline ratios (printed last).
+
+The models are the production architectures at production size: trained weights where the model
+store has them, shape-true stand-ins (``festival_serve.standins``) elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from festival_serve import loadgen
+from festival_serve.procstats import TreeSampler, resident_gb
+from festival_serve.settings import PipelineArgs
+
+SECTIONS = ("sign_detector", "hazard_cells", "sign_reader", "scene_describer")
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str
+    concurrency: tuple[int, ...]  # closed-loop clients, describe=false
+    describe_concurrency: tuple[int, ...]  # closed-loop clients, describe=true
+    rate_fractions: tuple[float, ...]  # open-loop rates, as fractions of the baseline's peak throughput
+    duration_s: float  # measured window per describe=false point (after the warm-up)
+    describe_duration_s: float
+    warmup_s: float
+    scenes: int  # distinct held-out images cycled by the client
+    new_tokens: int  # the describer's fixed number of new tokens
+    micro_batches: tuple[int, ...]
+    vlm_batches: tuple[int, ...]
+    micro_repeats: int
+    micro_min_s: float
+
+
+QUICK = Plan("quick", (1, 4, 16), (1, 8), (0.5, 1.0, 1.5), 8.0, 20.0, 2.0, 16, 16,
+             (1, 4, 16), (1, 4), 3, 0.3)
+FULL = Plan("full", (1, 4, 16, 64), (1, 4, 16, 64), (0.25, 0.5, 1.0, 1.5, 2.0), 30.0, 60.0, 5.0, 32, 48,
+            (1, 2, 4, 8, 16, 32), (1, 2, 4, 8), 5, 2.0)
+
+#: Targets of the performance issue (2-core CPU machine, ratios from one run).
+TARGETS = {"overhead_ms_p50": 10.0, "throughput_ratio_nodescribe": 1.0, "throughput_ratio_describe": 1.5,
+           "graph_rss_gb": 6.0}
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--quick", action="store_true", help="the short plan (< 10 min on 2 cores); default: full")
+    parser.add_argument("--config", type=Path, default=Path("serve_config.yaml"))
+    parser.add_argument("--model-store", help="override args.model_store (trained weights are used where present)")
+    parser.add_argument("--stand-ins", type=Path, help="where shape-true stand-in models are built and cached "
+                                                       "(default: ~/.cache/festival-serve/stand-ins)")
+    parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="report folder (default: %(default)s)")
+    parser.add_argument("--graph-port", type=int, default=8701)
+    parser.add_argument("--baseline-port", type=int, default=8702)
+    parser.add_argument("--start-timeout", type=float, default=900, help="seconds for a server to become ready")
+    parser.add_argument("--systems", default="baseline,graph", help="which systems to run (default: both)")
+    parser.add_argument("--no-micro", action="store_true", help="skip the per-model microbenchmarks")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs in OUT/logs/")
+    parser.add_argument("--graph-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment for the graph's Ray processes (repeatable), e.g. to try a Serve setting")
+    override = parser.add_argument_group("plan overrides (comma-separated lists)")
+    override.add_argument("--concurrency", type=_ints)
+    override.add_argument("--describe-concurrency", type=_ints)
+    override.add_argument("--rate-fractions", type=_floats)
+    override.add_argument("--duration", type=float, dest="duration_s")
+    override.add_argument("--describe-duration", type=float, dest="describe_duration_s")
+    override.add_argument("--warmup", type=float, dest="warmup_s")
+    override.add_argument("--scenes", type=int)
+    override.add_argument("--new-tokens", type=int)
+    override.add_argument("--micro-batches", type=_ints)
+    override.add_argument("--vlm-batches", type=_ints)
+    return parser
+
+
+def plan_from(options: argparse.Namespace) -> Plan:
+    plan = QUICK if options.quick else FULL
+    fields = {k: getattr(options, k) for k in asdict(plan) if getattr(options, k, None) is not None}
+    return replace(plan, **fields)
+
+
+# -- one system under load ---------------------------------------------------------------------------
+
+
+def _batch_delta(before: list[dict], after: list[dict]) -> dict:
+    """Batches run per size at every stage during one point (from ``/v1/models``' counters)."""
+    out = {}
+    for old, new in zip(before, after):
+        sizes_old = (old.get("batch") or {}).get("observed_sizes", {})
+        sizes_new = (new.get("batch") or {}).get("observed_sizes", {})
+        delta = {int(k): v - sizes_old.get(k, 0) for k, v in sizes_new.items() if v - sizes_old.get(k, 0) > 0}
+        items = sum(k * v for k, v in delta.items())
+        out[new["name"]] = {"sizes": dict(sorted(delta.items())), "batches": sum(delta.values()),
+                            "mean": round(items / sum(delta.values()), 2) if delta else None}
+    return out
+
+
+def measure(server, load) -> dict:
+    """Run one load point against ``server``: latency/throughput, batch sizes, CPU and memory."""
+    before = server.models()
+    sampler = TreeSampler(server.process.pid).start()
+    result = asyncio.run(load)
+    sampler.stop()
+    summary = result.summary()
+    summary["goodput_rps"] = round((summary["ok"] - summary["degraded"]) / result.duration_s, 3) if result.duration_s else 0.0
+    summary["batches"] = _batch_delta(before, server.models())
+    summary["resources"] = sampler.summary()
+    return summary
+
+
+def run_system(server, bodies: list[bytes], plan: Plan, rates: dict[bool, float] | None, progress) -> dict:
+    """Every load point of the plan against one started server; ``rates`` are the open-loop base rates
+    (the baseline's peak; measured from this system's closed loop when ``None``)."""
+    started = time.perf_counter()
+    url = f"{server.url}/v1/analyze"
+    points: list[dict] = []
+    whole = TreeSampler(server.process.pid).start()
+    base_rates: dict[bool, float] = {}
+    for describe in (False, True):
+        levels = plan.describe_concurrency if describe else plan.concurrency
+        duration = plan.describe_duration_s if describe else plan.duration_s
+        for c in levels:
+            point = measure(server, loadgen.closed_loop(url, bodies, concurrency=c, duration_s=duration,
+                                                        describe=describe, warmup_s=plan.warmup_s, timeout_s=600))
+            points.append(point)
+            progress(_point_line(server.name, point))
+        peak = max((p["goodput_rps"] for p in points if p["describe"] == describe), default=0.0)
+        base_rates[describe] = (rates or {}).get(describe) or peak
+        for fraction in plan.rate_fractions:
+            rate = round(fraction * base_rates[describe], 3)
+            if rate <= 0:
+                continue
+            point = measure(server, loadgen.open_loop(url, bodies, rate=rate, duration_s=duration,
+                                                      describe=describe, timeout_s=600))
+            points.append(point)
+            progress(_point_line(server.name, point))
+    whole.stop()
+    return {"points": points, "base_rates": {str(k).lower(): v for k, v in base_rates.items()},
+            "peak_rss_gb": whole.summary()["peak_rss_gb"], "resident_at_end": resident_gb(server.process.pid),
+            "processes": whole.summary()["processes"], "load_s": round(time.perf_counter() - started, 1)}
+
+
+def _point_line(name: str, p: dict) -> str:
+    level = f"c={p['level']:g}" if p["mode"] == "closed" else f"rate={p['level']:g}/s"
+    return (f"  {name:8} describe={str(p['describe']).lower():5} {p['mode']:6} {level:12} "
+            f"{p['goodput_rps']:7.2f} req/s  p50 {p['p50_ms']} ms  p95 {p['p95_ms']} ms  "
+            f"errors {p['errors']}  degraded {p['degraded']}  cpu {p['resources']['cpu_cores']} cores")
+
+
+# -- the run -------------------------------------------------------------------------------------------
+
+
+def bench_args(config: dict, options: argparse.Namespace, plan: Plan, progress) -> tuple[PipelineArgs, list]:
+    from festival_serve.standins.store import with_stand_ins
+
+    raw = dict(config["applications"][0].get("args") or {})
+    if options.model_store:
+        raw["model_store"] = options.model_store
+    store = Path(raw.get("model_store", "models")).expanduser()
+    raw["model_store"] = str(store if store.is_absolute() else (Path.cwd() / store).resolve())
+    args, sources = with_stand_ins(PipelineArgs.model_validate(raw), options.stand_ins, progress=progress)
+    describer = args.scene_describer.model_copy(update={"max_new_tokens": plan.new_tokens})
+    return args.model_copy(update={"scene_describer": describer}), sources
+
+
+def summarize(systems: dict[str, dict]) -> dict:
+    def points(name: str, describe: bool) -> list[dict]:
+        return [p for p in systems.get(name, {}).get("points", []) if p["describe"] == describe]
+
+    def peak(name: str, describe: bool) -> float | None:
+        values = [p["goodput_rps"] for p in points(name, describe)]
+        return max(values) if values else None
+
+    def p50_at_1(name: str) -> float | None:
+        for p in points(name, False):
+            if p["mode"] == "closed" and p["level"] == 1:
+                return p["p50_ms"]
+        return None
+
+    def ratio(a, b):
+        return round(a / b, 3) if a is not None and b else None
+
+    g1, b1 = p50_at_1("graph"), p50_at_1("baseline")
+    summary = {
+        "overhead_ms_p50": round(g1 - b1, 2) if g1 is not None and b1 is not None else None,
+        "graph_p50_ms_c1": g1,
+        "baseline_p50_ms_c1": b1,
+        "throughput_ratio_nodescribe": ratio(peak("graph", False), peak("baseline", False)),
+        "throughput_ratio_describe": ratio(peak("graph", True), peak("baseline", True)),
+        "graph_peak_rps_nodescribe": peak("graph", False),
+        "baseline_peak_rps_nodescribe": peak("baseline", False),
+        "graph_peak_rps_describe": peak("graph", True),
+        "baseline_peak_rps_describe": peak("baseline", True),
+        "graph_rss_gb": systems.get("graph", {}).get("peak_rss_gb"),
+        "graph_pss_gb_at_end": systems.get("graph", {}).get("resident_at_end", {}).get("pss_gb"),
+        "baseline_rss_gb": systems.get("baseline", {}).get("peak_rss_gb"),
+    }
+    met = {}
+    for key, target in TARGETS.items():
+        value = summary.get(key)
+        if value is not None:
+            met[key] = value <= target if key in ("overhead_ms_p50", "graph_rss_gb") else value >= target
+    summary["targets"] = TARGETS
+    summary["targets_met"] = met
+    return summary
+
+
+def run(options: argparse.Namespace, progress=print) -> dict:
+    from festival_serve.bench import report
+    from festival_serve.bench.micro import run_micro
+    from festival_serve.bench.servers import baseline_server, graph_server
+    from festival_serve.devices import cuda_available
+    from festival_serve.imaging import encode_jpeg
+    from festival_serve.local import load_config
+    from festival_serve.synth import generate_scene, scene_seeds
+
+    plan = plan_from(options)
+    graph_env = _env_pairs(options.graph_env)
+    wanted = [s.strip() for s in options.systems.split(",") if s.strip()]
+    unknown = set(wanted) - {"baseline", "graph"}
+    if unknown:
+        raise ValueError(f"unknown system(s) {', '.join(sorted(unknown))}; choose from baseline, graph")
+    for port in (options.graph_port, options.baseline_port):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                raise RuntimeError(f"port {port} is already in use; stop what serves there or pass another port")
+    started = time.perf_counter()
+    config = load_config(options.config)
+    progress(f"bench ({plan.mode}): models")
+    args, sources = bench_args(config, options, plan, progress)
+    for source in sources:
+        progress(f"  {source.stage:16} {source.kind:9} {source.path}")
+    bodies = [encode_jpeg(generate_scene(seed).image) for seed in scene_seeds("test", plan.scenes)]
+    progress(f"  {len(bodies)} held-out 848x480 scenes as JPEG (test split)")
+
+    systems: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="festival-bench-") as tmp:
+        workdir = Path(options.out) / "logs" if options.keep_logs else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        factories = {
+            "baseline": lambda: baseline_server(args, port=options.baseline_port, workdir=workdir),
+            "graph": lambda: graph_server(config, args, port=options.graph_port, workdir=workdir,
+                                          env=graph_env),
+        }
+        rates = None
+        for name in ("baseline", "graph"):
+            if name not in wanted:
+                continue
+            server = factories[name]()
+            t = time.perf_counter()
+            server.start(options.start_timeout, progress)
+            try:
+                startup = round(time.perf_counter() - t, 1)
+                result = run_system(server, bodies, plan, rates, progress)
+                result["startup_s"] = startup
+                systems[name] = result
+                if name == "baseline":
+                    rates = {d == "true": v for d, v in result["base_rates"].items()}
+            finally:
+                server.stop()
+
+    micro = []
+    if not options.no_micro:
+        micro = run_micro(args, batch_sizes=list(plan.micro_batches), vlm_batch_sizes=list(plan.vlm_batches),
+                          threads=None, repeats=plan.micro_repeats, min_seconds=plan.micro_min_s, progress=progress)
+
+    result = {
+        "mode": plan.mode,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "cuda": cuda_available(), "python": platform.python_version(),
+                    "platform": platform.platform(terse=True), **_versions()},
+        "plan": asdict(plan),
+        "graph_env": graph_env,
+        "models": [asdict(s) for s in sources],
+        "systems": systems,
+        "micro": micro,
+        "summary": summarize(systems),
+        "elapsed_s": round(time.perf_counter() - started, 1),
+    }
+    report.write(result, Path(options.out))
+    return result
+
+
+def _env_pairs(pairs: list[str]) -> dict[str, str]:
+    """``NAME=VALUE`` strings → a dict (Ray hands the driver's environment to every process it starts)."""
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--graph-env takes NAME=VALUE, got {pair!r}")
+        env[name] = value
+    return env
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("ray", "torch", "onnxruntime", "transformers", "ultralytics"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def cmd_bench(options: argparse.Namespace) -> int:
+    from festival_serve.bench.servers import ServerFailed
+
+    try:
+        result = run(options)
+    except (ServerFailed, RuntimeError, ValueError) as e:
+        print(f"festival-serve bench: {e}", file=sys.stderr)
+        return 1
+    summary = result["summary"]
+    print(f"\nbench ({result['mode']}) finished in {result['elapsed_s']:.0f} s; report in {options.out}/")
+    for key in ("overhead_ms_p50", "throughput_ratio_nodescribe", "throughput_ratio_describe", "graph_rss_gb"):
+        met = summary["targets_met"].get(key)
+        verdict = "" if met is None else ("  (target met)" if met else f"  (target {TARGETS[key]}: MISSED)")
+        print(f"  {key:28} {summary[key]}{verdict}")
+    print(json.dumps({"mode": result["mode"], **{k: v for k, v in summary.items() if k not in ("targets",)}}))
+    return 0

@@ -1,0 +1,124 @@
+"""Per-model microbenchmarks: images (or crops, or tokens) per second against batch size, for every
+backend this machine has (PyTorch and ONNX Runtime on the CPU; fp32 and fp16 on CUDA when present).
+In-process, no Ray, no HTTP: the ceiling each model sets for the served graph."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from festival_serve.settings import PipelineArgs
+
+
+def _median_s(run: Callable[[], object], repeats: int, min_seconds: float) -> float:
+    run()  # warm-up: first calls allocate arenas and pick kernels
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - started < min_seconds and len(times) < 50):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def backend_variants(cuda: bool) -> list[tuple[str, str, bool]]:
+    """(backend, device, fp16) combinations worth measuring here."""
+    variants = [("torch", "cpu", False), ("onnxruntime", "cpu", False)]
+    if cuda:
+        variants += [("torch", "cuda", False), ("torch", "cuda", True),
+                     ("onnxruntime", "cuda", False), ("onnxruntime", "cuda", True)]
+    return variants
+
+
+def network_rows(model: str, source, input_shape: tuple[int, int, int], batch_sizes: list[int], *, cuda: bool,
+                 threads: int | None, repeats: int, min_seconds: float, progress: Callable[[str], None]) -> list[dict]:
+    from festival_serve.backends import BackendUnavailable, create_backend
+
+    rows = []
+    for kind, device, fp16 in backend_variants(cuda):
+        try:
+            backend = create_backend(kind, source, device=device, fp16=fp16, threads=threads)
+        except BackendUnavailable as e:
+            progress(f"  {model} {kind}/{device}: skipped ({e})")
+            continue
+        for n in batch_sizes:
+            batch = np.random.default_rng(n).random((n, *input_shape), dtype=np.float32)
+            seconds = _median_s(lambda: backend.forward(batch), repeats, min_seconds)
+            rows.append({"model": model, "backend": kind, "device": device, "precision": "fp16" if fp16 else "fp32",
+                         "batch": n, "ms_per_batch": round(seconds * 1000, 2), "items_per_s": round(n / seconds, 2),
+                         "unit": "images"})
+            progress(f"  {model} {kind}/{device}/{rows[-1]['precision']} batch {n}: {rows[-1]['items_per_s']} images/s")
+    return rows
+
+
+def sign_crops(count: int, seed: int = 10_000_000) -> list[np.ndarray]:
+    """Crops of generated signs (true boxes), as the reader sees them in serving."""
+    from festival_serve.imaging import crop
+    from festival_serve.synth import generate_scene
+
+    crops: list[np.ndarray] = []
+    scene_seed = seed
+    while len(crops) < count:
+        scene = generate_scene(scene_seed)
+        crops += [crop(scene.image, s.box, 0.05) for s in scene.signs]
+        scene_seed += 1
+    return crops[:count]
+
+
+def run_micro(args: PipelineArgs, *, batch_sizes: list[int], vlm_batch_sizes: list[int], threads: int | None,
+              repeats: int, min_seconds: float, progress: Callable[[str], None] = print) -> list[dict]:
+    from festival_serve import ocr, vlm
+    from festival_serve.devices import cuda_available
+    from festival_serve.signs import YoloCheckpoint
+    from festival_serve.synth import generate_scene
+    from festival_serve.yolic import INPUT_SIZE, YolicNetwork, load_layout
+
+    cuda = cuda_available()
+    store = Path(args.model_store)
+    size = args.sign_detector.image_size
+    rows: list[dict] = []
+    progress("microbenchmarks: sign detector")
+    rows += network_rows("sign_detector", YoloCheckpoint(args.store_path(args.sign_detector.weights), size),
+                         (3, size, size), batch_sizes, cuda=cuda, threads=threads, repeats=repeats,
+                         min_seconds=min_seconds, progress=progress)
+    progress("microbenchmarks: hazard cells")
+    rows += network_rows("hazard_cells", YolicNetwork(args.store_path(args.hazard_cells.weights),
+                                                      load_layout(args.hazard_cells.layout)),
+                         (3, INPUT_SIZE, INPUT_SIZE), batch_sizes, cuda=cuda, threads=threads, repeats=repeats,
+                         min_seconds=min_seconds, progress=progress)
+
+    progress("microbenchmarks: sign reader (PP-OCR det + rec on sign crops)")
+    for device in ["cpu", *(["cuda"] if cuda else [])]:
+        reader = ocr.create_reader(args.sign_reader.model_copy(update={"device": device, "threads": threads}),
+                                   model_store=store)
+        crops = sign_crops(max(batch_sizes))
+        for n in batch_sizes:
+            seconds = _median_s(lambda: reader.read(crops[:n]), repeats, min_seconds)
+            rows.append({"model": "sign_reader", "backend": "onnxruntime", "device": device, "precision": "fp32",
+                         "batch": n, "ms_per_batch": round(seconds * 1000, 2), "items_per_s": round(n / seconds, 2),
+                         "unit": "crops"})
+            progress(f"  sign_reader onnxruntime/{device} batch {n}: {rows[-1]['items_per_s']} crops/s")
+
+    progress("microbenchmarks: scene describer (batched generate)")
+    frames = [generate_scene(10_000_000 + i).image for i in range(max(vlm_batch_sizes))]
+    variants = [("cpu", "float32")] + ([("cuda", "float32"), ("cuda", "float16")] if cuda else [])
+    for device, dtype in variants:
+        settings = args.scene_describer.model_copy(update={"device": device, "dtype": dtype, "threads": threads})
+        describer = vlm.SceneDescriber(settings, model_store=store)
+        findings = [vlm.Findings()] * max(vlm_batch_sizes)
+        for n in vlm_batch_sizes:
+            generated: list[int] = []
+            seconds = _median_s(lambda: generated.append(sum(map(len, describer.generate_ids(frames[:n], findings[:n])))),
+                                1, 0.0)
+            new_tokens = generated[-1]  # trained weights may stop before max_new_tokens
+            rows.append({"model": "scene_describer", "backend": "torch", "device": device,
+                         "precision": "fp16" if dtype == "float16" else "fp32", "batch": n,
+                         "ms_per_batch": round(seconds * 1000, 1), "items_per_s": round(n / seconds, 3),
+                         "tokens_per_s": round(new_tokens / seconds, 1), "unit": "frames"})
+            progress(f"  scene_describer torch/{device}/{dtype} batch {n}: {rows[-1]['tokens_per_s']} new tokens/s")
+        del describer
+    return rows

@@ -1,0 +1,150 @@
+"""The bench's outputs: ``<mode>.json`` (everything), ``<mode>.md`` (tables), ``<mode>-latency.png``
+(latency against throughput, both systems), ``<mode>-micro.png`` (throughput against batch size per
+model) and ``latest.json`` (the headline numbers of the last run, whatever its mode)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HEADLINE = ("overhead_ms_p50", "throughput_ratio_nodescribe", "throughput_ratio_describe", "graph_rss_gb")
+
+
+def write(result: dict, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    mode = result["mode"]
+    paths = {"json": out / f"{mode}.json", "markdown": out / f"{mode}.md", "latest": out / "latest.json"}
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    summary = result["summary"]
+    latest = {"mode": mode, "date": result["date"], **{k: summary.get(k) for k in HEADLINE},
+              **{k: v for k, v in summary.items() if k not in HEADLINE}, "report": paths["json"].name}
+    paths["latest"].write_text(json.dumps(latest, indent=2) + "\n")
+    plots = _plots(result, out)
+    paths.update(plots)
+    paths["markdown"].write_text(markdown(result, {k: v.name for k, v in plots.items()}))
+    return paths
+
+
+def _fmt(value, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown(result: dict, plots: dict[str, str]) -> str:
+    s = result["summary"]
+    machine = result["machine"]
+    lines = [
+        f"# festival-serve bench ({result['mode']}), {result['date']}",
+        "",
+        f"Machine: {machine['cpus']} CPUs, CUDA {'yes' if machine['cuda'] else 'no'}, Python {machine['python']}, "
+        + ", ".join(f"{k} {machine[k]}" for k in ("ray", "torch", "onnxruntime", "transformers") if k in machine)
+        + f". Whole run: {result['elapsed_s']:.0f} s.",
+        "",
+        "Models: " + "; ".join(f"{m['stage']} = {m['kind']}" for m in result["models"])
+        + f". The describer generates exactly {result['plan']['new_tokens']} new tokens per frame (stand-in) "
+          "or up to that many (trained weights).",
+        "",
+        "## Headline (graph against baseline, same run)",
+        "",
+        "| metric | value | target | met |",
+        "| --- | --- | --- | --- |",
+    ]
+    for key in HEADLINE:
+        met = s["targets_met"].get(key)
+        op = "≤" if key in ("overhead_ms_p50", "graph_rss_gb") else "≥"
+        lines.append(f"| {key} | {_fmt(s.get(key), 3)} | {op} {s['targets'][key]} | "
+                     f"{'–' if met is None else ('yes' if met else '**no**')} |")
+    lines += ["", f"p50 at concurrency 1, describe=false: graph {_fmt(s['graph_p50_ms_c1'])} ms, baseline "
+                  f"{_fmt(s['baseline_p50_ms_c1'])} ms. Peak goodput (answers without a degraded stage, per s): "
+                  f"describe=false graph {_fmt(s['graph_peak_rps_nodescribe'], 2)} / baseline "
+                  f"{_fmt(s['baseline_peak_rps_nodescribe'], 2)}; describe=true graph "
+                  f"{_fmt(s['graph_peak_rps_describe'], 3)} / baseline {_fmt(s['baseline_peak_rps_describe'], 3)}. "
+                  f"Graph memory: peak RSS sum {_fmt(s['graph_rss_gb'], 2)} GB (PSS at the end "
+                  f"{_fmt(s['graph_pss_gb_at_end'], 2)} GB); baseline peak RSS {_fmt(s['baseline_rss_gb'], 2)} GB.", ""]
+    if "latency" in plots:
+        lines += [f"![latency against throughput]({plots['latency']})", ""]
+
+    lines += ["## Load points", "",
+              "| system | describe | load | goodput req/s | p50 ms | p95 ms | p99 ms | errors | degraded | "
+              "CPU cores | peak RSS GB | mean batch (signs / hazards / OCR crops / VLM) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, system in result["systems"].items():
+        for p in system["points"]:
+            load = f"{p['level']:g} clients" if p["mode"] == "closed" else f"{p['level']:g}/s open"
+            batches = " / ".join(_fmt((p["batches"].get(stage) or {}).get("mean"), 2)
+                                 for stage in ("sign_detector", "hazard_cells", "sign_reader", "scene_describer"))
+            lines.append(f"| {name} | {str(p['describe']).lower()} | {load} | {_fmt(p['goodput_rps'], 2)} | "
+                         f"{_fmt(p['p50_ms'])} | {_fmt(p['p95_ms'])} | {_fmt(p['p99_ms'])} | {p['errors']} | "
+                         f"{p['degraded']} | {_fmt(p['resources']['cpu_cores'], 2)} | "
+                         f"{_fmt(p['resources']['peak_rss_gb'], 2)} | {batches} |")
+    lines += ["", "## Processes (peak RSS over the whole load, CPU cores averaged over it)", "",
+              "| system | process | count | peak RSS MB | CPU cores |", "| --- | --- | --- | --- | --- |"]
+    for name, system in result["systems"].items():
+        for label, row in system["processes"].items():
+            lines.append(f"| {name} | {label} | {row['processes']} | {_fmt(row['peak_rss_mb'], 0)} | "
+                         f"{_fmt(row['cpu_cores'], 2)} |")
+    if result["micro"]:
+        lines += ["", "## Per-model microbenchmarks (in-process, median of repeats)", ""]
+        if "micro" in plots:
+            lines += [f"![throughput against batch size]({plots['micro']})", ""]
+        lines += ["| model | backend | device | precision | batch | ms / batch | items/s | new tokens/s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in result["micro"]:
+            lines.append(f"| {r['model']} | {r['backend']} | {r['device']} | {r['precision']} | {r['batch']} | "
+                         f"{_fmt(r['ms_per_batch'])} | {_fmt(r['items_per_s'], 2)} {r['unit']} | "
+                         f"{_fmt(r.get('tokens_per_s'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(result: dict, out: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mode, paths = result["mode"], {}
+    systems = result["systems"]
+    if systems:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, describe in zip(axes, (False, True)):
+            for name, system in systems.items():
+                pts = sorted((p for p in system["points"] if p["describe"] == describe and p["p50_ms"] is not None),
+                             key=lambda p: p["goodput_rps"])
+                if not pts:
+                    continue
+                x = [p["goodput_rps"] for p in pts]
+                line = ax.plot(x, [p["p50_ms"] for p in pts], "o-", label=f"{name} p50")[0]
+                ax.plot(x, [p["p95_ms"] for p in pts], "s--", color=line.get_color(), alpha=0.6, label=f"{name} p95")
+            ax.set_title(f"describe={str(describe).lower()}")
+            ax.set_xlabel("goodput (requests/s)")
+            ax.set_ylabel("latency (ms)")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"festival-serve bench ({mode}): graph vs single-process baseline")
+        fig.tight_layout()
+        paths["latency"] = out / f"{mode}-latency.png"
+        fig.savefig(paths["latency"], dpi=90)
+        plt.close(fig)
+    if result["micro"]:
+        models = list(dict.fromkeys(r["model"] for r in result["micro"]))
+        fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.6), squeeze=False)
+        for ax, model in zip(axes[0], models):
+            rows = [r for r in result["micro"] if r["model"] == model]
+            for variant in dict.fromkeys((r["backend"], r["device"], r["precision"]) for r in rows):
+                sel = [r for r in rows if (r["backend"], r["device"], r["precision"]) == variant]
+                ax.plot([r["batch"] for r in sel], [r["items_per_s"] for r in sel], "o-", label="/".join(variant))
+            ax.set_title(model)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("batch size")
+            ax.set_ylabel(f"{rows[0]['unit']}/s")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths["micro"] = out / f"{mode}-micro.png"
+        fig.savefig(paths["micro"], dpi=90)
+        plt.close(fig)
+    return paths

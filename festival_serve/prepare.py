@@ -1,0 +1,66 @@
+"""Export the detectors' ONNX files before the replicas start, in a process of its own.
+
+A replica that finds its export cached (keyed by the checkpoint's hash) never imports torch, so the
+ONNX Runtime replicas stay ~500 MB smaller; doing the export here, in a short-lived process, keeps
+torch out of them on the first start too. ``festival-serve up`` runs this before deploying.
+
+    python -m festival_serve.prepare --args args.json [--cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from festival_serve.devices import resolve_backend
+from festival_serve.settings import PipelineArgs
+
+#: Backends that run the ONNX export (TensorRT builds its engines from it).
+ONNX_BACKENDS = ("onnxruntime", "tensorrt")
+
+
+def export_onnx(args: PipelineArgs, *, has_gpu: bool, progress=print) -> list[Path]:
+    """Make sure every detector that will run from ONNX has its export cached; return the files."""
+    from festival_serve.signs import YoloCheckpoint
+    from festival_serve.yolic import YolicNetwork, load_layout
+
+    sources = {
+        "sign_detector": lambda path: YoloCheckpoint(path, args.sign_detector.image_size),
+        "hazard_cells": lambda path: YolicNetwork(path, load_layout(args.hazard_cells.layout)),
+    }
+    files = []
+    for section, make in sources.items():
+        settings = getattr(args, section)
+        device = settings.device if settings.device != "auto" else ("cuda" if has_gpu else "cpu")
+        weights = args.store_path(settings.weights)
+        if resolve_backend(settings.backend, device) not in ONNX_BACKENDS or not weights.is_file():
+            continue
+        files.append(make(weights).onnx_file())
+        progress(f"  {section}: ONNX export ready ({files[-1].name})")
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m festival_serve.prepare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--args", type=Path, required=True, help="the application's args (PipelineArgs) as JSON")
+    parser.add_argument("--gpu", action="store_true", help="the replicas will see a GPU")
+    options = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    from festival_serve.offline import apply_offline_env, install_network_guard
+
+    apply_offline_env()
+    install_network_guard()
+    args = PipelineArgs.model_validate(json.loads(options.args.read_text()))
+    try:
+        export_onnx(args, has_gpu=options.gpu)
+    except (ValueError, FileNotFoundError) as e:
+        # A broken checkpoint is reported by its replica when the graph starts; don't block the rest.
+        print(f"  ONNX export skipped: {e}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

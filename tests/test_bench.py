@@ -1,0 +1,312 @@
+"""``festival-serve bench``: its parts (load client, process sampler, stand-ins, baseline server,
+summary) and its whole plumbing on a tiny configuration — timings are not asserted, only that every
+number the report promises is measured and written."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from festival_serve import bench, loadgen, procstats
+from festival_serve.bench import report
+from festival_serve.imaging import encode_jpeg
+from festival_serve.settings import PipelineArgs
+from festival_serve.standins.hazards import build_yolic_checkpoint
+from festival_serve.standins.signs import build_yolo_checkpoint
+from festival_serve.standins.vlm import SMOLVLM_256M, build_tiny_idefics3
+from festival_serve.synth import SIGN_CLASSES, generate_scene
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory, yolic_layout) -> Path:
+    store = tmp_path_factory.mktemp("bench-models")
+    # A bias that makes the random detector fire, so crops reach the reader; a few boxes at most.
+    build_yolo_checkpoint(store / "sign_detector" / "signs.pt", list(SIGN_CLASSES), class_bias=-1.0)
+    build_yolic_checkpoint(store / "hazard_cells" / "yolic_m2.pth.tar", yolic_layout, head_bias=0.0)
+    build_tiny_idefics3(store / "scene_describer" / "SmolVLM-256M-Instruct")
+    return store
+
+
+def _tiny_args(store: Path) -> PipelineArgs:
+    return PipelineArgs.model_validate({
+        "model_store": str(store),
+        "sign_detector": {"max_detections": 3, "image_size": 320},
+        "scene_describer": {"max_new_tokens": 4},
+    })
+
+
+# -- load client ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fake_server():
+    """A real HTTP server whose answers the test controls: ok, degraded, or HTTP 500, per body."""
+    import uvicorn
+
+    async def analyze(request):
+        body = await request.body()
+        if body == b"fail":
+            return PlainTextResponse("boom", status_code=500)
+        await asyncio.sleep(0.01)
+        return JSONResponse({"degraded": ["x: slow"] if body == b"degraded" else []})
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/v1/analyze", analyze, methods=["POST"])]),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1/analyze"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_closed_loop_counts_answers_errors_and_degraded(fake_server):
+    result = asyncio.run(loadgen.closed_loop(fake_server, [b"ok", b"fail", b"degraded"], concurrency=3,
+                                             duration_s=0.5, describe=False))
+    summary = result.summary()
+    assert summary["ok"] > 0 and summary["errors"] > 0 and summary["degraded"] > 0
+    assert summary["requests"] == summary["ok"] + summary["errors"]
+    assert "HTTP 500" in summary["error_examples"][0]
+    assert 10 <= summary["p50_ms"] <= summary["p95_ms"] <= summary["p99_ms"]
+    assert summary["throughput_rps"] == pytest.approx(summary["ok"] / result.duration_s, rel=1e-2)
+
+
+def test_open_loop_sends_about_the_rate(fake_server):
+    result = asyncio.run(loadgen.open_loop(fake_server, [b"ok"], rate=40, duration_s=1.0, describe=True))
+    assert result.errors == 0
+    assert 15 <= len(result.latencies_ms) <= 80  # Poisson: 40 expected
+    assert result.summary()["mode"] == "open" and result.summary()["describe"] is True
+
+
+def test_unreachable_server_is_an_error_not_a_crash():
+    url = f"http://127.0.0.1:{_free_port()}/v1/analyze"
+    result = asyncio.run(loadgen.closed_loop(url, [b"x"], concurrency=1, duration_s=0.2, describe=False))
+    assert result.errors > 0 and not result.latencies_ms
+    assert result.summary()["p50_ms"] is None
+
+
+# -- process sampler --------------------------------------------------------------------------------------
+
+
+def test_tree_sampler_measures_cpu_and_memory_of_a_process_tree():
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<1.5: pass"])
+    try:
+        sampler = procstats.TreeSampler(os.getpid(), interval_s=0.1).start()
+        child.wait(10)
+        summary = sampler.stop().summary()
+    finally:
+        child.kill()
+    assert summary["peak_rss_gb"] > 0
+    assert summary["cpu_s"] >= 0.5  # the busy child's CPU counts towards the tree
+    assert sum(row["processes"] for row in summary["processes"].values()) >= 2
+
+
+def test_process_labels_name_ray_replicas_by_deployment():
+    class Fake:
+        def __init__(self, cmdline):
+            self._cmdline = cmdline
+
+        def cmdline(self):
+            return self._cmdline
+
+        def name(self):
+            return "python"
+
+    assert procstats.process_label(Fake(["ray::ServeReplica:festival:SignDetector"])) == "SignDetector"
+    assert procstats.process_label(Fake(["ray::ServeController"])) == "ServeController"
+    assert procstats.process_label(Fake(["/x/ray/core/src/ray/raylet/raylet", "--flag"])) == "raylet"
+    assert procstats.process_label(Fake(["python", "-m", "festival_serve.baseline", "--port", "1"])) == "baseline"
+
+
+# -- stand-ins ----------------------------------------------------------------------------------------------
+
+
+def test_smolvlm_stand_in_has_the_published_size():
+    import torch
+    from transformers import Idefics3ForConditionalGeneration
+
+    from festival_serve.standins import vlm as standin
+
+    tokenizer = standin._build_tokenizer(SMOLVLM_256M.vocab_size)
+    assert len(tokenizer) == 49280
+    assert tokenizer.decode([40000]) == "x40000"  # every id a random model emits decodes
+    config = standin._build_config(tokenizer, SMOLVLM_256M)
+    with torch.device("meta"):
+        model = Idefics3ForConditionalGeneration(config)
+    params = sum(p.numel() for p in model.parameters())
+    assert 250e6 < params < 262e6  # SmolVLM-256M
+    assert SMOLVLM_256M.image_seq_len == 64
+
+
+def test_stand_ins_fill_only_what_the_store_lacks(tmp_path, tiny_store):
+    from festival_serve.standins.store import with_stand_ins
+
+    store = tmp_path / "store"
+    (store / "scene_describer").mkdir(parents=True)
+    os.symlink(tiny_store / "scene_describer" / "SmolVLM-256M-Instruct",
+               store / "scene_describer" / "SmolVLM-256M-Instruct")
+    args = PipelineArgs(model_store=str(store))
+    lines: list[str] = []
+    resolved, sources = with_stand_ins(args, tmp_path / "cache", progress=lines.append)
+    kinds = {s.stage: s.kind for s in sources}
+    assert kinds == {"sign_detector": "stand-in", "hazard_cells": "stand-in", "sign_reader": "bundled",
+                     "scene_describer": "trained"}
+    assert Path(resolved.sign_detector.weights).is_file() and Path(resolved.hazard_cells.weights).is_file()
+    assert resolved.scene_describer.model == args.scene_describer.model
+    assert len(lines) == 2  # built once …
+    lines.clear()
+    with_stand_ins(args, tmp_path / "cache", progress=lines.append)
+    assert lines == []  # … then cached
+
+
+# -- baseline ---------------------------------------------------------------------------------------------
+
+
+def test_baseline_answers_the_same_api_one_model_call_per_image_or_crop(tiny_store):
+    from festival_serve.baseline import build_app
+
+    client = TestClient(build_app(_tiny_args(tiny_store)))
+    image = encode_jpeg(generate_scene(10_000_000).image)
+    reply = client.post("/v1/analyze", content=image, headers={"content-type": "image/jpeg"})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert set(body) >= {"request_id", "image", "signs", "hazards", "description", "degraded", "timings_ms"}
+    assert body["degraded"] == [] and isinstance(body["description"], str)
+    assert reply.headers["x-request-id"] == body["request_id"]
+    models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+    assert models["sign_detector"]["batch"]["observed_sizes"] == {"1": 1}
+    reads = sum(1 for s in body["signs"] if s["text"] is not None)
+    assert models["sign_reader"]["batch"]["observed_sizes"].get("1", 0) == len(body["signs"]) >= reads
+
+    assert client.post("/v1/analyze", content=b"not an image", headers={"content-type": "image/jpeg"}).json()[
+        "error"]["code"] == "invalid_image"
+    assert client.post("/v1/analyze", content=image, headers={"content-type": "text/plain"}).status_code == 415
+    assert client.post("/v1/analyze?describe=maybe", content=image,
+                       headers={"content-type": "image/jpeg"}).status_code == 400
+    assert client.get("/v1/nothing").json()["error"]["code"] == "not_found"
+
+
+# -- summary and report -------------------------------------------------------------------------------------
+
+
+def _point(describe, mode, level, goodput, p50, degraded=0):
+    return {"describe": describe, "mode": mode, "level": level, "goodput_rps": goodput, "p50_ms": p50,
+            "p95_ms": p50 * 2, "p99_ms": p50 * 3, "errors": 0, "degraded": degraded, "ok": 10,
+            "resources": {"cpu_cores": 1.0, "peak_rss_gb": 1.0}, "batches": {}}
+
+
+def test_summary_ratios_and_target_verdicts():
+    systems = {
+        "baseline": {"points": [_point(False, "closed", 1, 4.0, 200.0), _point(False, "closed", 4, 5.0, 700.0),
+                                _point(True, "closed", 1, 0.2, 4000.0)], "peak_rss_gb": 1.5},
+        "graph": {"points": [_point(False, "closed", 1, 3.9, 215.0), _point(False, "open", 6.0, 6.0, 500.0),
+                             _point(True, "closed", 8, 0.4, 9000.0)], "peak_rss_gb": 6.5,
+                  "resident_at_end": {"pss_gb": 4.0}},
+    }
+    summary = bench.summarize(systems)
+    assert summary["overhead_ms_p50"] == 15.0
+    assert summary["throughput_ratio_nodescribe"] == pytest.approx(1.2)
+    assert summary["throughput_ratio_describe"] == pytest.approx(2.0)
+    assert summary["targets_met"] == {"overhead_ms_p50": False, "throughput_ratio_nodescribe": True,
+                                      "throughput_ratio_describe": True, "graph_rss_gb": False}
+
+
+def test_batch_delta_counts_only_this_points_batches():
+    before = [{"name": "sign_reader", "batch": {"observed_sizes": {"1": 2, "4": 1}}}]
+    after = [{"name": "sign_reader", "batch": {"observed_sizes": {"1": 2, "4": 3, "8": 1}}}]
+    assert bench._batch_delta(before, after) == {"sign_reader": {"sizes": {4: 2, 8: 1}, "batches": 3, "mean": 5.33}}
+
+
+# -- the whole command, tiny ----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(900)
+def test_bench_quick_plumbing_end_to_end(tiny_store, tmp_path, capsys):
+    from festival_serve.cli import main
+
+    import yaml
+
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["applications"][0]["args"]["sign_detector"].update(max_detections=3, image_size=320)  # cheap requests
+    (tmp_path / "serve_config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "bench"
+    code = main(["bench", "--quick", "--config", str(tmp_path / "serve_config.yaml"), "--model-store", str(tiny_store),
+                 "--stand-ins", str(tmp_path / "stand-ins"), "--out", str(out),
+                 "--graph-port", str(_free_port()), "--baseline-port", str(_free_port()),
+                 "--concurrency", "1,2", "--describe-concurrency", "2", "--rate-fractions", "1",
+                 "--duration", "2", "--describe-duration", "2", "--warmup", "0.5", "--scenes", "2",
+                 "--new-tokens", "2", "--micro-batches", "1,2", "--vlm-batches", "2"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert json.loads(printed.strip().splitlines()[-1])["mode"] == "quick"  # ratios printed last, as JSON
+
+    latest = json.loads((out / "latest.json").read_text())
+    assert latest["mode"] == "quick"
+    for key in ("overhead_ms_p50", "throughput_ratio_nodescribe", "throughput_ratio_describe", "graph_rss_gb"):
+        assert isinstance(latest[key], (int, float)), key
+    assert latest["graph_rss_gb"] > 0.5  # Ray's processes and four replicas, measured
+
+    result = json.loads((out / "quick.json").read_text())
+    for name in ("baseline", "graph"):
+        points = result["systems"][name]["points"]
+        assert [(p["mode"], p["level"], p["describe"]) for p in points][:2] == [("closed", 1, False), ("closed", 2, False)]
+        assert all(p["ok"] > 0 and p["errors"] == 0 and p["degraded"] == 0 for p in points), points
+        assert all(p["resources"]["cpu_cores"] > 0 for p in points)
+        described = [p for p in points if p["describe"]]
+        assert described and all(p["batches"]["scene_describer"]["batches"] > 0 for p in described)
+    graph_processes = result["systems"]["graph"]["processes"]
+    assert {"SignDetector", "HazardCells", "SignReader", "SceneDescriber", "PipelineIngress"} <= set(graph_processes)
+    models = {(r["model"], r["backend"], r["batch"]) for r in result["micro"]}
+    assert {("sign_detector", "onnxruntime", 2), ("hazard_cells", "torch", 1), ("sign_reader", "onnxruntime", 2),
+            ("scene_describer", "torch", 2)} <= models
+    assert all(r["items_per_s"] > 0 for r in result["micro"])
+    for name in ("quick.md", "quick-latency.png", "quick-micro.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| metric | value | target | met |" in (out / "quick.md").read_text()
+
+
+def test_report_writes_without_load_points(tmp_path):
+    result = {"mode": "quick", "date": "d", "elapsed_s": 1.0, "plan": {"new_tokens": 2},
+              "machine": {"cpus": 2, "cuda": False, "python": "3.11"}, "models": [], "systems": {}, "micro": [],
+              "summary": bench.summarize({})}
+    paths = report.write(result, tmp_path)
+    assert json.loads(paths["latest"].read_text())["overhead_ms_p50"] is None
+    assert "latency" not in paths
+
+
+def test_bad_plan_and_busy_port_are_clear_errors(tmp_path, capsys):
+    from festival_serve.cli import main
+
+    assert main(["bench", "--systems", "graph,triton", "--out", str(tmp_path)]) == 1
+    assert "unknown system(s) triton" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["bench", "--graph-port", str(port), "--out", str(tmp_path)]) == 1
+    assert f"port {port} is already in use" in capsys.readouterr().err
