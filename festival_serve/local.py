@@ -46,16 +46,14 @@ def local_profile(config: dict, *, host: str, port: int, model_store: str | None
                     options["num_gpus"] = 0
             changes.append("no GPU visible: num_gpus set to 0, models run on the CPU (ONNX Runtime)")
             # Four models share the cores: a runtime that spreads over all of them fights the others
-            # (and Ray) for every core. Half the cores each, unless the config says otherwise.
-            threads = max(1, (cpus or os.cpu_count() or 2) // 2)
-            pinned = []
+            # (and Ray) for every core, so the three small ones get half the cores each. The describer
+            # gets them all: when a request asks for a description, it is ~95% of the work.
+            cores = cpus or os.cpu_count() or 2
             for section in MODEL_SECTIONS:
                 settings = args.setdefault(section, {})
                 if settings.get("threads") is None:
-                    settings["threads"] = threads
-                    pinned.append(section)
-            if pinned:
-                changes.append(f"CPU threads per model runtime: {threads} ({', '.join(pinned)})")
+                    settings["threads"] = cores if section == "scene_describer" else max(1, cores // 2)
+                    changes.append(f"{section}: {settings['threads']} CPU thread(s)")
     return config, changes
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import psutil
@@ -22,18 +23,26 @@ def process_label(proc: psutil.Process) -> str:
         name = proc.name()
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return "gone"
-    title = " ".join(cmdline) if cmdline else name
-    if title.startswith("ray::"):
+    if not cmdline:
+        return name
+    if cmdline[0].startswith("ray::"):
         # "ray::ServeReplica:festival:SignDetector", "ray::ServeController", "ray::IDLE"
-        return title.split()[0].removeprefix("ray::").split(":")[-1]
-    for known in ("raylet", "gcs_server", "dashboard", "runtime_env", "log_monitor", "monitor.py", "uvicorn"):
-        if known in title:
-            return known.removesuffix(".py")
-    if "festival_serve.baseline" in title:
-        return "baseline"
-    if "festival-serve" in title or "festival_serve" in title:
-        return "driver"
-    return name
+        return cmdline[0].split()[0].removeprefix("ray::").split(":")[-1]
+    program = Path(cmdline[0]).name
+    if program.startswith("python"):
+        args = cmdline[1:]
+        for i, arg in enumerate(args):
+            if arg == "-m" and i + 1 < len(args):
+                return _MODULES.get(args[i + 1], args[i + 1])
+            if not arg.startswith("-"):
+                script = Path(arg).name  # ray's dashboard.py, log_monitor.py …, or a console script
+                return _MODULES.get(script, Path(arg).stem)
+        return program
+    return _MODULES.get(program, program)  # raylet, gcs_server, uv …
+
+
+#: Friendlier names for the entry points of the two systems under test.
+_MODULES = {"festival_serve.baseline": "baseline", "festival_serve.cli": "driver", "festival-serve": "driver"}
 
 
 def tree(root_pid: int) -> list[psutil.Process]:

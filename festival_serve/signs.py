@@ -294,8 +294,9 @@ class SignDetector:
             fp16=resolve_fp16(settings.fp16, device),
             threads=settings.threads,
         )
-        size = settings.image_size
-        self.backend.forward(np.zeros((1, 3, size, size), dtype=np.float32))  # warm-up
+        # Warm-up through the whole path: the first batch would otherwise also pay for importing the
+        # letterbox/NMS code (ultralytics and torch, ~3 s on a small CPU).
+        self.detect([np.zeros((64, 64, 3), dtype=np.uint8)])
 
     def detect(self, images: list[np.ndarray]) -> list[list[SignDetection]]:
         if not images:

@@ -140,7 +140,9 @@ def test_process_labels_name_ray_replicas_by_deployment():
     assert procstats.process_label(Fake(["ray::ServeReplica:festival:SignDetector"])) == "SignDetector"
     assert procstats.process_label(Fake(["ray::ServeController"])) == "ServeController"
     assert procstats.process_label(Fake(["/x/ray/core/src/ray/raylet/raylet", "--flag"])) == "raylet"
-    assert procstats.process_label(Fake(["python", "-m", "festival_serve.baseline", "--port", "1"])) == "baseline"
+    assert procstats.process_label(Fake(["/v/bin/python", "-m", "festival_serve.baseline", "--port", "1"])) == "baseline"
+    assert procstats.process_label(Fake(["/v/bin/python", "/v/bin/festival-serve", "up"])) == "driver"
+    assert procstats.process_label(Fake(["/v/bin/python", "-u", "/v/ray/_private/log_monitor.py", "--x"])) == "log_monitor"
 
 
 # -- stand-ins ----------------------------------------------------------------------------------------------
@@ -234,6 +236,18 @@ def test_summary_ratios_and_target_verdicts():
     assert summary["throughput_ratio_describe"] == pytest.approx(2.0)
     assert summary["targets_met"] == {"overhead_ms_p50": False, "throughput_ratio_nodescribe": True,
                                       "throughput_ratio_describe": True, "graph_rss_gb": False}
+
+
+def test_plans_quick_full_and_overrides():
+    import argparse
+
+    parse = bench.add_arguments(argparse.ArgumentParser()).parse_args
+    assert bench.plan_from(parse(["--quick"])).mode == "quick"
+    full_cpu = bench.plan_from(parse([]), cuda=False)
+    assert full_cpu.concurrency == (1, 4, 16, 64) and full_cpu.describe_concurrency == (1, 4, 16)
+    assert bench.plan_from(parse([]), cuda=True).describe_concurrency == (1, 4, 16, 64)
+    custom = bench.plan_from(parse(["--quick", "--concurrency", "2,3", "--duration", "1.5", "--new-tokens", "4"]))
+    assert (custom.concurrency, custom.duration_s, custom.new_tokens, custom.mode) == ((2, 3), 1.5, 4, "quick")
 
 
 def test_batch_delta_counts_only_this_points_batches():

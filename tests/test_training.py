@@ -132,6 +132,22 @@ def test_one_epoch_of_signs_writes_a_checkpoint_the_server_loads(tmp_path, sign_
     assert all(0 <= result[k] <= 1 for k in ("precision", "recall", "mAP50"))
 
 
+def test_init_fine_tunes_from_a_checkpoint_instead_of_random_weights(tmp_path, sign_dataset):
+    import torch
+    from ultralytics.nn.tasks import load_checkpoint
+
+    start = tmp_path / "start.pt"
+    train_signs(start, data_yaml=sign_dataset, epochs=1, imgsz=160, model=narrow_yolov8(0.125), batch=4)
+    tuned = tmp_path / "tuned.pt"
+    result = train_signs(tuned, data_yaml=sign_dataset, epochs=1, imgsz=192, init=start, batch=4, lr0=1e-6,
+                         optimizer="AdamW", warmup_epochs=0)
+    assert result["model"] == f"fine-tuned from {start}"
+    before, after = (load_checkpoint(p, device="cpu", fuse=False)[0].state_dict() for p in (start, tuned))
+    # A tiny learning rate barely moves the weights it started from; random ones would differ wholly.
+    first = next(k for k in before if k.endswith("conv.weight"))
+    assert torch.allclose(before[first].float(), after[first].float(), atol=1e-2)
+
+
 def test_fixed_settings_cannot_be_overridden(tmp_path, sign_dataset):
     with pytest.raises(ValueError, match="fliplr"):
         train_signs(tmp_path / "x.pt", data_yaml=sign_dataset, epochs=1, fliplr=0.5)

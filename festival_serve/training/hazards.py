@@ -274,47 +274,52 @@ def train_yolic(
     first_loss = None
     train_started = time.perf_counter()
     epoch = 0
-    while epoch < plan["epochs"]:
-        epoch += 1
-        epoch_started = time.perf_counter()
-        model.train()
-        order = torch.randperm(len(images_t), generator=generator)
-        running, seen = 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{plan['epochs']}", unit="batch", disable=not progress)
-        for step in bar:
-            index = order[step * batch_size:(step + 1) * batch_size]
-            x, y = _augment(images_t[index], targets_t[index], permutation, cell_layout.num_cells, generator)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            value = loss.item()
-            first_loss = value if first_loss is None else first_loss
-            running, seen = running + value * len(index), seen + len(index)
-            bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
-        bar.close()
-        train_seconds = time.perf_counter() - epoch_started
-        metrics = cell_metrics(predict_cells(model, val_images, cell_layout), val_cells)
-        record = {"epoch": epoch, "loss": round(running / max(seen, 1), 5), **_prf(metrics),
-                  "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - epoch_started, 1)}
-        history.append(record)
-        message = (f"epoch {epoch}/{plan['epochs']}: loss {record['loss']:.4f}  val P {metrics['precision']:.3f} "
-                   f"R {metrics['recall']:.3f} F1 {metrics['f1']:.3f}  ({record['seconds']:.0f} s)")
-        if metrics["f1"] > best_f1:
-            best_f1, best_epoch = metrics["f1"], epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            save_state_dict(best_state, out, half=half)
-            message += "  best, saved"
-        if progress:
-            tqdm.write(message)
-        else:
-            logger.info(message)
-        if hours:
-            elapsed = time.perf_counter() - train_started
-            plan["epochs"] = max(epoch, math.floor(hours * 3600 / (elapsed / epoch)))
+    interrupted = False
+    try:  # Ctrl-C ends training early and keeps the best epoch so far, with its model card
+        while epoch < plan["epochs"]:
+            epoch += 1
+            epoch_started = time.perf_counter()
+            model.train()
+            order = torch.randperm(len(images_t), generator=generator)
+            running, seen = 0.0, 0
+            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{plan['epochs']}", unit="batch", disable=not progress)
+            for step in bar:
+                index = order[step * batch_size:(step + 1) * batch_size]
+                x, y = _augment(images_t[index], targets_t[index], permutation, cell_layout.num_cells, generator)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    logits = model(x)
+                loss = loss_fn(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                value = loss.item()
+                first_loss = value if first_loss is None else first_loss
+                running, seen = running + value * len(index), seen + len(index)
+                bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+            bar.close()
+            train_seconds = time.perf_counter() - epoch_started
+            metrics = cell_metrics(predict_cells(model, val_images, cell_layout), val_cells)
+            record = {"epoch": epoch, "loss": round(running / max(seen, 1), 5), **_prf(metrics),
+                      "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - epoch_started, 1)}
+            history.append(record)
+            message = (f"epoch {epoch}/{plan['epochs']}: loss {record['loss']:.4f}  val P {metrics['precision']:.3f} "
+                       f"R {metrics['recall']:.3f} F1 {metrics['f1']:.3f}  ({record['seconds']:.0f} s)")
+            if metrics["f1"] > best_f1:
+                best_f1, best_epoch = metrics["f1"], epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                save_state_dict(best_state, out, half=half)
+                message += "  best, saved"
+            if progress:
+                tqdm.write(message)
+            else:
+                logger.info(message)
+            if hours:
+                elapsed = time.perf_counter() - train_started
+                plan["epochs"] = max(epoch, math.floor(hours * 3600 / (elapsed / epoch)))
+    except KeyboardInterrupt:
+        interrupted = True
+        logger.warning("interrupted during epoch %d: keeping the best epoch so far (%d)", epoch, best_epoch)
     training_seconds = time.perf_counter() - train_started
 
     if best_state is None:  # no epoch ran: save the initial network so the file always exists
@@ -333,7 +338,8 @@ def train_yolic(
         "history": history,
         "train_scenes": train_scenes,
         "val_scenes": val_scenes,
-        "epochs": epoch,
+        "epochs": len(history),
+        "interrupted": interrupted,
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,

@@ -48,7 +48,7 @@ JPEG_QUALITY = 90  # what ``festival-serve eval`` sends
 MAX_OCCLUDED = 0.8
 MIN_BOX_PIXELS = 4  # narrower or shorter boxes (after clipping to the frame) are dropped
 #: The ultralytics settings this data needs whatever the caller overrides; see the module docstring.
-FIXED = {"device": "cpu", "plots": False, "amp": False, "pretrained": False, "fliplr": 0.0}
+FIXED = {"device": "cpu", "plots": False, "amp": False, "fliplr": 0.0}
 
 
 # -- the dataset ------------------------------------------------------------------------------------
@@ -180,6 +180,7 @@ def train_signs(
     project: Path | None = None,
     name: str = "signs",
     verbose: bool = False,
+    init: Path | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train with ``YOLO(model).train(...)`` on the CPU, copy the best checkpoint to ``out``.
@@ -193,16 +194,19 @@ def train_signs(
     install_network_guard()
     from ultralytics import YOLO
 
-    clash = sorted(set(overrides) & set(FIXED))
+    clash = sorted(set(overrides) & {*FIXED, "pretrained"})
     if clash:
         raise ValueError(f"{clash} cannot be overridden: {FIXED}")
     out = Path(out)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="festival-signs-") as tmp:
         runs = Path(project).resolve() if project else Path(tmp)
-        yolo = YOLO(_model_file(model, Path(tmp)), task="detect")
+        # ``init``: start from a checkpoint (its architecture and weights). Otherwise random weights:
+        # pretrained=False, or ultralytics would try to download COCO weights for the yaml.
+        yolo = YOLO(str(init) if init else _model_file(model, Path(tmp)), task="detect")
         yolo.train(data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=batch, workers=workers, seed=seed,
-                   project=str(runs), name=name, exist_ok=True, verbose=verbose, **FIXED, **overrides)
+                   project=str(runs), name=name, exist_ok=True, verbose=verbose, pretrained=str(init) if init else False,
+                   **FIXED, **overrides)
         trainer = yolo.trainer
         best = trainer.best if trainer.best.exists() else trainer.last
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -221,7 +225,8 @@ def train_signs(
         "epochs": len(rows),
         "imgsz": imgsz,
         "batch": batch,
-        "model": model if isinstance(model, str) else f"yolov8 width {model.get('width_multiple')}",
+        "model": (f"fine-tuned from {init}" if init else
+                  model if isinstance(model, str) else f"yolov8 width {model.get('width_multiple')}"),
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
         "seconds": {
             "total": round(seconds, 1),
@@ -270,6 +275,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--imgsz", type=int, default=RECOMMENDED["imgsz"])
     parser.add_argument("--width", type=float, default=RECOMMENDED["width"], help="YOLOv8 width multiple (n = 0.25)")
     parser.add_argument("--model", help="an ultralytics model yaml instead of --width, e.g. yolov8n.yaml")
+    parser.add_argument("--init", type=Path, help="start from this checkpoint's weights (e.g. to continue at a larger --imgsz)")
     parser.add_argument("--batch", type=int, default=RECOMMENDED["batch"])
     parser.add_argument("--lr0", type=float, default=RECOMMENDED["lr0"])
     parser.add_argument("--optimizer", default=RECOMMENDED["optimizer"])
@@ -301,13 +307,14 @@ def cmd_train(args: argparse.Namespace, command: str) -> int:
         overrides["time"] = args.hours
     result = train_signs(args.out, data_yaml=data_yaml, epochs=args.epochs, imgsz=args.imgsz, model=model,
                          batch=args.batch, seed=args.seed, project=args.project, verbose=not args.no_progress,
-                         **overrides)
+                         init=args.init, **overrides)
     result["seconds"]["data"] = round(data_seconds, 1)
     seconds = time.perf_counter() - started
     settings = ", ".join(f"{k}={v}" for k, v in overrides.items())
     write_model_card(
         args.out.parent / "MODEL_CARD.md",
-        model=f"{result['model']} ({result['parameters']:,} parameters), from scratch, {args.imgsz} px; {args.out.name}",
+        model=(f"{result['model']} ({result['parameters']:,} parameters), "
+               f"{'from ' + str(args.init) if args.init else 'from scratch'}, {args.imgsz} px; {args.out.name}"),
         data=(f"{args.train_scenes} train / {args.val_scenes} val generated scenes (festival_serve.synth seed splits "
               f"'train'/'val'; sizes {[list(s) for s in DEFAULT_SIZES]}; JPEG q{JPEG_QUALITY}; "
               f"signs hidden over {MAX_OCCLUDED:.0%} unlabelled)"),
