@@ -49,6 +49,19 @@ def local_profile(config: dict, *, host: str, port: int, model_store: str | None
             # (and Ray) for every core, so the three small ones get half the cores each. The describer
             # gets them all: when a request asks for a description, it is ~95% of the work.
             cores = cpus or os.cpu_count() or 2
+            # Replicas beyond what the cores can run add memory (a describer replica is ~2.5 GB), not
+            # throughput: measured on 2 cores, autoscaling to 3 readers and 2 describers grew the graph
+            # from ~5 to ~8 GB and split the describer's batches. Cap them by the cores there are.
+            cap = max(1, cores // 4)
+            capped = []
+            for deployment in app.get("deployments", []):
+                scaling = deployment.get("autoscaling_config")
+                if scaling and scaling.get("max_replicas", 1) > cap:
+                    scaling["max_replicas"] = cap
+                    scaling["min_replicas"] = min(scaling.get("min_replicas", 1), cap)
+                    capped.append(deployment["name"])
+            if capped:
+                changes.append(f"{cores} CPU cores: at most {cap} replica(s) each ({', '.join(capped)})")
             for section in MODEL_SECTIONS:
                 settings = args.setdefault(section, {})
                 if settings.get("threads") is None:

@@ -91,6 +91,9 @@ class TreeSampler:
                 # Alive at start(): count from now. Born during the window: all its CPU counts.
                 self._cpu_start[proc.pid] = cpu if self._thread is None else 0.0
             entry = self.usage[proc.pid]
+            # A Ray worker starts as setup_worker.py/default_worker.py and renames itself once it hosts
+            # a replica: name it by what it is now.
+            entry.label = process_label(proc)
             entry.cpu_s = cpu - self._cpu_start[proc.pid]
             entry.peak_rss = max(entry.peak_rss, rss)
             total += rss

@@ -250,6 +250,12 @@ def test_plans_quick_full_and_overrides():
     assert (custom.concurrency, custom.duration_s, custom.new_tokens, custom.mode) == ((2, 3), 1.5, 4, "quick")
 
 
+def test_published_paths_name_no_machine_directories():
+    assert bench.portable_path(str(Path.cwd() / "models" / "signs.pt")) == "models/signs.pt"
+    assert bench.portable_path(str(Path.home() / ".cache" / "x")) == "~/.cache/x"
+    assert bench.portable_path("rapidocr PP-OCR (det + rec ONNX)") == "rapidocr PP-OCR (det + rec ONNX)"
+
+
 def test_batch_delta_counts_only_this_points_batches():
     before = [{"name": "sign_reader", "batch": {"observed_sizes": {"1": 2, "4": 1}}}]
     after = [{"name": "sign_reader", "batch": {"observed_sizes": {"1": 2, "4": 3, "8": 1}}}]

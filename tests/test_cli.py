@@ -26,6 +26,21 @@ def test_local_profile_drops_gpus_and_makes_the_store_absolute(tmp_path):
     assert 0 < sum(gpus) <= 1 and all(0 < g < 1 for g in gpus[:4])
 
 
+def test_local_profile_sizes_threads_and_replicas_to_the_cores(tmp_path):
+    config = local.load_config(ROOT / "serve_config.yaml")
+    profiled, changes = local.local_profile(config, host="127.0.0.1", port=8123, model_store=None,
+                                            has_gpu=False, base_dir=tmp_path, cpus=2)
+    app = profiled["applications"][0]
+    assert {d["name"]: d["autoscaling_config"]["max_replicas"] for d in app["deployments"]} == dict.fromkeys(
+        ["SignDetector", "HazardCells", "SignReader", "SceneDescriber", "PipelineIngress"], 1)
+    assert [app["args"][s]["threads"] for s in local.MODEL_SECTIONS] == [1, 1, 1, 2]
+    assert any("at most 1 replica" in c for c in changes)
+    big, _ = local.local_profile(config, host="127.0.0.1", port=8123, model_store=None, has_gpu=False,
+                                 base_dir=tmp_path, cpus=16)
+    assert big["applications"][0]["deployments"][0]["autoscaling_config"]["max_replicas"] == 4
+    assert [big["applications"][0]["args"][s]["threads"] for s in local.MODEL_SECTIONS] == [8, 8, 8, 16]
+
+
 def test_local_profile_keeps_gpus_when_there_is_one(tmp_path):
     config = local.load_config(ROOT / "serve_config.yaml")
     profiled, _ = local.local_profile(config, host="127.0.0.1", port=8000, model_store=str(tmp_path),

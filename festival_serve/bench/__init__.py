@@ -295,7 +295,7 @@ def run(options: argparse.Namespace, progress=print) -> dict:
                     "platform": platform.platform(terse=True), **_versions()},
         "plan": asdict(plan),
         "graph_env": graph_env,
-        "models": [asdict(s) for s in sources],
+        "models": [{**asdict(s), "path": portable_path(s.path)} for s in sources],
         "systems": systems,
         "micro": micro,
         "summary": summarize(systems),
@@ -303,6 +303,20 @@ def run(options: argparse.Namespace, progress=print) -> dict:
     }
     report.write(result, Path(options.out))
     return result
+
+
+def portable_path(path: str) -> str:
+    """``path`` as it can be published: relative to the working directory, or under ``~``."""
+    candidate = Path(path)
+    if not candidate.is_absolute():
+        return path
+    for base, shown in ((Path.cwd(), ""), (Path.home(), "~")):
+        try:
+            relative = candidate.relative_to(base)
+        except ValueError:
+            continue
+        return str(Path(shown) / relative) if shown else str(relative)
+    return path
 
 
 def _env_pairs(pairs: list[str]) -> dict[str, str]:
