@@ -27,13 +27,9 @@ from festival_serve.standins.signs import build_yolo_checkpoint
 from festival_serve.standins.vlm import SMOLVLM_256M, build_tiny_idefics3
 from festival_serve.synth import SIGN_CLASSES, generate_scene
 
+from tests.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +65,7 @@ def fake_server():
         await asyncio.sleep(0.01)
         return JSONResponse({"degraded": ["x: slow"] if body == b"degraded" else []})
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/v1/analyze", analyze, methods=["POST"])]),
                                            host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -101,7 +97,7 @@ def test_open_loop_sends_about_the_rate(fake_server):
 
 
 def test_unreachable_server_is_an_error_not_a_crash():
-    url = f"http://127.0.0.1:{_free_port()}/v1/analyze"
+    url = f"http://127.0.0.1:{free_port()}/v1/analyze"
     result = asyncio.run(loadgen.closed_loop(url, [b"x"], concurrency=1, duration_s=0.2, describe=False))
     assert result.errors > 0 and not result.latencies_ms
     assert result.summary()["p50_ms"] is None
@@ -277,7 +273,7 @@ def test_bench_quick_plumbing_end_to_end(tiny_store, tmp_path, capsys):
     out = tmp_path / "bench"
     code = main(["bench", "--quick", "--config", str(tmp_path / "serve_config.yaml"), "--model-store", str(tiny_store),
                  "--stand-ins", str(tmp_path / "stand-ins"), "--out", str(out),
-                 "--graph-port", str(_free_port()), "--baseline-port", str(_free_port()),
+                 "--graph-port", str(free_port()), "--baseline-port", str(free_port()),
                  "--concurrency", "1,2", "--describe-concurrency", "2", "--rate-fractions", "1",
                  "--duration", "2", "--describe-duration", "2", "--warmup", "0.5", "--scenes", "2",
                  "--new-tokens", "2", "--micro-batches", "1,2", "--vlm-batches", "2"])

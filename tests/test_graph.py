@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
-import socket
 from pathlib import Path
 
 import httpx
@@ -23,15 +22,11 @@ from festival_serve.standins.hazards import build_yolic_checkpoint
 from festival_serve.standins.signs import build_yolo_checkpoint
 from festival_serve.standins.vlm import build_tiny_idefics3
 
+from tests.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SIGN_CLASSES = ["speed_limit", "no_parking", "bus_station", "children"]
 pytestmark = pytest.mark.timeout(600)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +41,7 @@ def model_store(tmp_path_factory, yolic_layout) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_store, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     config, _ = local.local_profile(local.load_config(ROOT / "serve_config.yaml"), host="127.0.0.1", port=port,
                                     model_store=str(model_store), has_gpu=False, base_dir=ROOT)
     full = config["applications"][0]
