@@ -107,18 +107,23 @@ def cmd_models_status(args: argparse.Namespace) -> int:
     pipeline = _pipeline_args(local.load_config(args.config), args.model_store)
     rows = {
         "sign_detector": pipeline.store_path(pipeline.sign_detector.weights),
+        "sign_classifier": (pipeline.store_path(pipeline.sign_detector.classifier)
+                            if pipeline.sign_detector.classifier else None),
         "hazard_cells": pipeline.store_path(pipeline.hazard_cells.weights),
         "sign_reader": pipeline.store_path(pipeline.sign_reader.rec_model) if pipeline.sign_reader.rec_model else None,
         "scene_describer": pipeline.store_path(pipeline.scene_describer.model),
     }
     for name, path in rows.items():
-        state = "bundled (rapidocr PP-OCR)" if path is None else ("present" if path.exists() else "MISSING")
+        if path is None:
+            state = "bundled (rapidocr PP-OCR)" if name == "sign_reader" else "off (detector classes)"
+        else:
+            state = "present" if path.exists() else "MISSING"
         print(f"{name:16} {state:26} {path or ''}")
     return 0
 
 
 def cmd_engines_build(args: argparse.Namespace) -> int:
-    """Build (or find cached) TensorRT engines for both detectors, exactly as serving would load them."""
+    """Build (or find cached) TensorRT engines for the detectors (and the sign classifier), as serving would load them."""
     from festival_serve import local
     from festival_serve.backends import create_backend
     from festival_serve.signs import YoloCheckpoint
@@ -130,6 +135,11 @@ def cmd_engines_build(args: argparse.Namespace) -> int:
         "sign_detector": lambda: YoloCheckpoint(pipeline.store_path(signs.weights), signs.image_size),
         "hazard_cells": lambda: YolicNetwork(pipeline.store_path(hazards.weights), load_layout(hazards.layout)),
     }
+    if signs.classifier:
+        from festival_serve.sign_classes import ClassifierCheckpoint
+
+        sources["sign_classifier"] = lambda: ClassifierCheckpoint(pipeline.store_path(signs.classifier),
+                                                                  signs.classifier_image_size)
     for name, source in sources.items():
         print(f"{name}: building TensorRT {'fp32' if args.fp32 else 'fp16'} engine on {args.device} …")
         backend = create_backend("tensorrt", source(), device=args.device, fp16=not args.fp32)
@@ -206,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="retrain an embedded model from scratch on generated scenes")
     train_sub = train.add_subparsers(dest="train_command", required=True)
     for name, module, help_ in (("hazards", "hazards", "YOLIC-M2 hazard cells (plain PyTorch loop, as in the paper)"),
-                                ("signs", "signs", "YOLO sign detector (ultralytics' trainer)")):
+                                ("signs", "signs", "YOLO sign detector (ultralytics' trainer)"),
+                                ("sign-classes", "sign_classes", "sign classifier on detected crops (ultralytics' trainer)")):
         p = train_sub.add_parser(name, help=help_)
         _training_module(module).add_arguments(p)
         p.set_defaults(func=lambda a, m=module: _training_module(m).cmd_train(a, "festival-serve " + shlex.join(sys.argv[1:])))

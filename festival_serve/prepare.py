@@ -24,22 +24,28 @@ ONNX_BACKENDS = ("onnxruntime", "tensorrt")
 
 def export_onnx(args: PipelineArgs, *, has_gpu: bool, progress=print) -> list[Path]:
     """Make sure every detector that will run from ONNX has its export cached; return the files."""
+    from festival_serve.sign_classes import ClassifierCheckpoint
     from festival_serve.signs import YoloCheckpoint
     from festival_serve.yolic import YolicNetwork, load_layout
 
-    sources = {
-        "sign_detector": lambda path: YoloCheckpoint(path, args.sign_detector.image_size),
-        "hazard_cells": lambda path: YolicNetwork(path, load_layout(args.hazard_cells.layout)),
-    }
+    signs = args.sign_detector
+    # (what, its settings section, weights, network source); the classifier runs where its detector runs.
+    sources = [
+        ("sign_detector", signs, signs.weights, lambda path: YoloCheckpoint(path, signs.image_size)),
+        ("hazard_cells", args.hazard_cells, args.hazard_cells.weights,
+         lambda path: YolicNetwork(path, load_layout(args.hazard_cells.layout))),
+    ]
+    if signs.classifier:
+        sources.append(("sign_classifier", signs, signs.classifier,
+                        lambda path: ClassifierCheckpoint(path, signs.classifier_image_size)))
     files = []
-    for section, make in sources.items():
-        settings = getattr(args, section)
+    for name, settings, weights, make in sources:
         device = settings.device if settings.device != "auto" else ("cuda" if has_gpu else "cpu")
-        weights = args.store_path(settings.weights)
+        weights = args.store_path(weights)
         if resolve_backend(settings.backend, device) not in ONNX_BACKENDS or not weights.is_file():
             continue
         files.append(make(weights).onnx_file())
-        progress(f"  {section}: ONNX export ready ({files[-1].name})")
+        progress(f"  {name}: ONNX export ready ({files[-1].name})")
     return files
 
 

@@ -48,6 +48,13 @@ class SignDetectorSettings(_Section):
     iou: float = Field(0.45, gt=0, lt=1, description="NMS IoU threshold.")
     max_detections: int = Field(50, ge=1, description="Most signs kept per image.")
     threads: int | None = Field(None, ge=1, description="CPU threads for the runtime (None: runtime default).")
+    classifier: str | None = Field(
+        "sign_classifier/sign_classes.pt",
+        description="Ultralytics classification checkpoint that names each detected sign from its full-resolution "
+        "crop (same backend and device as the detector); null keeps the detector's own class.",
+    )
+    classifier_image_size: int = Field(64, ge=16, multiple_of=16, description="Classifier input side, pixels.")
+    classifier_context: float = Field(1.15, ge=1, le=3, description="Crop side / the box's longer side.")
 
 
 class HazardCellsSettings(_Section):

@@ -22,7 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +127,7 @@ def postprocess(
     confidence: float,
     iou: float,
     max_detections: int,
+    agnostic: bool = False,
 ) -> list[list[SignDetection]]:
     """``(N, 4 + nc, anchors)`` raw predictions → per-image detections in original pixels, best first."""
     import torch
@@ -149,6 +150,7 @@ def postprocess(
         iou_thres=iou,
         max_det=max_detections,
         nc=len(names),
+        agnostic=agnostic,
         # Its default time budget (2 s + 50 ms/image) drops the remaining images' boxes with only a warning
         # once exceeded; on a CPU replica under festival load that is a silent wrong answer, so never stop early.
         max_time_img=math.inf,
@@ -245,7 +247,7 @@ class YoloCheckpoint:
                 simplify=True,  # onnxslim; ultralytics logs and keeps the raw graph if slimming fails
                 device="cpu",
             )
-            _pin_input_size(Path(exported), tmp, self.image_size)
+            pin_input_size(Path(exported), tmp, self.image_size)
         logger.info("%s: ONNX export took %.1f s", self.name, time.perf_counter() - started)
 
 
@@ -262,7 +264,7 @@ def onnx_class_names(path: Path) -> dict[int, str]:
     return {int(k): str(v) for k, v in ast.literal_eval(meta["names"]).items()}
 
 
-def _pin_input_size(exported: Path, target: Path, size: int) -> None:
+def pin_input_size(exported: Path, target: Path, size: int) -> None:
     """Write ``exported`` to ``target`` with its input fixed at ``(batch, 3, size, size)``.
 
     Every batch is letterboxed to ``size``, and TensorRT optimisation profiles (``festival_serve.engines``)
@@ -294,23 +296,51 @@ class SignDetector:
             fp16=resolve_fp16(settings.fp16, device),
             threads=settings.threads,
         )
+        self.classifier = None
+        if settings.classifier:
+            from festival_serve.sign_classes import SignClassifier
+
+            self.classifier = SignClassifier(
+                in_store(settings.classifier, model_store),
+                image_size=settings.classifier_image_size,
+                context=settings.classifier_context,
+                backend=resolve_backend(settings.backend, device),
+                device=device,
+                fp16=resolve_fp16(settings.fp16, device),
+                threads=settings.threads,
+                expected_names=self.names,
+            )
         # Warm-up through the whole path: the first batch would otherwise also pay for importing the
         # letterbox/NMS code (ultralytics and torch, ~3 s on a small CPU).
-        self.detect([np.zeros((64, 64, 3), dtype=np.uint8)])
+        blank = np.zeros((64, 64, 3), dtype=np.uint8)
+        self.detect([blank])
+        if self.classifier is not None:  # a blank frame has no signs, so warm the classifier on a box of it
+            self.classifier.classify([blank], [[(0.0, 0.0, 32.0, 32.0)]])
 
     def detect(self, images: list[np.ndarray]) -> list[list[SignDetection]]:
         if not images:
             return []
         batch, metas = letterbox_batch(images, self.settings.image_size)
         raw = self.backend.forward(batch)[0]
-        return postprocess(
+        detections = postprocess(
             raw,
             metas,
             self.names,
             confidence=self.settings.confidence,
             iou=self.settings.iou,
             max_detections=self.settings.max_detections,
+            # With a classifier the detector's class is only a hint: one box per sign, whatever it guessed
+            # (class-aware NMS keeps a triangle twice, as "children" and as "pedestrian_crossing").
+            agnostic=self.classifier is not None,
         )
+        if self.classifier is None:
+            return detections
+        named = self.classifier.classify(images, [[d.box for d in found] for found in detections])
+        return [
+            [replace(d, class_id=class_id, label=label) for d, (class_id, label, _) in zip(found, names) if class_id >= 0]
+            for found, names in zip(detections, named)
+        ]
 
     def describe(self) -> dict:
-        return {**self.backend.describe(), "weights": str(self.weights), "classes": len(self.names)}
+        described = {**self.backend.describe(), "weights": str(self.weights), "classes": len(self.names)}
+        return {**described, **self.classifier.describe()} if self.classifier else described

@@ -68,6 +68,7 @@ def test_models_status_lists_every_model(tmp_path, capsys, yolic_layout):
     assert main(["models", "status", "--config", str(ROOT / "serve_config.yaml"), "--model-store", str(tmp_path)]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert "MISSING" in lines["sign_detector"] and "present" in lines["hazard_cells"]
+    assert "MISSING" in lines["sign_classifier"]
     assert "bundled" in lines["sign_reader"] and "MISSING" in lines["scene_describer"]
 
 

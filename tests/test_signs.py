@@ -47,7 +47,7 @@ def weights(store) -> Path:
 
 def settings(**overrides) -> SignDetectorSettings:
     return SignDetectorSettings(
-        **{"weights": "sign_detector/signs.pt", "device": "cpu", "image_size": SIZE, **overrides}
+        **{"weights": "sign_detector/signs.pt", "classifier": None, "device": "cpu", "image_size": SIZE, **overrides}
     )
 
 

@@ -1,4 +1,4 @@
-"""A small, randomly initialised ultralytics YOLO detection checkpoint, built offline for tests.
+"""Small, randomly initialised ultralytics YOLO checkpoints (a detector, a classifier), built offline for tests.
 
 The network is ultralytics' bundled ``yolov8{scale}.yaml`` with its head sized for the given classes,
 saved by ``Model.save`` — the format ultralytics writes for trained models (``{"model": fp16 module,
@@ -104,3 +104,29 @@ def _calibrate(model, seed: int, class_bias: float | None) -> None:
                 conv.bias[: head.nc] = class_bias
     for hook in hooks:
         hook.remove()
+
+
+def build_yolo_classifier(path: Path, names: dict[int, str] | list[str], *, favour: str, seed: int = 0) -> Path:
+    """Write a ``yolov8n-cls`` classification checkpoint for ``names`` whose top class is always ``favour``.
+
+    Random weights, and the head's bias for ``favour`` set far above the rest, so a test knows what every
+    crop will be called while the crop still runs through the whole network (and its ONNX export)."""
+    import torch
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import ClassificationModel
+
+    names = dict(enumerate(names)) if isinstance(names, list) else dict(names)
+    yolo = YOLO("yolov8n-cls.yaml", task="classify", verbose=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = ClassificationModel("yolov8n-cls.yaml", nc=len(names), verbose=False)
+    with torch.no_grad():
+        model.model[-1].linear.bias.zero_()
+        model.model[-1].linear.bias[list(names.values()).index(favour)] = 50.0
+    model.names = names
+    model.args, model.task = yolo.model.args, "classify"
+    yolo.model = model.eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    yolo.save(path)
+    return path

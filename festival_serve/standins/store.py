@@ -22,7 +22,7 @@ RECIPE = "1"
 @dataclass(frozen=True)
 class ModelSource:
     stage: str
-    kind: str  # "trained", "stand-in" or "bundled"
+    kind: str  # "trained", "stand-in", "bundled" or "absent" (an optional stage left out)
     path: str
 
 
@@ -68,6 +68,13 @@ def with_stand_ins(
                       progress, "YOLOv8n sign detector")
         update["sign_detector"] = {"weights": str(path)}
         sources.append(ModelSource("sign_detector", "stand-in", str(path)))
+
+    classifier = args.sign_detector.classifier and args.store_path(args.sign_detector.classifier)
+    if classifier and classifier.is_file():
+        sources.append(ModelSource("sign_classifier", "trained", str(classifier)))
+    elif classifier:  # an optional stage: without its weights the detector's own classes stand
+        update["sign_detector"] = {**update.get("sign_detector", {}), "classifier": None}
+        sources.append(ModelSource("sign_classifier", "absent", f"{classifier} missing: detector classes kept"))
 
     hazards = args.store_path(args.hazard_cells.weights)
     if hazards.is_file():

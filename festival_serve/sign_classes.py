@@ -1,0 +1,158 @@
+"""Naming detected signs from their full-resolution crops with an ultralytics classification checkpoint.
+
+The sign detector sees the whole frame letterboxed to a few hundred pixels, where a warning triangle is
+15-40 px wide and its pictogram (children, pedestrian crossing, road works, slippery road) a handful of
+pixels. It finds and boxes signs well but cannot tell those pictograms apart. The classifier looks at each
+detected box cut out of the original frame instead, so every sign reaches it at ``image_size`` pixels,
+and its top class replaces the detector's; a box it calls ``background`` is dropped (the detector's false
+alarms: blue windows, red awnings). Detection score and box are kept.
+
+- ``square_crop``: the box grown by ``context`` on its longer side into a square around its centre, padded
+  with ultralytics' grey where it leaves the frame. The trainer (``festival_serve.training.sign_classes``)
+  cuts its crops with the same function around jittered true boxes.
+- ``preprocess_crops``: ultralytics' own evaluation transform (``classify_transforms``: resize, centre
+  crop, [0, 1], mean 0 / std 1), so served inputs match what its trainer validated on.
+- ``ClassifierCheckpoint``: the ``.pt`` as a ``NetworkSource``; ultralytics' exporter makes the cached ONNX.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from festival_serve.cache import build_once, file_sha256
+from festival_serve.signs import PAD_VALUE, pin_input_size, configure_ultralytics_offline, onnx_class_names
+
+logger = logging.getLogger(__name__)
+
+#: The class for crops that hold no sign: a detection the classifier puts there is dropped.
+BACKGROUND = "background"
+
+
+def square_crop(image: np.ndarray, box: tuple[float, float, float, float], context: float) -> np.ndarray:
+    """``(H, W, 3) uint8`` → the square around ``box``'s centre with side ``context`` x its longer side."""
+    x1, y1, x2, y2 = box
+    side = max(2, int(round(max(x2 - x1, y2 - y1) * context)))
+    left = int(round((x1 + x2) / 2 - side / 2))
+    top = int(round((y1 + y2) / 2 - side / 2))
+    height, width = image.shape[:2]
+    out = np.full((side, side, 3), PAD_VALUE, dtype=np.uint8)
+    sx1, sy1 = max(0, left), max(0, top)
+    sx2, sy2 = min(width, left + side), min(height, top + side)
+    if sx2 > sx1 and sy2 > sy1:
+        out[sy1 - top : sy2 - top, sx1 - left : sx2 - left] = image[sy1:sy2, sx1:sx2]
+    return out
+
+
+def preprocess_crops(crops: list[np.ndarray], size: int) -> np.ndarray:
+    """Square ``uint8`` RGB crops → ``(N, 3, size, size) float32``, as ultralytics' classifier validation."""
+    from PIL import Image
+    from ultralytics.data.augment import classify_transforms
+
+    transform = classify_transforms(size)
+    return np.stack([transform(Image.fromarray(crop)).numpy() for crop in crops]).astype(np.float32)
+
+
+class ClassifierCheckpoint:
+    """An ultralytics classification checkpoint as a ``NetworkSource``; its ONNX export is cached next to it.
+
+    Both forms output class probabilities ``(N, classes)`` (the head ends in a softmax in eval and export)."""
+
+    def __init__(self, path: Path, image_size: int) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"sign classifier weights not found: {self.path}")
+        self.image_size = image_size
+        self.name = f"yolo-cls:{self.path.name}"
+        self.sha256 = file_sha256(self.path)
+        cached = self._onnx_target()
+        # As for the detector: a cached export already names the classes, and torch stays unimported.
+        self.names: dict[int, str] = onnx_class_names(cached) if cached.is_file() else self._read_names()
+
+    def _load_network(self):
+        configure_ultralytics_offline()
+        from ultralytics.nn.tasks import load_checkpoint
+
+        model, _ = load_checkpoint(self.path, device="cpu", fuse=False)
+        if getattr(model, "task", None) != "classify":
+            raise ValueError(f"{self.path}: expected a YOLO classification checkpoint, got task {model.task!r}")
+        return model
+
+    def _read_names(self) -> dict[int, str]:
+        from ultralytics.nn.autobackend import check_class_names
+
+        return check_class_names(self._load_network().names)
+
+    def torch_module(self):
+        model = self._load_network().fuse(verbose=False)
+        model.model[-1].export = True  # the head returns the probabilities alone, as the ONNX graph does
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.float().eval()
+
+    def _onnx_target(self) -> Path:
+        return self.path.with_name(f"{self.path.stem}.{self.sha256[:12]}.{self.image_size}.onnx")
+
+    def onnx_file(self) -> Path:
+        return build_once(self._onnx_target(), self._export_onnx)
+
+    def _export_onnx(self, tmp: Path) -> None:
+        """ultralytics' exporter in a private folder (see ``YoloCheckpoint._export_onnx``), moved to ``tmp``."""
+        configure_ultralytics_offline()
+        from ultralytics import YOLO
+
+        logger.info("%s: exporting to ONNX at %d px (%s)", self.name, self.image_size, tmp.parent)
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix=f".{self.path.stem}.export-", dir=self.path.parent) as folder:
+            staged = Path(folder) / self.path.name
+            try:
+                os.link(self.path, staged)
+            except OSError:
+                shutil.copyfile(self.path, staged)
+            exported = YOLO(staged, task="classify").export(
+                format="onnx", imgsz=self.image_size, dynamic=True, simplify=True, device="cpu"
+            )
+            pin_input_size(Path(exported), tmp, self.image_size)  # TensorRT profiles vary the batch axis only
+        logger.info("%s: ONNX export took %.1f s", self.name, time.perf_counter() - started)
+
+
+class SignClassifier:
+    """Crops in, ``(class name, probability)`` out, one forward pass per batch on a backend."""
+
+    def __init__(self, path: Path, *, image_size: int, context: float, backend: str, device: str, fp16: bool,
+                 threads: int | None, expected_names: dict[int, str]) -> None:
+        from festival_serve.backends import create_backend
+
+        self.image_size = image_size
+        self.context = context
+        self.checkpoint = ClassifierCheckpoint(path, image_size)
+        self.names = self.checkpoint.names
+        unknown = sorted(set(self.names.values()) - {*expected_names.values(), BACKGROUND})
+        if unknown:
+            raise ValueError(f"{path}: classes {unknown} are not sign detector classes {sorted(expected_names.values())}")
+        self._class_ids = {**{name: i for i, name in expected_names.items()}, BACKGROUND: -1}
+        self.backend = create_backend(backend, self.checkpoint, device=device, fp16=fp16, threads=threads)
+
+    def classify(self, images: list[np.ndarray], boxes: list[list[tuple[float, float, float, float]]]):
+        """Per image, per box: ``(detector class id, class name, probability)`` of the crop's top class
+        (class id -1 for ``BACKGROUND``)."""
+        crops = [square_crop(image, box, self.context) for image, image_boxes in zip(images, boxes) for box in image_boxes]
+        if not crops:
+            return [[] for _ in images]
+        probs = np.asarray(self.backend.forward(preprocess_crops(crops, self.image_size))[0], dtype=np.float32)
+        top = probs.argmax(axis=1)
+        flat = [(self._class_ids[self.names[int(k)]], self.names[int(k)], float(probs[i, k])) for i, k in enumerate(top)]
+        out, start = [], 0
+        for image_boxes in boxes:
+            out.append(flat[start : start + len(image_boxes)])
+            start += len(image_boxes)
+        return out
+
+    def describe(self) -> dict:
+        return {"classifier": str(self.checkpoint.path), "classifier_precision": self.backend.precision}
