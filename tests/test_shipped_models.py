@@ -17,9 +17,10 @@ from festival_serve.settings import PipelineArgs
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENES = 40  # a few dozen: ~1 min on 2 cores
-#: What the interim weights reach on these scenes, less a margin: a regression (a wrong image size, a
-#: broken loader, a bad export) falls far below. Raise them as better weights ship.
-FLOORS = {"signs.precision": 0.9, "signs.recall": 0.9, "ocr.exact_match_no_tones": 0.85, "hazards.f1": 0.5}
+#: The hazard cells are still interim (below their 0.87 target): what they reach on these scenes, less a
+#: margin, so a regression (a wrong image size, a broken loader, a bad export) falls far below. Signs and
+#: OCR are held to the issue's targets themselves (``evaluate.TARGETS``).
+FLOORS = {"hazards.f1": 0.5}
 pytestmark = pytest.mark.timeout(900)
 
 
@@ -55,17 +56,18 @@ def test_shipped_weights_are_the_served_defaults(shipped_args):
     assert sum(sizes) < 20 * 1024**2  # the issue's budget for the embedded defaults
 
 
-def test_shipped_weights_score_at_least_their_model_cards(report):
-    """Regression floors: the held-out levels the interim weights reach (model cards), less a margin for
-    this smaller sample. The issue's targets (``evaluate.TARGETS``) are printed; the interim detectors
-    do not meet them yet (README, "What the default local run serves")."""
+def test_signs_and_their_text_meet_the_targets(report):
     scores = {"signs.precision": report["signs"]["precision"], "signs.recall": report["signs"]["recall"],
-              "ocr.exact_match_no_tones": report["ocr"]["exact_match_no_tones"], "hazards.f1": report["hazards"]["f1"]}
-    print({k: {"value": v, "target": evaluate.TARGETS[k], "floor": FLOORS[k]} for k, v in scores.items()})
+              "ocr.exact_match_no_tones": report["ocr"]["exact_match_no_tones"]}
+    print({k: {"value": v, "target": evaluate.TARGETS[k]} for k, v in scores.items()})
     assert report["ocr"]["evaluated"] >= 5
-    for key, floor in FLOORS.items():
-        assert scores[key] >= floor, (key, scores[key], report)
+    for key, value in scores.items():
+        assert value >= evaluate.TARGETS[key], (key, value, report["signs"], report["ocr"])
 
 
-def test_the_reader_meets_its_target_on_detected_signs(report):
-    assert report["ocr"]["exact_match_no_tones"] >= evaluate.TARGETS["ocr.exact_match_no_tones"], report["ocr"]
+def test_hazard_cells_score_at_least_their_floor(report):
+    """The issue's target (``evaluate.TARGETS``) is printed; the interim YOLIC weights do not meet it yet
+    (README, "What the default local run serves")."""
+    f1 = report["hazards"]["f1"]
+    print({"hazards.f1": {"value": f1, "target": evaluate.TARGETS["hazards.f1"], "floor": FLOORS["hazards.f1"]}})
+    assert f1 >= FLOORS["hazards.f1"], report["hazards"]
