@@ -35,7 +35,8 @@ def backend_variants(cuda: bool) -> list[tuple[str, str, bool]]:
 
 
 def network_rows(model: str, source, input_shape: tuple[int, int, int], batch_sizes: list[int], *, cuda: bool,
-                 threads: int | None, repeats: int, min_seconds: float, progress: Callable[[str], None]) -> list[dict]:
+                 threads: int | None, repeats: int, min_seconds: float, progress: Callable[[str], None],
+                 unit: str = "images") -> list[dict]:
     from festival_serve.backends import BackendUnavailable, create_backend
 
     rows = []
@@ -50,8 +51,8 @@ def network_rows(model: str, source, input_shape: tuple[int, int, int], batch_si
             seconds = _median_s(lambda: backend.forward(batch), repeats, min_seconds)
             rows.append({"model": model, "backend": kind, "device": device, "precision": "fp16" if fp16 else "fp32",
                          "batch": n, "ms_per_batch": round(seconds * 1000, 2), "items_per_s": round(n / seconds, 2),
-                         "unit": "images"})
-            progress(f"  {model} {kind}/{device}/{rows[-1]['precision']} batch {n}: {rows[-1]['items_per_s']} images/s")
+                         "unit": unit})
+            progress(f"  {model} {kind}/{device}/{rows[-1]['precision']} batch {n}: {rows[-1]['items_per_s']} {unit}/s")
     return rows
 
 
@@ -85,6 +86,15 @@ def run_micro(args: PipelineArgs, *, batch_sizes: list[int], vlm_batch_sizes: li
     rows += network_rows("sign_detector", YoloCheckpoint(args.store_path(args.sign_detector.weights), size),
                          (3, size, size), batch_sizes, cuda=cuda, threads=threads, repeats=repeats,
                          min_seconds=min_seconds, progress=progress)
+    signs = args.sign_detector
+    if signs.classifier:
+        from festival_serve.sign_classes import ClassifierCheckpoint
+
+        progress("microbenchmarks: sign classifier (one crop per detected sign)")
+        rows += network_rows("sign_classifier", ClassifierCheckpoint(args.store_path(signs.classifier),
+                                                                     signs.classifier_image_size),
+                             (3, signs.classifier_image_size, signs.classifier_image_size), batch_sizes, cuda=cuda,
+                             threads=threads, repeats=repeats, min_seconds=min_seconds, progress=progress, unit="crops")
     progress("microbenchmarks: hazard cells")
     rows += network_rows("hazard_cells", YolicNetwork(args.store_path(args.hazard_cells.weights),
                                                       load_layout(args.hazard_cells.layout)),
