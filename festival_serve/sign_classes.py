@@ -67,7 +67,9 @@ class ClassifierCheckpoint:
     def __init__(self, path: Path, image_size: int) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"sign classifier weights not found: {self.path}")
+            raise FileNotFoundError(f"sign classifier weights not found: {self.path} (train them with `festival-serve "
+                                    "train sign-classes`, or set sign_detector.classifier: null to keep the "
+                                    "detector's own classes)")
         self.image_size = image_size
         self.name = f"yolo-cls:{self.path.name}"
         self.sha256 = file_sha256(self.path)

@@ -23,7 +23,8 @@ from festival_serve.bench import report
 from festival_serve.imaging import encode_jpeg
 from festival_serve.settings import PipelineArgs
 from festival_serve.standins.hazards import build_yolic_checkpoint
-from festival_serve.standins.signs import build_yolo_checkpoint
+from festival_serve.sign_classes import BACKGROUND
+from festival_serve.standins.signs import build_yolo_checkpoint, build_yolo_classifier
 from festival_serve.standins.vlm import SMOLVLM_256M, build_tiny_idefics3
 from festival_serve.synth import SIGN_CLASSES, generate_scene
 
@@ -37,6 +38,7 @@ def tiny_store(tmp_path_factory, yolic_layout) -> Path:
     store = tmp_path_factory.mktemp("bench-models")
     # A bias that makes the random detector fire, so crops reach the reader; a few boxes at most.
     build_yolo_checkpoint(store / "sign_detector" / "signs.pt", list(SIGN_CLASSES), class_bias=-1.0)
+    build_yolo_classifier(store / "sign_classifier" / "sign_classes.pt", [*SIGN_CLASSES, BACKGROUND], favour="info")
     build_yolic_checkpoint(store / "hazard_cells" / "yolic_m2.pth.tar", yolic_layout, head_bias=0.0)
     build_tiny_idefics3(store / "scene_describer" / "SmolVLM-256M-Instruct")
     return store
@@ -172,11 +174,12 @@ def test_stand_ins_fill_only_what_the_store_lacks(tmp_path, tiny_store):
     lines: list[str] = []
     resolved, sources = with_stand_ins(args, tmp_path / "cache", progress=lines.append)
     kinds = {s.stage: s.kind for s in sources}
-    assert kinds == {"sign_detector": "stand-in", "hazard_cells": "stand-in", "sign_reader": "bundled",
-                     "scene_describer": "trained"}
-    assert Path(resolved.sign_detector.weights).is_file() and Path(resolved.hazard_cells.weights).is_file()
+    assert kinds == {"sign_detector": "stand-in", "sign_classifier": "stand-in", "hazard_cells": "stand-in",
+                     "sign_reader": "bundled", "scene_describer": "trained"}
+    for weights in (resolved.sign_detector.weights, resolved.sign_detector.classifier, resolved.hazard_cells.weights):
+        assert Path(weights).is_file()
     assert resolved.scene_describer.model == args.scene_describer.model
-    assert len(lines) == 2  # built once …
+    assert len(lines) == 3  # built once …
     lines.clear()
     with_stand_ins(args, tmp_path / "cache", progress=lines.append)
     assert lines == []  # … then cached

@@ -18,8 +18,9 @@ from PIL import Image
 
 from festival_serve import local
 from festival_serve.cli import SAMPLE_SCENE
+from festival_serve.sign_classes import BACKGROUND
 from festival_serve.standins.hazards import build_yolic_checkpoint
-from festival_serve.standins.signs import build_yolo_checkpoint
+from festival_serve.standins.signs import build_yolo_checkpoint, build_yolo_classifier
 from festival_serve.standins.vlm import build_tiny_idefics3
 
 from tests.ports import free_port
@@ -34,6 +35,8 @@ def model_store(tmp_path_factory, yolic_layout) -> Path:
     store = tmp_path_factory.mktemp("models")
     # class_bias makes the random detector fire on some anchors, so crops reach the sign reader.
     build_yolo_checkpoint(store / "sign_detector" / "signs.pt", SIGN_CLASSES, class_bias=0.0)
+    build_yolo_classifier(store / "sign_classifier" / "sign_classes.pt", [*SIGN_CLASSES, BACKGROUND],
+                          favour="bus_station")
     build_yolic_checkpoint(store / "hazard_cells" / "yolic_m2.pth.tar", yolic_layout, head_bias=0.0)
     build_tiny_idefics3(store / "scene_describer" / "SmolVLM-256M-Instruct")
     return store
@@ -94,6 +97,7 @@ def test_analyze_jpeg_runs_every_stage(server):
     _assert_analysis(body, 848, 480)
     assert body["degraded"] == []
     assert body["signs"], "the biased random detector should find boxes for the reader"
+    assert {s["label"] for s in body["signs"]} == {"bus_station"}  # what the stand-in classifier calls every crop
     assert body["hazards"]
     assert isinstance(body["description"], str)
     assert {"decode", "sign_detector", "hazard_cells", "sign_reader", "scene_describer", "total"} <= set(body["timings_ms"])

@@ -22,7 +22,7 @@ RECIPE = "1"
 @dataclass(frozen=True)
 class ModelSource:
     stage: str
-    kind: str  # "trained", "stand-in", "bundled" or "absent" (an optional stage left out)
+    kind: str  # "trained", "stand-in" or "bundled"
     path: str
 
 
@@ -72,9 +72,16 @@ def with_stand_ins(
     classifier = args.sign_detector.classifier and args.store_path(args.sign_detector.classifier)
     if classifier and classifier.is_file():
         sources.append(ModelSource("sign_classifier", "trained", str(classifier)))
-    elif classifier:  # an optional stage: without its weights the detector's own classes stand
-        update["sign_detector"] = {**update.get("sign_detector", {}), "classifier": None}
-        sources.append(ModelSource("sign_classifier", "absent", f"{classifier} missing: detector classes kept"))
+    elif classifier:
+        from festival_serve.sign_classes import BACKGROUND
+        from festival_serve.standins.signs import build_yolo_classifier
+
+        # Always answers "info": every stand-in detection then goes on to the reader, as text signs do.
+        path = _built(cache / "sign_classifier" / "yolov8n-cls.pt",
+                      lambda tmp: build_yolo_classifier(tmp, [*SIGN_CLASSES, BACKGROUND], favour="info"),
+                      progress, "YOLOv8n-cls sign classifier")
+        update["sign_detector"] = {**update.get("sign_detector", {}), "classifier": str(path)}
+        sources.append(ModelSource("sign_classifier", "stand-in", str(path)))
 
     hazards = args.store_path(args.hazard_cells.weights)
     if hazards.is_file():
