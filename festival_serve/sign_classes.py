@@ -17,19 +17,12 @@ alarms: blue windows, red awnings). Detection score and box are kept.
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
-import tempfile
-import time
+import functools
 from pathlib import Path
 
 import numpy as np
 
-from festival_serve.cache import build_once, file_sha256
-from festival_serve.signs import PAD_VALUE, pin_input_size, configure_ultralytics_offline, onnx_class_names
-
-logger = logging.getLogger(__name__)
+from festival_serve.signs import PAD_VALUE, UltralyticsCheckpoint
 
 #: The class for crops that hold no sign: a detection the classifier puts there is dropped.
 BACKGROUND = "background"
@@ -50,78 +43,28 @@ def square_crop(image: np.ndarray, box: tuple[float, float, float, float], conte
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def _transform(size: int):
+    from ultralytics.data.augment import classify_transforms
+
+    return classify_transforms(size)
+
+
 def preprocess_crops(crops: list[np.ndarray], size: int) -> np.ndarray:
     """Square ``uint8`` RGB crops → ``(N, 3, size, size) float32``, as ultralytics' classifier validation."""
     from PIL import Image
-    from ultralytics.data.augment import classify_transforms
 
-    transform = classify_transforms(size)
+    transform = _transform(size)  # built once, not per batch
     return np.stack([transform(Image.fromarray(crop)).numpy() for crop in crops]).astype(np.float32)
 
 
-class ClassifierCheckpoint:
-    """An ultralytics classification checkpoint as a ``NetworkSource``; its ONNX export is cached next to it.
+class ClassifierCheckpoint(UltralyticsCheckpoint):
+    """An ultralytics classification checkpoint. Both forms output class probabilities ``(N, classes)``
+    (the head ends in a softmax in eval and export)."""
 
-    Both forms output class probabilities ``(N, classes)`` (the head ends in a softmax in eval and export)."""
-
-    def __init__(self, path: Path, image_size: int) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"sign classifier weights not found: {self.path} (train them with `festival-serve "
-                                    "train sign-classes`, or set sign_detector.classifier: null to keep the "
-                                    "detector's own classes)")
-        self.image_size = image_size
-        self.name = f"yolo-cls:{self.path.name}"
-        self.sha256 = file_sha256(self.path)
-        cached = self._onnx_target()
-        # As for the detector: a cached export already names the classes, and torch stays unimported.
-        self.names: dict[int, str] = onnx_class_names(cached) if cached.is_file() else self._read_names()
-
-    def _load_network(self):
-        configure_ultralytics_offline()
-        from ultralytics.nn.tasks import load_checkpoint
-
-        model, _ = load_checkpoint(self.path, device="cpu", fuse=False)
-        if getattr(model, "task", None) != "classify":
-            raise ValueError(f"{self.path}: expected a YOLO classification checkpoint, got task {model.task!r}")
-        return model
-
-    def _read_names(self) -> dict[int, str]:
-        from ultralytics.nn.autobackend import check_class_names
-
-        return check_class_names(self._load_network().names)
-
-    def torch_module(self):
-        model = self._load_network().fuse(verbose=False)
-        model.model[-1].export = True  # the head returns the probabilities alone, as the ONNX graph does
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model.float().eval()
-
-    def _onnx_target(self) -> Path:
-        return self.path.with_name(f"{self.path.stem}.{self.sha256[:12]}.{self.image_size}.onnx")
-
-    def onnx_file(self) -> Path:
-        return build_once(self._onnx_target(), self._export_onnx)
-
-    def _export_onnx(self, tmp: Path) -> None:
-        """ultralytics' exporter in a private folder (see ``YoloCheckpoint._export_onnx``), moved to ``tmp``."""
-        configure_ultralytics_offline()
-        from ultralytics import YOLO
-
-        logger.info("%s: exporting to ONNX at %d px (%s)", self.name, self.image_size, tmp.parent)
-        started = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix=f".{self.path.stem}.export-", dir=self.path.parent) as folder:
-            staged = Path(folder) / self.path.name
-            try:
-                os.link(self.path, staged)
-            except OSError:
-                shutil.copyfile(self.path, staged)
-            exported = YOLO(staged, task="classify").export(
-                format="onnx", imgsz=self.image_size, dynamic=True, simplify=True, device="cpu"
-            )
-            pin_input_size(Path(exported), tmp, self.image_size)  # TensorRT profiles vary the batch axis only
-        logger.info("%s: ONNX export took %.1f s", self.name, time.perf_counter() - started)
+    task, task_noun, kind, prefix = "classify", "classification", "sign classifier", "yolo-cls"
+    missing_hint = (" (train them with `festival-serve train sign-classes`, or set sign_detector.classifier: null "
+                    "to keep the detector's own classes)")
 
 
 class SignClassifier:

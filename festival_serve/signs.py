@@ -167,19 +167,22 @@ def postprocess(
     return results
 
 
-class YoloCheckpoint:
-    """An ultralytics detection checkpoint as a ``NetworkSource``; its ONNX export is cached next to it.
+class UltralyticsCheckpoint:
+    """An ultralytics ``.pt`` checkpoint of one ``task`` as a ``NetworkSource``; its ONNX export (made by
+    ultralytics' own exporter, input pinned to ``image_size``) is cached next to it by content hash."""
 
-    Both forms output the raw predictions ``(N, 4 + nc, anchors)`` of the one-to-many head (what ultralytics
-    exports by default, ``nms=None``), so the same ``postprocess`` serves every backend.
-    """
+    task: str  # ultralytics' task name the checkpoint must carry ("detect", "classify")
+    task_noun: str  # the same in words, for messages
+    kind: str  # what it is, for messages
+    prefix: str  # of ``name``, which logs and derived-file names use
+    missing_hint = ""  # appended to the error for a missing file
 
     def __init__(self, path: Path, image_size: int) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"sign detector weights not found: {self.path}")
+            raise FileNotFoundError(f"{self.kind} weights not found: {self.path}{self.missing_hint}")
         self.image_size = image_size
-        self.name = f"yolo:{self.path.name}"
+        self.name = f"{self.prefix}:{self.path.name}"
         self.sha256 = file_sha256(self.path)
         cached = self._onnx_target()
         # A cached export was made from these exact bytes (and validated then): take the class names from
@@ -191,28 +194,29 @@ class YoloCheckpoint:
 
         model = self._load_network()
         names = check_class_names(model.names)  # older checkpoints hold a list, or str keys
-        if len(names) != model.model[-1].nc:
-            raise ValueError(f"{self.path}: {len(names)} class names for a head of {model.model[-1].nc} classes")
+        self._check_head(model, names)
         return names
 
+    def _check_head(self, model, names: dict[int, str]) -> None:
+        """Refuse a checkpoint whose head does not fit its class names (where the head says)."""
+
     def _load_network(self):
-        """The checkpoint's ``DetectionModel`` through ultralytics' own loader (fp32, eval, CPU, unfused)."""
+        """The checkpoint's model through ultralytics' own loader (fp32, eval, CPU, unfused)."""
         configure_ultralytics_offline()
         from ultralytics.nn.tasks import load_checkpoint
 
         model, _ = load_checkpoint(self.path, device="cpu", fuse=False)
-        if getattr(model, "task", None) != "detect":
-            raise ValueError(f"{self.path}: expected a YOLO detection checkpoint, got task {model.task!r}")
+        if getattr(model, "task", None) != self.task:
+            raise ValueError(f"{self.path}: expected a YOLO {self.task_noun} checkpoint, got task {model.task!r}")
+        return model
+
+    def _export_head(self, model):
+        """Prepare the loaded network's head as the ONNX export has it (before fusing)."""
         return model
 
     def torch_module(self):
-        model = self._load_network()
-        # YOLO26/YOLOv10 heads also have an NMS-free branch; ultralytics' ONNX export (nms=None) turns it off
-        # and keeps the one-to-many predictions, so do the same before fusing drops the unused branch.
-        if getattr(model, "end2end", False):
-            model.end2end = False
-        model = model.fuse(verbose=False)  # Conv+BN folded, as in the export
-        model.model[-1].export = True  # the head returns the predictions tensor alone, as the ONNX graph does
+        model = self._export_head(self._load_network()).fuse(verbose=False)  # Conv+BN folded, as in the export
+        model.model[-1].export = True  # the head returns its output tensor alone, as the ONNX graph does
         for p in model.parameters():
             p.requires_grad_(False)
         return model.float().eval()
@@ -240,7 +244,7 @@ class YoloCheckpoint:
                 os.link(self.path, staged)
             except OSError:  # filesystem without hard links
                 shutil.copyfile(self.path, staged)
-            exported = YOLO(staged, task="detect").export(
+            exported = YOLO(staged, task=self.task).export(
                 format="onnx",
                 imgsz=self.image_size,
                 dynamic=True,  # batch, height and width axes; the only way ultralytics makes the batch dynamic
@@ -249,6 +253,27 @@ class YoloCheckpoint:
             )
             pin_input_size(Path(exported), tmp, self.image_size)
         logger.info("%s: ONNX export took %.1f s", self.name, time.perf_counter() - started)
+
+
+class YoloCheckpoint(UltralyticsCheckpoint):
+    """An ultralytics detection checkpoint.
+
+    Both forms output the raw predictions ``(N, 4 + nc, anchors)`` of the one-to-many head (what ultralytics
+    exports by default, ``nms=None``), so the same ``postprocess`` serves every backend.
+    """
+
+    task, task_noun, kind, prefix = "detect", "detection", "sign detector", "yolo"
+
+    def _check_head(self, model, names: dict[int, str]) -> None:
+        if len(names) != model.model[-1].nc:
+            raise ValueError(f"{self.path}: {len(names)} class names for a head of {model.model[-1].nc} classes")
+
+    def _export_head(self, model):
+        # YOLO26/YOLOv10 heads also have an NMS-free branch; ultralytics' ONNX export (nms=None) turns it off
+        # and keeps the one-to-many predictions, so do the same before fusing drops the unused branch.
+        if getattr(model, "end2end", False):
+            model.end2end = False
+        return model
 
 
 def onnx_class_names(path: Path) -> dict[int, str]:

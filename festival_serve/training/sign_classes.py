@@ -20,7 +20,6 @@ import json
 import logging
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,6 @@ from festival_serve.settings import SignDetectorSettings
 
 logger = logging.getLogger(__name__)
 
-FIXED = {"device": "cpu", "plots": False, "amp": False, "fliplr": 0.0}
 #: What the serving crop uses (``sign_detector.classifier_context``); training jitters around it.
 CONTEXT = SignDetectorSettings.model_fields["classifier_context"].default
 IMAGE_SIZE = SignDetectorSettings.model_fields["classifier_image_size"].default
@@ -124,30 +122,14 @@ def train_sign_classes(out: Path, *, data: Path, epochs: int, imgsz: int = IMAGE
                        batch: int = 64, workers: int = 2, seed: int = 0, project: Path | None = None,
                        verbose: bool = False, **overrides: Any) -> dict[str, Any]:
     """``YOLO(model).train(...)`` on the crop folder ``data``; the best checkpoint is copied to ``out``."""
-    from festival_serve.offline import install_network_guard
+    from festival_serve.training.signs import train_and_keep_best
 
-    install_network_guard()
-    from ultralytics import YOLO
-
-    from festival_serve.training.signs import _results
-
-    clash = sorted(set(overrides) & {*FIXED, "pretrained"})
-    if clash:
-        raise ValueError(f"{clash} cannot be overridden: {FIXED}")
-    out = Path(out)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="festival-sign-classes-") as tmp:
-        runs = Path(project).resolve() if project else Path(tmp)
-        yolo = YOLO(model, task="classify")
-        yolo.train(data=str(data), epochs=epochs, imgsz=imgsz, batch=batch, workers=workers, seed=seed,
-                   project=str(runs), name="sign_classes", exist_ok=True, verbose=verbose, pretrained=False,
-                   **FIXED, **overrides)
-        trainer = yolo.trainer
-        best = trainer.best if trainer.best.exists() else trainer.last
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(best, out)
-        final = {k: float(v) for k, v in (trainer.metrics or {}).items()}
-        rows = _results(Path(trainer.save_dir) / "results.csv")
+    out = Path(out)
+    final, rows, parameters = train_and_keep_best(
+        lambda _folder: model, "classify", out, project=project, name="sign_classes", overrides=overrides,
+        data=str(data), epochs=epochs, imgsz=imgsz, batch=batch, workers=workers, seed=seed, verbose=verbose,
+        pretrained=False)
     return {
         "weights": str(out),
         "bytes": out.stat().st_size,
@@ -155,7 +137,7 @@ def train_sign_classes(out: Path, *, data: Path, epochs: int, imgsz: int = IMAGE
         "best_epoch": int(max(rows, key=lambda r: r["metrics/accuracy_top1"])["epoch"]) if rows else None,
         "epochs": len(rows),
         "imgsz": imgsz,
-        "parameters": sum(p.numel() for p in trainer.model.parameters()),
+        "parameters": parameters,
         "seconds": round(time.perf_counter() - started, 1),
     }
 

@@ -189,30 +189,14 @@ def train_signs(
     ...) except those in ``FIXED``, which this data and machine require. Returns the final validation of the
     best checkpoint (precision, recall, mAP50, mAP50-95), the per-epoch seconds and the total seconds.
     ``project`` keeps ultralytics' run folder (results.csv, last.pt); by default it is a temporary folder."""
-    from festival_serve.offline import install_network_guard
-
-    install_network_guard()
-    from ultralytics import YOLO
-
-    clash = sorted(set(overrides) & {*FIXED, "pretrained"})
-    if clash:
-        raise ValueError(f"{clash} cannot be overridden: {FIXED}")
-    out = Path(out)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="festival-signs-") as tmp:
-        runs = Path(project).resolve() if project else Path(tmp)
-        # ``init``: start from a checkpoint (its architecture and weights). Otherwise random weights:
-        # pretrained=False, or ultralytics would try to download COCO weights for the yaml.
-        yolo = YOLO(str(init) if init else _model_file(model, Path(tmp)), task="detect")
-        yolo.train(data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=batch, workers=workers, seed=seed,
-                   project=str(runs), name=name, exist_ok=True, verbose=verbose, pretrained=str(init) if init else False,
-                   **FIXED, **overrides)
-        trainer = yolo.trainer
-        best = trainer.best if trainer.best.exists() else trainer.last
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(best, out)
-        final = {k: float(v) for k, v in (trainer.metrics or {}).items()}
-        rows = _results(Path(trainer.save_dir) / "results.csv")
+    out = Path(out)
+    # ``init``: start from a checkpoint (its architecture and weights). Otherwise random weights:
+    # pretrained=False, or ultralytics would try to download COCO weights for the yaml.
+    final, rows, parameters = train_and_keep_best(
+        lambda tmp: str(init) if init else _model_file(model, tmp), "detect", out,
+        project=project, name=name, overrides=overrides, data=str(data_yaml), epochs=epochs, imgsz=imgsz,
+        batch=batch, workers=workers, seed=seed, verbose=verbose, pretrained=str(init) if init else False)
     seconds = time.perf_counter() - started
     return {
         "weights": str(out),
@@ -227,13 +211,43 @@ def train_signs(
         "batch": batch,
         "model": (f"fine-tuned from {init}" if init else
                   model if isinstance(model, str) else f"yolov8 width {model.get('width_multiple')}"),
-        "parameters": sum(p.numel() for p in trainer.model.parameters()),
+        "parameters": parameters,
         "seconds": {
             "total": round(seconds, 1),
             # results.csv's "time" is the cumulative training + validation time at the end of each epoch
             "per_epoch": [round(b - a, 1) for a, b in zip([0.0, *[r["time"] for r in rows]], [r["time"] for r in rows])],
         },
     }
+
+
+def train_and_keep_best(model_source, task: str, out: Path, *, project: Path | None, name: str,
+                        overrides: dict[str, Any], **train_args: Any) -> tuple[dict[str, float], list[dict[str, float]], int]:
+    """``YOLO(model_source(folder), task=task).train(...)`` with ``FIXED`` settings and the network guard on;
+    the best (else last) checkpoint is copied to ``out``.
+
+    ``model_source`` gives a checkpoint, yaml or model name (``folder``: a temporary folder for model files).
+    ``overrides`` may not touch ``FIXED`` (or ``pretrained``). ``project`` keeps ultralytics' run folder
+    (results.csv, last.pt); by default it is a temporary folder.
+    Returns the final validation metrics, the per-epoch ``results.csv`` rows and the parameter count."""
+    from festival_serve.offline import install_network_guard
+
+    install_network_guard()
+    from ultralytics import YOLO
+
+    clash = sorted(set(overrides) & {*FIXED, "pretrained"})
+    if clash:
+        raise ValueError(f"{clash} cannot be overridden: {FIXED}")
+    with tempfile.TemporaryDirectory(prefix=f"festival-{name}-") as tmp:
+        runs = Path(project).resolve() if project else Path(tmp)
+        yolo = YOLO(model_source(Path(tmp)), task=task)
+        yolo.train(project=str(runs), name=name, exist_ok=True, **train_args, **FIXED, **overrides)
+        trainer = yolo.trainer
+        best = trainer.best if trainer.best.exists() else trainer.last
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(best, out)
+        final = {k: float(v) for k, v in (trainer.metrics or {}).items()}
+        rows = _results(Path(trainer.save_dir) / "results.csv")
+        return final, rows, sum(p.numel() for p in trainer.model.parameters())
 
 
 def _best_epoch(rows: list[dict[str, float]]) -> int | None:
