@@ -145,6 +145,15 @@ def test_splits_are_disjoint():
         scene_seeds("holdout", 1)
 
 
+def test_skip_continues_a_split_and_stays_inside_it():
+    assert scene_seeds("train", 3, skip=12_000) == scene_seeds("train", 12_003)[12_000:]
+    assert not set(scene_seeds("train", 100, skip=100)) & set(scene_seeds("train", 100))
+    with pytest.raises(ValueError, match="skip"):
+        scene_seeds("train", 1, skip=-1)
+    with pytest.raises(ValueError, match="skip"):
+        scene_seeds("train", 5_000_000, skip=5_000_000)  # would run into the val split
+
+
 def test_preview(tmp_path):
     path = tmp_path / "preview.png"
     save_preview(path, [0, 1])

@@ -70,8 +70,8 @@ def test_a_time_budget_replans_the_epochs_and_init_continues_a_checkpoint(tmp_pa
     start = build_yolic_checkpoint(tmp_path / "start.pth.tar", yolic_layout, seed=1)
     out = tmp_path / "continued.pth.tar"
     result = train_yolic(out, train_scenes=4, val_scenes=2, epochs=50, batch_size=4, hours=1e-6, init=start,
-                         progress=False, workers=1)
-    assert result["epochs"] == 1 and len(result["history"]) == 1
+                         train_skip=12_000, progress=False, workers=1)
+    assert result["epochs"] == 1 and len(result["history"]) == 1 and result["train_skip"] == 12_000
     head = load_yolic_checkpoint(out, yolic_layout).classifier[1].bias
     assert not torch.allclose(head, torch.full_like(head, -3.0))  # trained, from the builder's -3 logits
     assert torch.allclose(head, torch.full_like(head, -3.0), atol=0.1)  # ... by a few Adam steps, not from scratch

@@ -22,13 +22,14 @@ SPLIT_STARTS = {"train": 0, "val": 5_000_000, "test": 10_000_000}
 SPLIT_SPAN = 5_000_000
 
 
-def scene_seeds(split: str, count: int) -> list[int]:
-    """The first ``count`` seeds of ``split`` ("train", "val" or "test")."""
+def scene_seeds(split: str, count: int, skip: int = 0) -> list[int]:
+    """``count`` seeds of ``split`` ("train", "val" or "test") after its first ``skip`` (a continued training
+    run skips the scenes the earlier run saw)."""
     if split not in SPLIT_STARTS:
         raise ValueError(f"unknown split {split!r}; splits: {', '.join(SPLIT_STARTS)}")
-    if not 0 <= count <= SPLIT_SPAN:
-        raise ValueError(f"count must be in [0, {SPLIT_SPAN}], got {count}")
-    start = SPLIT_STARTS[split]
+    if skip < 0 or count < 0 or skip + count > SPLIT_SPAN:
+        raise ValueError(f"skip + count must be in [0, {SPLIT_SPAN}] (both >= 0), got skip={skip}, count={count}")
+    start = SPLIT_STARTS[split] + skip
     return list(range(start, start + count))
 
 

@@ -192,6 +192,7 @@ def train_yolic(
     *,
     train_scenes: int,
     val_scenes: int,
+    train_skip: int = 0,
     epochs: int,
     batch_size: int = 32,
     lr: float = 1e-3,
@@ -214,8 +215,9 @@ def train_yolic(
     CPUs with native bfloat16 (AVX512-BF16, AMX), slower elsewhere. ``hours`` trains for that long instead:
     after each epoch the number of epochs (and with it the learning-rate schedule) is re-planned from the
     mean epoch time, ``epochs`` being only the first plan. ``init`` starts from a checkpoint's weights (a
-    fresh optimizer) to continue an earlier run. The best weights so far are written after every epoch that
-    improves on them, so a run that is stopped early still leaves its best checkpoint at ``out``.
+    fresh optimizer) to continue an earlier run; ``train_skip`` then trains on scenes that run never saw. The
+    best weights so far are written after every epoch that improves on them, so a run that is stopped early
+    still leaves its best checkpoint at ``out``.
 
     Returns the saved checkpoint's validation metrics (scored from the file), the per-epoch history and the
     timings in seconds."""
@@ -231,7 +233,7 @@ def train_yolic(
     if threads:
         torch.set_num_threads(threads)
 
-    train_images, train_cells = render_scenes(synth.scene_seeds("train", train_scenes), sizes=sizes,
+    train_images, train_cells = render_scenes(synth.scene_seeds("train", train_scenes, train_skip), sizes=sizes,
                                               jpeg_quality=jpeg_quality, workers=workers, progress=progress,
                                               desc="train scenes")
     val_images, val_cells = render_scenes(synth.scene_seeds("val", val_scenes), sizes=sizes,
@@ -337,6 +339,7 @@ def train_yolic(
         "first_loss": first_loss,
         "history": history,
         "train_scenes": train_scenes,
+        "train_skip": train_skip,
         "val_scenes": val_scenes,
         "epochs": len(history),
         "interrupted": interrupted,
@@ -366,6 +369,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("models/hazard_cells/yolic_m2.pth.tar"))
     parser.add_argument("--train-scenes", type=int, default=2000)
     parser.add_argument("--val-scenes", type=int, default=200)
+    parser.add_argument("--train-skip", type=int, default=0,
+                        help="skip the first N train scenes (continue an --init run on scenes it never saw)")
     parser.add_argument("--epochs", type=int, default=30, help="epochs (with --hours: only the first plan)")
     parser.add_argument("--hours", type=float, help="train for this long instead, re-planning epochs and schedule")
     parser.add_argument("--init", type=Path, help="start from this checkpoint's weights (continue a run)")
@@ -387,7 +392,7 @@ def cmd_train(args: argparse.Namespace, command: str) -> int:
 
     from festival_serve.training.cards import write_model_card
 
-    result = train_yolic(args.out, train_scenes=args.train_scenes, val_scenes=args.val_scenes, epochs=args.epochs,
+    result = train_yolic(args.out, train_scenes=args.train_scenes, val_scenes=args.val_scenes, train_skip=args.train_skip, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
                          progress=not args.no_progress, flip=not args.no_flip, half=not args.fp32,
                          workers=args.workers, bf16=args.bf16, hours=args.hours, init=args.init)
@@ -395,7 +400,8 @@ def cmd_train(args: argparse.Namespace, command: str) -> int:
         args.out.parent / "MODEL_CARD.md",
         model=(f"YOLIC-M2 (MobileNetV2, head Linear(1280, 104 x 12)), "
                f"{f'continued from {args.init}' if args.init else 'from scratch'}; {args.out.name}"),
-        data=(f"{args.train_scenes} train / {args.val_scenes} val generated scenes "
+        data=(f"{args.train_scenes} train"
+              f"{f' (after the first {args.train_skip})' if args.train_skip else ''} / {args.val_scenes} val generated scenes "
               f"(festival_serve.synth seed splits 'train'/'val'; sizes {result['sizes']}; JPEG q{JPEG_QUALITY})"),
         seed=args.seed, command=command, seconds=result["seconds"]["total"],
         metrics={"val": result["val"], "val_per_class": result["val_per_class"], "best_epoch": result["best_epoch"],
