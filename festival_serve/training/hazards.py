@@ -392,7 +392,8 @@ def cmd_train(args: argparse.Namespace, command: str) -> int:
 
     from festival_serve.training.cards import write_model_card
 
-    result = train_yolic(args.out, train_scenes=args.train_scenes, val_scenes=args.val_scenes, train_skip=args.train_skip, epochs=args.epochs,
+    result = train_yolic(args.out, train_scenes=args.train_scenes, val_scenes=args.val_scenes,
+                         train_skip=args.train_skip, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
                          progress=not args.no_progress, flip=not args.no_flip, half=not args.fp32,
                          workers=args.workers, bf16=args.bf16, hours=args.hours, init=args.init)
@@ -400,8 +401,8 @@ def cmd_train(args: argparse.Namespace, command: str) -> int:
         args.out.parent / "MODEL_CARD.md",
         model=(f"YOLIC-M2 (MobileNetV2, head Linear(1280, 104 x 12)), "
                f"{f'continued from {args.init}' if args.init else 'from scratch'}; {args.out.name}"),
-        data=(f"{args.train_scenes} train"
-              f"{f' (after the first {args.train_skip})' if args.train_skip else ''} / {args.val_scenes} val generated scenes "
+        data=(f"{args.train_scenes} train{f' (after the first {args.train_skip})' if args.train_skip else ''} / "
+              f"{args.val_scenes} val generated scenes "
               f"(festival_serve.synth seed splits 'train'/'val'; sizes {result['sizes']}; JPEG q{JPEG_QUALITY})"),
         seed=args.seed, command=command, seconds=result["seconds"]["total"],
         metrics={"val": result["val"], "val_per_class": result["val_per_class"], "best_epoch": result["best_epoch"],
