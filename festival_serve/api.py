@@ -77,14 +77,16 @@ async def analyze_frame(image: np.ndarray, frame: Any, describe: bool, stages: M
     found_signs, hazards = await asyncio.gather(stage("sign_detector", frame), stage("hazard_cells", frame))
     found_signs, hazards = found_signs or [], hazards or []
 
-    to_read = found_signs[: settings.max_signs_read]
+    with_text = [i for i, s in enumerate(found_signs) if s.has_text]  # pictograms have nothing to read
+    to_read = with_text[: settings.max_signs_read]
     texts: list = [None] * len(found_signs)
     if to_read:
-        crops = [crop(image, s.box, settings.crop_padding) for s in to_read]
+        crops = [crop(image, found_signs[i].box, settings.crop_padding) for i in to_read]
         read = await stage("sign_reader", crops) or [None] * len(crops)
-        texts[: len(read)] = [None if isinstance(t, StageError) else t for t in read]
-        if len(found_signs) > len(to_read):
-            degraded.append(f"sign_reader: read the first {len(to_read)} of {len(found_signs)} signs")
+        for i, text in zip(to_read, read):
+            texts[i] = None if isinstance(text, StageError) else text
+        if len(with_text) > len(to_read):
+            degraded.append(f"sign_reader: read the first {len(to_read)} of {len(with_text)} signs with text")
 
     description = None
     if describe:

@@ -55,6 +55,11 @@ class SignDetectorSettings(_Section):
     )
     classifier_image_size: int = Field(64, ge=16, multiple_of=16, description="Classifier input side, pixels.")
     classifier_context: float = Field(1.15, ge=1, le=3, description="Crop side / the box's longer side.")
+    text_classes: list[str] | None = Field(
+        None,
+        description="Sign classes that carry text: only their crops go to the reader (a pictogram has nothing to "
+        "read, and reading it costs a reader call and can invent a letter). null: read every sign.",
+    )
 
 
 class HazardCellsSettings(_Section):

@@ -71,6 +71,7 @@ class SignDetection:
     label: str
     class_id: int
     score: float
+    has_text: bool = True  # False: its class prints no text (settings.text_classes), so nobody reads it
 
 
 @dataclass(frozen=True)
@@ -335,6 +336,7 @@ class SignDetector:
                 threads=settings.threads,
                 expected_names=self.names,
             )
+        self.text_classes = self._known_classes(settings.text_classes)
         # Warm-up through the whole path: the first batch would otherwise also pay for importing the
         # letterbox/NMS code (ultralytics and torch, ~3 s on a small CPU).
         blank = np.zeros((64, 64, 3), dtype=np.uint8)
@@ -358,14 +360,31 @@ class SignDetector:
             # (class-aware NMS keeps a triangle twice, as "children" and as "pedestrian_crossing").
             agnostic=self.classifier is not None,
         )
-        if self.classifier is None:
+        if self.classifier is not None:
+            named = self.classifier.classify(images, [[d.box for d in found] for found in detections])
+            detections = [
+                [replace(d, class_id=class_id, label=label) for d, (class_id, label, _) in zip(found, names)
+                 if class_id >= 0]
+                for found, names in zip(detections, named)
+            ]
+        if self.text_classes is None:
             return detections
-        named = self.classifier.classify(images, [[d.box for d in found] for found in detections])
-        return [
-            [replace(d, class_id=class_id, label=label) for d, (class_id, label, _) in zip(found, names) if class_id >= 0]
-            for found, names in zip(detections, named)
-        ]
+        return [[replace(d, has_text=d.label in self.text_classes) for d in found] for found in detections]
+
+    def _known_classes(self, text_classes: list[str] | None) -> frozenset[str] | None:
+        """``text_classes`` as a set, refusing a name the detector cannot output (which would silently
+        stop those signs from being read)."""
+        if text_classes is None:
+            return None
+        unknown = sorted(set(text_classes) - set(self.names.values()))
+        if unknown:
+            raise ValueError(
+                f"sign_detector.text_classes names {unknown}, which {self.weights.name} does not detect; "
+                f"its classes are {sorted(self.names.values())} (null reads every sign)"
+            )
+        return frozenset(text_classes)
 
     def describe(self) -> dict:
-        described = {**self.backend.describe(), "weights": str(self.weights), "classes": len(self.names)}
+        described = {**self.backend.describe(), "weights": str(self.weights), "classes": len(self.names),
+                     "text_classes": sorted(self.text_classes) if self.text_classes is not None else None}
         return {**described, **self.classifier.describe()} if self.classifier else described

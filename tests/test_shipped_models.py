@@ -31,7 +31,7 @@ def shipped_args() -> PipelineArgs:
 
 
 @pytest.fixture(scope="module")
-def report(shipped_args) -> dict:
+def outcomes(shipped_args) -> list[evaluate.Outcome]:
     from festival_serve import ocr, signs, yolic
 
     store = Path(shipped_args.model_store)
@@ -46,7 +46,21 @@ def report(shipped_args) -> dict:
     outcomes = [evaluate._post(client, "", truth, jpeg, layout.classes, describe=False)
                 for truth, jpeg in evaluate._scenes(seeds, evaluate.DEFAULT_SIZES, quality=90)]
     assert [o.error for o in outcomes] == [None] * SCENES
+    return outcomes
+
+
+@pytest.fixture(scope="module")
+def report(outcomes) -> dict:
     return evaluate.report(outcomes, sign_classes=list(synth.SIGN_CLASSES))
+
+
+def test_only_signs_that_print_text_are_read(outcomes, shipped_args):
+    assert set(shipped_args.sign_detector.text_classes) == synth.TEXT_CLASSES
+    signs = [s for o in outcomes for s in o.signs]
+    pictograms = [s for s in signs if s.label not in synth.TEXT_CLASSES]
+    assert pictograms and len(pictograms) < len(signs)  # both kinds were found: the check is not vacuous
+    assert all(s.text is None for s in pictograms)
+    assert all(s.text is not None for s in signs if s.label in synth.TEXT_CLASSES)
 
 
 def test_shipped_weights_are_the_served_defaults(shipped_args):

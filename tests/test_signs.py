@@ -284,4 +284,20 @@ def test_describe_names_backend_device_precision_weights_and_classes(onnx_detect
         "precision": "fp32",
         "weights": str(weights),
         "classes": len(NAMES),
+        "text_classes": None,
     }
+
+
+def test_only_text_classes_are_marked_for_reading(store, weights):
+    detector = SignDetector(settings(backend="onnxruntime", threads=2, text_classes=["speed_limit_50"]), model_store=store)
+
+    found = [d for dets in detector.detect(frames()) for d in dets]
+
+    assert {d.label for d in found} >= {"speed_limit_50", "stop"}  # both kinds present: the check is not vacuous
+    assert all(d.has_text == (d.label == "speed_limit_50") for d in found)
+    assert detector.describe()["text_classes"] == ["speed_limit_50"]
+
+
+def test_text_classes_the_detector_cannot_output_are_refused(store, weights):
+    with pytest.raises(ValueError, match=r"text_classes names \['info'\].*'give_way', 'speed_limit_50', 'stop'"):
+        SignDetector(settings(backend="onnxruntime", text_classes=["speed_limit_50", "info"]), model_store=store)
