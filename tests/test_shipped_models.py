@@ -16,11 +16,10 @@ from festival_serve.baseline import build_app
 from festival_serve.settings import PipelineArgs
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENES = 40  # a few dozen: ~1 min on 2 cores
-#: The hazard cells are still interim (below their 0.87 target): what they reach on these scenes, less a
-#: margin, so a regression (a wrong image size, a broken loader, a bad export) falls far below. Signs and
-#: OCR are held to the issue's targets themselves (``evaluate.TARGETS``).
-FLOORS = {"hazards.f1": 0.78}  # 0.853 on these scenes with the 2026-12-02 weights
+#: The first 200 scenes of the test split, the same ones `festival-serve eval --images 200` sends: a few
+#: dozen were too few for the hazard cells (their F1 moves by ~0.02 between samples of 40), and with only
+#: signs that print text going to the reader 200 scenes take about a minute on 2 cores.
+SCENES = 200
 pytestmark = pytest.mark.timeout(900)
 
 
@@ -70,18 +69,10 @@ def test_shipped_weights_are_the_served_defaults(shipped_args):
     assert sum(sizes) < 20 * 1024**2  # the issue's budget for the embedded defaults
 
 
-def test_signs_and_their_text_meet_the_targets(report):
+def test_signs_their_text_and_the_hazard_cells_meet_the_targets(report):
     scores = {"signs.precision": report["signs"]["precision"], "signs.recall": report["signs"]["recall"],
-              "ocr.exact_match_no_tones": report["ocr"]["exact_match_no_tones"]}
+              "ocr.exact_match_no_tones": report["ocr"]["exact_match_no_tones"], "hazards.f1": report["hazards"]["f1"]}
     print({k: {"value": v, "target": evaluate.TARGETS[k]} for k, v in scores.items()})
-    assert report["ocr"]["evaluated"] >= 5
+    assert report["ocr"]["evaluated"] >= 50
     for key, value in scores.items():
-        assert value >= evaluate.TARGETS[key], (key, value, report["signs"], report["ocr"])
-
-
-def test_hazard_cells_score_at_least_their_floor(report):
-    """The issue's target (``evaluate.TARGETS``) is printed; the interim YOLIC weights do not meet it yet
-    (README, "What the default local run serves")."""
-    f1 = report["hazards"]["f1"]
-    print({"hazards.f1": {"value": f1, "target": evaluate.TARGETS["hazards.f1"], "floor": FLOORS["hazards.f1"]}})
-    assert f1 >= FLOORS["hazards.f1"], report["hazards"]
+        assert value >= evaluate.TARGETS[key], (key, value, report["signs"], report["ocr"], report["hazards"])
