@@ -48,7 +48,8 @@ def server(model_store, tmp_path_factory):
     config, _ = local.local_profile(local.load_config(ROOT / "serve_config.yaml"), host="127.0.0.1", port=port,
                                     model_store=str(model_store), has_gpu=False, base_dir=ROOT)
     full = config["applications"][0]
-    full["args"]["sign_detector"].update(max_detections=3)
+    # serve_config names the shipped model's text classes; these stand-ins have their own (the favoured one reads).
+    full["args"]["sign_detector"].update(max_detections=3, text_classes=["bus_station", "speed_limit"])
     full["args"]["scene_describer"].update(max_new_tokens=4)
     for deployment in full["deployments"]:
         deployment.pop("autoscaling_config", None)  # one replica each: batches must form on it
@@ -178,6 +179,7 @@ def test_health_readiness_and_models(server):
         assert m["ready"] is True and m["device"] == "cpu" and m["weights"]
         assert m["batch"]["max_batch_size"] >= 1
     assert models[0]["backend"] == "onnxruntime" and models[1]["backend"] == "onnxruntime"
+    assert models[0]["text_classes"] == ["bus_station", "speed_limit"]
 
 
 def test_missing_weights_degrade_instead_of_failing(server):
