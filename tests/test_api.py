@@ -30,7 +30,7 @@ class Reader:
 
 def analyze(found, settings: IngressSettings, reader: Reader) -> dict:
     image = np.zeros((40, 200, 3), np.uint8)
-    for i in range(5):  # crop i (x = 40 i .. 40 i + 20) is filled with the value 10 (i + 1)
+    for i in range(5):  # the sign at x = 40 i (20 px wide) sits on pixels of value 10 (i + 1)
         image[:, 40 * i: 40 * i + 30] = 10 * (i + 1)
     stages = {"sign_detector": lambda frame: asyncio.sleep(0, found), "hazard_cells": lambda frame: asyncio.sleep(0, []),
               "sign_reader": reader, "scene_describer": None}

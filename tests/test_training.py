@@ -184,7 +184,8 @@ def test_signs_command_writes_weights_and_card(tmp_path, capsys):
 # -- model cards ------------------------------------------------------------------------------------
 
 def test_model_card_records_data_seed_command_time_and_metrics(tmp_path):
-    card = write_model_card(tmp_path / "hazard_cells" / "MODEL_CARD.md", model="YOLIC-M2", data="2000 scenes", seed=7,
+    card = write_model_card(tmp_path / "hazard_cells" / "MODEL_CARD.md", title="hazard cells", model="YOLIC-M2",
+                            data="2000 scenes", seed=7,
                             command="python -m festival_serve.training.hazards --epochs 20", seconds=3725.0,
                             metrics={"val": {"f1": 0.91234}, "history": [{"epoch": 1, "loss": 0.1}]}, notes="from scratch")
     text = card.read_text()

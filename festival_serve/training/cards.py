@@ -17,6 +17,7 @@ _PACKAGES = ("torch", "torchvision", "ultralytics", "numpy")
 def write_model_card(
     path: Path,
     *,
+    title: str,
     model: str,
     data: str,
     seed: int,
@@ -31,7 +32,7 @@ def write_model_card(
     histories) go into a JSON block at the end so nothing is lost."""
     scalars, blocks = _flatten(metrics)
     lines = [
-        f"# Model card: {Path(path).parent.name or 'model'}",
+        f"# Model card: {title}",
         "",
         f"- **Model:** {model}",
         f"- **Training data:** {data}",

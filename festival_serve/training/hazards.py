@@ -399,6 +399,7 @@ def cmd_train(args: argparse.Namespace, command: str) -> int:
                          workers=args.workers, bf16=args.bf16, hours=args.hours, init=args.init)
     write_model_card(
         args.out.parent / "MODEL_CARD.md",
+        title="YOLIC-M2 hazard cells",
         model=(f"YOLIC-M2 (MobileNetV2, head Linear(1280, 104 x 12)), "
                f"{f'continued from {args.init}' if args.init else 'from scratch'}; {args.out.name}"),
         data=(f"{args.train_scenes} train{f' (after the first {args.train_skip})' if args.train_skip else ''} / "

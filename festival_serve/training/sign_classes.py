@@ -188,6 +188,7 @@ def cmd_train(args: argparse.Namespace, command: str) -> int:
     seconds = time.perf_counter() - started
     write_model_card(
         args.out.parent / "MODEL_CARD.md",
+        title="YOLOv8n-cls sign classifier",
         model=f"{args.model} ({result['parameters']:,} parameters), from scratch, {args.imgsz} px; {args.out.name}",
         data=(f"square crops (context {CONTEXT}) of every labelled sign ({args.copies} jittered per training sign) "
               f"and of background (one random box per scene, plus the false alarms of {negatives or 'no detector'}) "

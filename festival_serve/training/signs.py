@@ -327,6 +327,7 @@ def cmd_train(args: argparse.Namespace, command: str) -> int:
     settings = ", ".join(f"{k}={v}" for k, v in overrides.items())
     write_model_card(
         args.out.parent / "MODEL_CARD.md",
+        title="YOLOv8 sign detector",
         model=(f"{result['model']} ({result['parameters']:,} parameters), "
                f"{'from ' + str(args.init) if args.init else 'from scratch'}, {args.imgsz} px; {args.out.name}"),
         data=(f"{args.train_scenes} train / {args.val_scenes} val generated scenes (festival_serve.synth seed splits "
