@@ -6,38 +6,54 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+import ray
+
 from festival_serve.api import StageError
+from festival_serve.devices import cuda_available
 from festival_serve.settings import BatchConfig
+from festival_serve.stages import Stage
 
 logger = logging.getLogger("ray.serve")
 
 
+def assigned_gpu_fraction() -> float | None:
+    """This replica's ``num_gpus`` as Ray assigned it (e.g. 0.2), or None when it holds no GPU share."""
+    share = ray.get_runtime_context().get_assigned_resources().get("GPU")
+    return float(share) if share else None
+
+
 class ModelDeployment:
-    """Base of the model deployments. Subclasses set ``stage`` and ``batched_method`` (the name of
-    their ``@serve.batch`` method) and call ``_load`` in ``__init__``."""
+    """Base of the model deployments. Subclasses set ``STAGE`` (their row of the stage table) and call
+    ``_load`` in ``__init__``; the batched method is the one the table names."""
 
-    stage: ClassVar[str]
-    batched_method: ClassVar[str]
+    STAGE: ClassVar[Stage]
 
-    def _load(self, load: Callable[[], Any], *, missing: tuple[type[Exception], ...], weights: Path | str) -> None:
+    @property
+    def stage(self) -> str:
+        return self.STAGE.name
+
+    def _load(self, settings: Any, model_store: str, gpu_only: bool) -> None:
         """Load the model. Missing weights leave the deployment running but unavailable (every answer
-        says why); any other failure (a corrupt checkpoint, GPU-only refusal) fails the deployment."""
-        self.weights = str(weights)
+        says why); any other failure (a corrupt checkpoint, a missing GPU runtime, GPU-only refusal)
+        fails the deployment at once with the loader's message."""
+        weights = self.STAGE.weights(settings)
+        self.weights = str(weights) if weights else "bundled"
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.batch_config = BatchConfig()
+        self.gpu_fraction = assigned_gpu_fraction()
         try:
-            self.model = load()
+            self.model = self.STAGE.load(settings, model_store=model_store, gpu_only=gpu_only,
+                                         gpu_fraction=self.gpu_fraction)
             self.unavailable: str | None = None
-        except missing as e:
+        except self.STAGE.missing_errors() as e:
             self.model, self.unavailable = None, str(e)
             logger.warning("%s is not serving: %s", self.stage, e)
 
     def reconfigure(self, user_config: dict) -> None:
         self.batch_config = BatchConfig.model_validate(user_config or {})
-        batched = getattr(self, self.batched_method)
+        batched = getattr(self, self.STAGE.method)
         batched.set_max_batch_size(self.batch_config.max_batch_size)
         batched.set_batch_wait_timeout_s(self.batch_config.batch_wait_timeout_s)
 
@@ -63,6 +79,8 @@ class ModelDeployment:
         return {
             "stage": self.stage,
             "ready": self.model is not None,
+            "gpu_fraction": self.gpu_fraction,
+            "gpu_visible": cuda_available(),
             "unavailable_reason": self.unavailable,
             **model,
             "batch": {**self.batch_config.model_dump(), "observed_sizes": dict(sorted(self.batch_sizes.items()))},

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from ray import serve
 
 from deployments.base import ModelDeployment
 from festival_serve import yolic
-from festival_serve.settings import HazardCellsSettings, in_store
+from festival_serve.settings import HazardCellsSettings
+from festival_serve.stages import stage
 
 
 @serve.deployment
 class HazardCells(ModelDeployment):
-    stage = "hazard_cells"
-    batched_method = "classify"
+    STAGE = stage("hazard_cells")
 
     def __init__(self, settings: HazardCellsSettings, model_store: str, gpu_only: bool = False) -> None:
-        self._load(
-            lambda: yolic.HazardCellClassifier(settings, model_store=Path(model_store), gpu_only=gpu_only),
-            missing=(FileNotFoundError,),
-            weights=in_store(settings.weights, model_store),
-        )
+        self._load(settings, model_store, gpu_only)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def classify(self, images: list[np.ndarray]) -> list[list[yolic.HazardCell]]:

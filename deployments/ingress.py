@@ -23,10 +23,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from festival_serve.api import STAGES, ApiError, analyze_frame, error_response, http_error_code, ms_since, \
+from festival_serve.api import ApiError, analyze_frame, error_response, http_error_code, ms_since, \
     parse_bool, read_image_bytes
 from festival_serve.imaging import InvalidImage, decode_image
 from festival_serve.settings import IngressSettings
+from festival_serve.stages import STAGES
 
 logger = logging.getLogger("ray.serve")
 
@@ -34,22 +35,11 @@ logger = logging.getLogger("ray.serve")
 @serve.deployment
 @serve.ingress()
 class PipelineIngress:
-    def __init__(
-        self,
-        sign_detector: DeploymentHandle,
-        hazard_cells: DeploymentHandle,
-        sign_reader: DeploymentHandle,
-        scene_describer: DeploymentHandle,
-        settings: IngressSettings,
-    ) -> None:
-        self.models = dict(zip(STAGES, (sign_detector, hazard_cells, sign_reader, scene_describer)))
+    def __init__(self, settings: IngressSettings, **models: DeploymentHandle) -> None:
+        """``models``: one handle per stage, keyed by stage name (``festival_serve.stages``)."""
+        self.models = {stage.name: models[stage.name] for stage in STAGES}
         self.settings = settings
-        self.stages = {
-            "sign_detector": sign_detector.detect.remote,
-            "hazard_cells": hazard_cells.classify.remote,
-            "sign_reader": sign_reader.read.remote,
-            "scene_describer": scene_describer.describe.remote,
-        }
+        self.stages = {stage.name: getattr(models[stage.name], stage.method).remote for stage in STAGES}
 
     def __serve_build_asgi_app__(self) -> Starlette:
         return Starlette(

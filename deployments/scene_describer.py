@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from ray import serve
 
 from deployments.base import ModelDeployment
 from festival_serve import vlm
-from festival_serve.settings import SceneDescriberSettings, in_store
+from festival_serve.settings import SceneDescriberSettings
+from festival_serve.stages import stage
 
 
 @serve.deployment
 class SceneDescriber(ModelDeployment):
-    stage = "scene_describer"
-    batched_method = "describe"
+    STAGE = stage("scene_describer")
 
     def __init__(self, settings: SceneDescriberSettings, model_store: str, gpu_only: bool = False) -> None:
-        self._load(
-            lambda: vlm.SceneDescriber(settings, model_store=Path(model_store), gpu_only=gpu_only),
-            missing=(vlm.WeightsMissing,),
-            weights=in_store(settings.model, model_store),
-        )
+        self._load(settings, model_store, gpu_only)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def describe(self, images: list[np.ndarray], findings: list[vlm.Findings]) -> list[str]:

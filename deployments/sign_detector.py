@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from ray import serve
 
 from deployments.base import ModelDeployment
 from festival_serve import signs
-from festival_serve.settings import SignDetectorSettings, in_store
+from festival_serve.settings import SignDetectorSettings
+from festival_serve.stages import stage
 
 
 @serve.deployment
 class SignDetector(ModelDeployment):
-    stage = "sign_detector"
-    batched_method = "detect"
+    STAGE = stage("sign_detector")
 
     def __init__(self, settings: SignDetectorSettings, model_store: str, gpu_only: bool = False) -> None:
-        self._load(
-            lambda: signs.SignDetector(settings, model_store=Path(model_store), gpu_only=gpu_only),
-            missing=(FileNotFoundError,),
-            weights=in_store(settings.weights, model_store),
-        )
+        self._load(settings, model_store, gpu_only)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def detect(self, images: list[np.ndarray]) -> list[list[signs.SignDetection]]:

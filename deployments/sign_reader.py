@@ -3,14 +3,13 @@ requests (a request with five signs weighs five in the batch)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from ray import serve
 
 from deployments.base import ModelDeployment
 from festival_serve import ocr
 from festival_serve.settings import SignReaderSettings
+from festival_serve.stages import stage
 
 
 def _crop_count(requests: list[list[np.ndarray]]) -> int:
@@ -19,15 +18,10 @@ def _crop_count(requests: list[list[np.ndarray]]) -> int:
 
 @serve.deployment
 class SignReader(ModelDeployment):
-    stage = "sign_reader"
-    batched_method = "read"
+    STAGE = stage("sign_reader")
 
     def __init__(self, settings: SignReaderSettings, model_store: str, gpu_only: bool = False) -> None:
-        self._load(
-            lambda: ocr.create_reader(settings, model_store=Path(model_store), gpu_only=gpu_only),
-            missing=(FileNotFoundError,),
-            weights=settings.rec_model or "rapidocr bundled PP-OCR",
-        )
+        self._load(settings, model_store, gpu_only)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_crop_count)
     async def read(self, requests: list[list[np.ndarray]]) -> list[list[ocr.SignText]]:

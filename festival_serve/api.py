@@ -28,10 +28,9 @@ from festival_serve.vlm import Findings
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("sign_detector", "hazard_cells", "sign_reader", "scene_describer")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
-Stage = Callable[..., Awaitable[Any]]
+StageCall = Callable[..., Awaitable[Any]]
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ def http_error_code(status: int) -> str:
 # -- the flow of one frame --------------------------------------------------------------------------
 
 
-async def analyze_frame(image: np.ndarray, frame: Any, describe: bool, stages: Mapping[str, Stage],
+async def analyze_frame(image: np.ndarray, frame: Any, describe: bool, stages: Mapping[str, StageCall],
                         settings: IngressSettings, timings: dict) -> dict:
     """Run ``image`` through the stages and build the answer. ``frame`` is what the model stages are
     handed (the array itself, or a reference to one shared copy); crops are cut from ``image``."""

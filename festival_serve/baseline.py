@@ -27,30 +27,22 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from festival_serve.api import STAGES, ApiError, analyze_frame, error_response, http_error_code, ms_since, \
+from festival_serve.api import ApiError, analyze_frame, error_response, http_error_code, ms_since, \
     parse_bool, read_image_bytes
 from festival_serve.imaging import InvalidImage, decode_image
 from festival_serve.settings import PipelineArgs
+from festival_serve.stages import STAGE_NAMES, STAGES, Stage
 
 logger = logging.getLogger(__name__)
 
 
 def load_models(args: PipelineArgs) -> dict[str, Any]:
-    """Every model, loaded now, through the same loaders the deployments use."""
-    from festival_serve import ocr, signs, vlm, yolic
-
-    store, gpu_only = Path(args.model_store), args.gpu_only
-    loaders: dict[str, Callable[[], Any]] = {
-        "sign_detector": lambda: signs.SignDetector(args.sign_detector, model_store=store, gpu_only=gpu_only),
-        "hazard_cells": lambda: yolic.HazardCellClassifier(args.hazard_cells, model_store=store, gpu_only=gpu_only),
-        "sign_reader": lambda: ocr.create_reader(args.sign_reader, model_store=store, gpu_only=gpu_only),
-        "scene_describer": lambda: vlm.SceneDescriber(args.scene_describer, model_store=store, gpu_only=gpu_only),
-    }
+    """Every model, loaded now, through the same loaders the deployments use (the stage table's)."""
     models = {}
-    for stage, load in loaders.items():
+    for stage in STAGES:
         started = time.perf_counter()
-        models[stage] = load()
-        logger.info("baseline: %s loaded in %.1f s", stage, time.perf_counter() - started)
+        models[stage.name] = stage.load(stage.settings(args), model_store=args.model_store, gpu_only=args.gpu_only)
+        logger.info("baseline: %s loaded in %.1f s", stage.name, time.perf_counter() - started)
     return models
 
 
@@ -61,14 +53,14 @@ class SequentialPipeline:
         self.args, self.models = args, models
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="models")
         self.one_at_a_time = asyncio.Lock()
-        self.batch_sizes = {stage: collections.Counter() for stage in STAGES}  # always 1: no batching here
-        self.stages = {
-            "sign_detector": lambda frame: self._call("sign_detector", lambda: models["sign_detector"].detect([frame])[0]),
-            "hazard_cells": lambda frame: self._call("hazard_cells", lambda: models["hazard_cells"].classify([frame])[0]),
-            "sign_reader": self._read_each,
-            "scene_describer": lambda frame, findings: self._call(
-                "scene_describer", lambda: models["scene_describer"].describe([frame], [findings])[0]),
-        }
+        self.batch_sizes = {stage: collections.Counter() for stage in STAGE_NAMES}  # always 1: no batching here
+        self.stages = {stage.name: self._one_item_call(stage) for stage in STAGES}
+        self.stages["sign_reader"] = self._read_each  # the seed read a frame's crops one by one
+
+    def _one_item_call(self, stage: Stage) -> Callable[..., Any]:
+        """The stage's batched method (the same name on the model as on its deployment) on a batch of one."""
+        method = getattr(self.models[stage.name], stage.method)
+        return lambda *item: self._call(stage.name, lambda: method(*[[part] for part in item])[0])
 
     async def _call(self, stage: str, work: Callable[[], Any]) -> Any:
         self.batch_sizes[stage][1] += 1
@@ -91,7 +83,7 @@ class SequentialPipeline:
     def info(self) -> list[dict]:
         return [{"name": stage, "ready": True, **_model_info(self.models[stage]),
                  "batch": {"max_batch_size": 1, "observed_sizes": dict(self.batch_sizes[stage])}}
-                for stage in STAGES]
+                for stage in STAGE_NAMES]
 
 
 def _model_info(model: Any) -> dict:

@@ -103,47 +103,41 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 
 def cmd_models_status(args: argparse.Namespace) -> int:
     from festival_serve import local
+    from festival_serve.stages import STAGES
 
     pipeline = _pipeline_args(local.load_config(args.config), args.model_store)
-    rows = {
-        "sign_detector": pipeline.store_path(pipeline.sign_detector.weights),
-        "sign_classifier": (pipeline.store_path(pipeline.sign_detector.classifier)
-                            if pipeline.sign_detector.classifier else None),
-        "hazard_cells": pipeline.store_path(pipeline.hazard_cells.weights),
-        "sign_reader": pipeline.store_path(pipeline.sign_reader.rec_model) if pipeline.sign_reader.rec_model else None,
-        "scene_describer": pipeline.store_path(pipeline.scene_describer.model),
-    }
-    for name, path in rows.items():
-        if path is None:
-            state = "bundled (rapidocr PP-OCR)" if name == "sign_reader" else "off (detector classes)"
-        else:
-            state = "present" if path.exists() else "MISSING"
-        print(f"{name:16} {state:26} {path or ''}")
+    for stage in STAGES:
+        settings = stage.settings(pipeline)
+        # A stage's own weights, then any further network it runs (the sign classifier).
+        rows = [(stage.name, stage.weights(settings))]
+        rows += [(n.name, n.weights(settings)) for n in stage.networks if n.name != stage.name]
+        for name, weights in rows:
+            if weights is None:
+                state, path = ("bundled (rapidocr PP-OCR)", "") if not stage.networks else ("off", "")
+            else:
+                path = pipeline.store_path(weights)
+                state = "present" if path.exists() else "MISSING"
+            print(f"{name:16} {state:26} {path}")
     return 0
 
 
 def cmd_engines_build(args: argparse.Namespace) -> int:
-    """Build (or find cached) TensorRT engines for the detectors (and the sign classifier), as serving would load them."""
-    from festival_serve import local
-    from festival_serve.backends import create_backend
-    from festival_serve.signs import YoloCheckpoint
-    from festival_serve.yolic import YolicNetwork, load_layout
+    """Build (or find cached) TensorRT engines for every exportable network, as serving would load them."""
+    from festival_serve import engines, local
+    from festival_serve.stages import NETWORKS
 
     pipeline = _pipeline_args(local.load_config(args.config), args.model_store)
-    signs, hazards = pipeline.sign_detector, pipeline.hazard_cells
-    sources = {
-        "sign_detector": lambda: YoloCheckpoint(pipeline.store_path(signs.weights), signs.image_size),
-        "hazard_cells": lambda: YolicNetwork(pipeline.store_path(hazards.weights), load_layout(hazards.layout)),
-    }
-    if signs.classifier:
-        from festival_serve.sign_classes import ClassifierCheckpoint
-
-        sources["sign_classifier"] = lambda: ClassifierCheckpoint(pipeline.store_path(signs.classifier),
-                                                                  signs.classifier_image_size)
-    for name, source in sources.items():
-        print(f"{name}: building TensorRT {'fp32' if args.fp32 else 'fp16'} engine on {args.device} …")
-        backend = create_backend("tensorrt", source(), device=args.device, fp16=not args.fp32)
-        print(f"{name}: ready ({backend.describe()})")
+    for network in NETWORKS:
+        source = network.source(pipeline)
+        if source is None:
+            print(f"{network.name}: off in this config, skipped")
+            continue
+        print(f"{network.name}: building TensorRT {'fp32' if args.fp32 else 'fp16'} engine on {args.device} …")
+        engine_file = engines.build_engine(
+            source.onnx_file(), fp16=not args.fp32, max_batch=args.max_batch, device=args.device,
+            rebuild=args.force_rebuild, progress=lambda msg, n=network.name: print(f"{n}: {msg}"),
+        )
+        print(f"{network.name}: ready ({engine_file})")
     return 0
 
 
@@ -201,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(benchmark)
     benchmark.set_defaults(func=bench.cmd_bench)
 
+    from festival_serve import check_gpu
+
+    gpu = sub.add_parser("check-gpu", help="where each stage really runs (device, precision, runtime, GPU share) "
+                                           "and this machine's GPUs; warns on over-committed GPUs")
+    check_gpu.add_arguments(gpu)
+    gpu.set_defaults(func=check_gpu.cmd_check_gpu)
+
     models = sub.add_parser("models", help="model weights in the model store")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     for name, func, help_ in (("pull", cmd_models_pull, "fetch real weights (needs internet)"),
@@ -229,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--model-store", help="override args.model_store")
     build.add_argument("--device", default="cuda")
     build.add_argument("--fp32", action="store_true", help="build fp32 engines instead of fp16")
+    build.add_argument("--max-batch", type=int, default=32,
+                       help="largest batch the engines accept (default: %(default)s; >= the YAML's max_batch_size)")
+    build.add_argument("--force-rebuild", action="store_true", help="rebuild even when a cached engine exists")
     build.set_defaults(func=cmd_engines_build)
     return parser
 

@@ -173,6 +173,10 @@ def dump_yaml(manifest: dict) -> str:
     return yaml.dump(manifest, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000)
 
 
+#: What a GPU node's environment is installed with: onnxruntime-gpu (CUDA 13, as torch) and TensorRT.
+IMAGE_INSTALL = "uv sync --frozen --extra gpu --extra tensorrt"
+
+
 def render_document(serve_config: dict, *, source: str, image: str,
                     gpu_workers_min: int = DEFAULT_GPU_WORKERS_MIN,
                     gpu_workers_max: int = DEFAULT_GPU_WORKERS_MAX, **options: Any) -> str:
@@ -185,6 +189,7 @@ def render_document(serve_config: dict, *, source: str, image: str,
         f"#   python -m festival_serve.cluster render --config {source} --image {image} \\\n"
         f"#       --gpu-workers-min {gpu_workers_min} --gpu-workers-max {gpu_workers_max} --out <this file>\n"
     )
+    header += f"# The image holds the locked environment with the GPU runtimes: `{IMAGE_INSTALL}` (cluster/README.md).\n"
     if image == PLACEHOLDER_IMAGE:
         header += f"# {PLACEHOLDER_IMAGE} is a placeholder: render again with your image (cluster/README.md).\n"
     if options:

@@ -14,9 +14,14 @@ TensorRT 10 vs 11 (see ``_precision_plan``):
   ``BuilderFlag.FP16`` lets the builder pick fp16 kernels wherever it likes.
 * TensorRT 11 removed ``BuilderFlag.FP16`` (and every other precision flag) and only builds
   *strongly typed* networks: each tensor runs in the type the ONNX graph gives it, so an fp16 engine
-  needs an fp16 (mixed-precision) ONNX. NVIDIA's documented route is ModelOpt AutoCast
-  (``modelopt.onnx.autocast.convert_to_mixed_precision``); without it we fall back to the
-  fp32→fp16 graph converter of onnxconverter-common, also shipped inside onnxruntime.
+  needs an fp16 (mixed-precision) ONNX, made by ``festival_serve.onnx_fp16`` (ModelOpt AutoCast,
+  NVIDIA's documented route, where installed; else onnxruntime's fp32→fp16 converter).
+
+Replicas only *load* engines (``find_engine``): building takes minutes and a workspace of GPU memory
+that the other replicas on the device share, so it happens ahead of time in ``festival-serve engines
+build`` (or at start-up only where a stage sets ``build_engines: true``). Builds share a timing cache
+per GPU model and TensorRT version (``timing.<gpu>-sm<cc>.trt<version>.cache`` in the cache folder),
+so rebuilding after a weights update re-times only new layers.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from festival_serve.backends.base import BackendUnavailable
+from festival_serve.errors import BackendUnavailable
+from festival_serve.onnx_fp16 import fp16_onnx, graph_has_fp16
 from festival_serve.cache import build_once, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -45,8 +51,16 @@ DEFAULT_OPT_BATCH = 8
 Progress = Callable[[str], None]
 
 
+#: What to run to build engines ahead of time; named by every "engine missing" error.
+BUILD_COMMAND = "festival-serve engines build --config serve_config.yaml"
+
+
 class EngineBuildError(RuntimeError):
     """The ONNX could not be parsed or TensorRT could not build an engine from it."""
+
+
+class EngineMissing(BackendUnavailable):
+    """No engine for this network, GPU, TensorRT version and precision, and the replica may not build one."""
 
 
 def require_tensorrt():
@@ -116,6 +130,37 @@ def sidecar_path(engine_file: Path) -> Path:
     return engine_file.with_name(engine_file.name + ".json")
 
 
+def find_engine(onnx_path: Path, *, fp16: bool, device: int | str = "cuda", cache_dir: Path | None = None) -> Path | None:
+    """An engine already built from ``onnx_path``'s exact bytes for this GPU, TensorRT version and precision
+    (the one accepting the largest batch), or None. Raises ``BackendUnavailable`` without TensorRT or CUDA."""
+    onnx_path = Path(onnx_path)
+    facts = gpu_facts(device)
+    folder = Path(cache_dir) if cache_dir is not None else onnx_path.parent
+    pattern = (f"{onnx_path.stem}.{_slug(facts['gpu_name'])}-sm{_cc(facts['compute_capability'])}"
+               f".trt{facts['trt_version']}.{'fp16' if fp16 else 'fp32'}.b*{ENGINE_SUFFIX}")
+    digest = file_sha256(onnx_path)
+    found = []
+    for engine_file in folder.glob(pattern):
+        try:
+            sidecar = json.loads(sidecar_path(engine_file).read_text())
+        except (OSError, ValueError):
+            continue  # an engine without its facts cannot be trusted to match these bytes
+        if sidecar.get("onnx_sha256") == digest:
+            found.append((int(sidecar.get("batch", {}).get("max", 0)), engine_file))
+    return max(found)[1] if found else None
+
+
+def missing_engine_error(name: str, onnx_path: Path, *, fp16: bool, device: int | str = "cuda") -> EngineMissing:
+    """The start-up error for a replica that may not build its engine: what is missing, and the command."""
+    facts = gpu_facts(device)
+    return EngineMissing(
+        f"{name}: no TensorRT {'fp16' if fp16 else 'fp32'} engine for {Path(onnx_path).name} on this GPU "
+        f"({facts['gpu_name']}, sm{_cc(facts['compute_capability'])}, TensorRT {facts['trt_version']}) in "
+        f"{Path(onnx_path).parent}; build it ahead of time on a node with this GPU: {BUILD_COMMAND} "
+        "(or set build_engines: true to let the replica build it at start-up)"
+    )
+
+
 def build_engine(
     onnx_path: Path,
     *,
@@ -123,9 +168,10 @@ def build_engine(
     max_batch: int,
     opt_batch: int | None = None,
     cache_dir: Path | None = None,
-    workspace_gib: float = 2.0,
+    workspace_bytes: int = 2 << 30,
     progress: Progress | None = None,
     device: int | str = "cuda",
+    rebuild: bool = False,
 ) -> Path:
     """Return the engine file for ``onnx_path`` on this GPU, building and caching it first if absent.
 
@@ -133,7 +179,7 @@ def build_engine(
     one optimisation profile with batch ``1 .. opt_batch .. max_batch``. Builds take minutes: run
     ``festival-serve engines build`` ahead of deployment so replicas only load. ``cache_dir`` defaults
     to the ONNX file's folder. Replicas starting together on one node build once (a file lock), and the
-    engine appears by atomic rename, so nobody loads a half-written file.
+    engine appears by atomic rename, so nobody loads a half-written file. ``rebuild`` replaces a cached engine.
     """
     onnx_path = Path(onnx_path)
     if max_batch < 1:
@@ -146,18 +192,21 @@ def build_engine(
 
     facts = gpu_facts(device)
     target = engine_path(onnx_path, cache_dir, fp16=fp16, max_batch=max_batch, opt_batch=opt, **facts)
-    if target.exists():
+    if target.exists() and not rebuild:
         say(f"using cached engine {target}")
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(target.with_name(target.name + ".lock")):
-        if target.exists():  # another replica built it while we waited for the lock
+        if rebuild:
+            target.unlink(missing_ok=True)
+            rebuild = False
+        elif target.exists():  # another replica built it while we waited for the lock
             say(f"using engine {target} built by another process")
             return target
         started = time.perf_counter()
         plan, notes = _build_plan(
             onnx_path, fp16=fp16, opt_batch=opt, max_batch=max_batch, cache_dir=cache_dir,
-            workspace_gib=workspace_gib, say=say,
+            workspace_bytes=workspace_bytes, timing_cache=timing_cache_path(cache_dir, facts), say=say,
         )
         seconds = time.perf_counter() - started
         sidecar = {
@@ -165,7 +214,7 @@ def build_engine(
             "onnx_sha256": file_sha256(onnx_path),
             "fp16": fp16,
             "batch": {"min": 1, "opt": opt, "max": max_batch},
-            "workspace_gib": workspace_gib,
+            "workspace_bytes": workspace_bytes,
             **facts,
             **notes,
             "build_seconds": round(seconds, 1),
@@ -193,20 +242,10 @@ def load_engine(engine_file: Path):
     return engine
 
 
-def onnx_has_fp16(onnx_path: Path) -> bool:
-    """Whether the graph already computes in fp16 (fp16 weights, fp16 inputs, or casts to fp16)."""
-    import onnx
-
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    half = onnx.TensorProto.FLOAT16
-    if any(t.data_type == half for t in graph.initializer):
-        return True
-    if any(v.type.tensor_type.elem_type == half for v in graph.input):
-        return True
-    return any(
-        node.op_type == "Cast" and any(a.name == "to" and a.i == half for a in node.attribute)
-        for node in graph.node
-    )
+def timing_cache_path(cache_dir: Path, facts: dict[str, str]) -> Path:
+    """The builder's timing cache for one GPU model and TensorRT version (kernel timings are per both)."""
+    return Path(cache_dir) / (f"timing.{_slug(facts['gpu_name'])}-sm{_cc(facts['compute_capability'])}"
+                              f".trt{facts['trt_version']}.cache")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,7 +254,7 @@ def onnx_has_fp16(onnx_path: Path) -> bool:
 
 def _build_plan(
     onnx_path: Path, *, fp16: bool, opt_batch: int, max_batch: int, cache_dir: Path,
-    workspace_gib: float, say: Progress,
+    workspace_bytes: int, timing_cache: Path, say: Progress,
 ) -> tuple[bytes, dict[str, str]]:
     """Parse, configure and build: the serialized engine, plus notes for the sidecar."""
     trt = require_tensorrt()
@@ -224,8 +263,9 @@ def _build_plan(
     strongly_typed, use_fp16_flag = _precision_plan(trt, fp16)
 
     source = onnx_path
-    if fp16 and strongly_typed and not onnx_has_fp16(onnx_path):
-        source, converter = _fp16_onnx(onnx_path, cache_dir, say)
+    if fp16 and strongly_typed and not graph_has_fp16(onnx_path):
+        say("TensorRT >= 11 takes fp16 from the graph")
+        source, converter = fp16_onnx(onnx_path, cache_dir, say)
     else:
         converter = None
 
@@ -241,7 +281,10 @@ def _build_plan(
         raise EngineBuildError(f"TensorRT's ONNX parser rejected {source}:\n{errors or '  - (no error recorded)'}")
 
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    # Kernel timings from earlier builds on this GPU model: only layers not seen before are timed again.
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
     if use_fp16_flag:
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
@@ -260,6 +303,7 @@ def _build_plan(
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineBuildError(f"TensorRT failed to build an engine from {source}; its log above says why")
+    _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
     notes = {
         "typing": "strongly typed" if strongly_typed else "weakly typed",
         "fp16_via": (
@@ -283,48 +327,6 @@ def _precision_plan(trt, fp16: bool) -> tuple[bool, bool]:
     """
     has_flag = hasattr(trt.BuilderFlag, "FP16")
     return (not has_flag, fp16 and has_flag)
-
-
-def _fp16_onnx(onnx_path: Path, cache_dir: Path, say: Progress) -> tuple[Path, str]:
-    """A mixed-precision fp16 copy of an fp32 ONNX (inputs/outputs stay fp32), cached by content hash."""
-    import onnx
-
-    target = cache_dir / f"{onnx_path.stem}.{file_sha256(onnx_path)[:12]}.fp16.onnx"
-    try:
-        # NVIDIA's documented TensorRT 11 route: AutoCast keeps numerically risky nodes in fp32.
-        from modelopt.onnx.autocast import convert_to_mixed_precision
-
-        def convert() -> "onnx.ModelProto":
-            return convert_to_mixed_precision(onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True)
-
-        tool = "modelopt.onnx.autocast"
-    except ImportError:
-        float16 = _float16_converter()
-        tool = f"{float16.__name__}.convert_float_to_float16"
-
-        def convert() -> "onnx.ModelProto":
-            return float16.convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True)
-
-    if not target.exists():
-        say(f"TensorRT >= 11 takes fp16 from the graph: converting {onnx_path.name} to fp16 with {tool}")
-        build_once(target, lambda tmp: onnx.save(convert(), str(tmp)))
-    return target, tool
-
-
-def _float16_converter():
-    """onnxconverter-common's fp32→fp16 graph converter, or the copy maintained inside onnxruntime."""
-    try:
-        from onnxconverter_common import float16
-    except ImportError:
-        try:
-            from onnxruntime.transformers import float16
-        except ImportError as e:
-            raise EngineBuildError(
-                "TensorRT >= 11 builds fp16 engines only from an fp16 ONNX graph (BuilderFlag.FP16 is gone) and no "
-                "converter is installed: pip install nvidia-modelopt (ModelOpt AutoCast, NVIDIA's route) or "
-                "onnxconverter-common, export the model in fp16, or build with fp16=False"
-            ) from e
-    return float16
 
 
 def _batch_profile_dims(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from festival_serve.stages import STAGE_NAMES
+
 logger = logging.getLogger(__name__)
 
 
@@ -22,9 +24,6 @@ def load_config(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"serve config not found: {path}")
     return yaml.safe_load(path.read_text())
-
-
-MODEL_SECTIONS = ("sign_detector", "hazard_cells", "sign_reader", "scene_describer")
 
 
 def local_profile(config: dict, *, host: str, port: int, model_store: str | None, has_gpu: bool,
@@ -62,7 +61,7 @@ def local_profile(config: dict, *, host: str, port: int, model_store: str | None
                     capped.append(deployment["name"])
             if capped:
                 changes.append(f"{cores} CPU cores: at most {cap} replica(s) each ({', '.join(capped)})")
-            for section in MODEL_SECTIONS:
+            for section in STAGE_NAMES:
                 settings = args.setdefault(section, {})
                 if settings.get("threads") is None:
                     settings["threads"] = cores if section == "scene_describer" else max(1, cores // 2)

@@ -33,7 +33,7 @@ import numpy as np
 from rapidocr.utils.process_img import get_rotate_crop_image
 
 from festival_serve.backends.base import BackendUnavailable
-from festival_serve.devices import resolve_device
+from festival_serve.devices import resolve_device, warn_cpu_beside_gpu
 from festival_serve.settings import SignReaderSettings, in_store
 
 logger = logging.getLogger(__name__)
@@ -328,11 +328,13 @@ class PPOCROnnxReader:
 
     engine = "onnx"
 
-    def __init__(self, settings: SignReaderSettings, *, model_store: Path, gpu_only: bool = False) -> None:
+    def __init__(self, settings: SignReaderSettings, *, model_store: Path, gpu_only: bool = False,
+                 gpu_fraction: float | None = None) -> None:
         # Imported here: rapidocr's det/rec packages pull in its whole engine stack (~2 s).
         from rapidocr.ch_ppocr_det.utils import DBPostProcess
         from rapidocr.ch_ppocr_rec.utils import CTCLabelDecode
 
+        from festival_serve.backends import Placement
         from festival_serve.backends.onnxruntime_backend import OnnxRuntimeBackend
 
         det_path, det_label = model_file(settings.det_model, model_store, SHIPPED_DET)
@@ -340,7 +342,10 @@ class PPOCROnnxReader:
         dict_path = store_path(settings.rec_dict, model_store) if settings.rec_dict else None
         self.settings = settings
         self.device = resolve_device(settings.device, gpu_only=gpu_only, model="sign_reader")
-        load = dict(device=self.device, threads=settings.threads)
+        self.cpu_beside_gpu = warn_cpu_beside_gpu("sign_reader", self.device)
+        # fp32: PP-OCR's exports are fp32 and small; CTC scores near the threshold are sensitive to precision.
+        load = dict(device=self.device, threads=settings.threads, placement=Placement(gpu_only, gpu_fraction / 2 if
+                                                                                      gpu_fraction else None))
         self.det = OnnxRuntimeBackend.from_file(str(det_path), name="sign_reader.det", **load)
         self.rec = OnnxRuntimeBackend.from_file(str(rec_path), name="sign_reader.rec", **load)
         # A dictionary file is split on "\n" only, as PaddleOCR reads it (some characters are
@@ -358,8 +363,10 @@ class PPOCROnnxReader:
         self.recognize([np.zeros((settings.rec_height, settings.rec_height * 4, 3), np.uint8)])
         logger.info("sign_reader: PP-OCR onnx on %s (%s, %d characters)", self.device, self.weights, len(chars))
 
-    def describe(self) -> dict[str, str]:
-        return {"engine": self.engine, "backend": "onnxruntime", "device": self.device, "weights": self.weights}
+    def describe(self) -> dict:
+        networks = [{"name": "sign_reader.det", **self.det.describe()}, {"name": "sign_reader.rec", **self.rec.describe()}]
+        return {"engine": self.engine, **self.det.describe(), "weights": self.weights,
+                "cpu_beside_gpu": self.cpu_beside_gpu, "networks": networks}
 
     def read(self, crops: list[np.ndarray]) -> list[SignText]:
         results = [EMPTY] * len(crops)
@@ -428,7 +435,10 @@ class PaddleOCRReader:
 
     engine = "paddle"
 
-    def __init__(self, settings: SignReaderSettings, *, model_store: Path, gpu_only: bool = False) -> None:
+    def __init__(self, settings: SignReaderSettings, *, model_store: Path, gpu_only: bool = False,
+                 gpu_fraction: float | None = None) -> None:
+        # gpu_fraction is not applied: Paddle's allocator is capped only by FLAGS_fraction_of_gpu_memory_to_use,
+        # read once at import; set it in the replica's runtime_env to cap this engine.
         paddle_ocr = _import_paddleocr()
         self.settings = settings
         self.device = resolve_device(settings.device, gpu_only=gpu_only, model="sign_reader")
@@ -475,7 +485,8 @@ class PaddleOCRReader:
 ENGINES: dict[str, type] = {"onnx": PPOCROnnxReader, "paddle": PaddleOCRReader}
 
 
-def create_reader(settings: SignReaderSettings, *, model_store: Path, gpu_only: bool = False) -> SignReaderEngine:
+def create_reader(settings: SignReaderSettings, *, model_store: Path, gpu_only: bool = False,
+                  gpu_fraction: float | None = None) -> SignReaderEngine:
     """Build the engine named by ``settings.engine``; an unknown name lists the supported ones."""
     try:
         engine_cls = ENGINES[settings.engine]
@@ -483,4 +494,4 @@ def create_reader(settings: SignReaderSettings, *, model_store: Path, gpu_only: 
         raise ValueError(
             f"unknown sign reader engine {settings.engine!r}; supported engines: {', '.join(sorted(ENGINES))}"
         ) from None
-    return engine_cls(settings, model_store=Path(model_store), gpu_only=gpu_only)
+    return engine_cls(settings, model_store=Path(model_store), gpu_only=gpu_only, gpu_fraction=gpu_fraction)

@@ -15,37 +15,26 @@ import logging
 import sys
 from pathlib import Path
 
-from festival_serve.devices import resolve_backend
 from festival_serve.settings import PipelineArgs
+from festival_serve.stages import NETWORKS
 
 #: Backends that run the ONNX export (TensorRT builds its engines from it).
 ONNX_BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def export_onnx(args: PipelineArgs, *, has_gpu: bool, progress=print) -> list[Path]:
-    """Make sure every detector that will run from ONNX has its export cached; return the files."""
-    from festival_serve.sign_classes import ClassifierCheckpoint
-    from festival_serve.signs import YoloCheckpoint
-    from festival_serve.yolic import YolicNetwork, load_layout
-
-    signs = args.sign_detector
-    # (what, its settings section, weights, network source); the classifier runs where its detector runs.
-    sources = [
-        ("sign_detector", signs, signs.weights, lambda path: YoloCheckpoint(path, signs.image_size)),
-        ("hazard_cells", args.hazard_cells, args.hazard_cells.weights,
-         lambda path: YolicNetwork(path, load_layout(args.hazard_cells.layout))),
-    ]
-    if signs.classifier:
-        sources.append(("sign_classifier", signs, signs.classifier,
-                        lambda path: ClassifierCheckpoint(path, signs.classifier_image_size)))
+    """Make sure every network that will run from ONNX has its export cached; return the files."""
     files = []
-    for name, settings, weights, make in sources:
+    for network in NETWORKS:
+        settings = getattr(args, network.stage)  # a network runs under its stage's backend and device
         device = settings.device if settings.device != "auto" else ("cuda" if has_gpu else "cpu")
-        weights = args.store_path(weights)
-        if resolve_backend(settings.backend, device) not in ONNX_BACKENDS or not weights.is_file():
+        # auto on a GPU runs torch, or TensorRT engines built ahead of time (`festival-serve engines build`).
+        from_onnx = settings.backend in ONNX_BACKENDS or (settings.backend == "auto" and device == "cpu")
+        weights = network.weights(settings)
+        if not from_onnx or weights is None or not args.store_path(weights).is_file():
             continue
-        files.append(make(weights).onnx_file())
-        progress(f"  {name}: ONNX export ready ({files[-1].name})")
+        files.append(network.source(args).onnx_file())
+        progress(f"  {network.name}: ONNX export ready ({files[-1].name})")
     return files
 
 

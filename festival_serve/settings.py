@@ -36,18 +36,36 @@ class BatchConfig(_Section):
     )
 
 
-class SignDetectorSettings(_Section):
-    weights: str = Field("sign_detector/signs.pt", description="Ultralytics YOLO checkpoint (.pt).")
+class _NetworkSettings(_Section):
+    """What a stage that runs exportable networks (ONNX / TensorRT) is run with."""
+
     backend: BackendName = Field(
-        "auto", description="auto: torch fp16 on CUDA, onnxruntime on CPU (ONNX exported from the .pt)."
+        "auto",
+        description="auto: on CUDA, TensorRT where an engine built by `festival-serve engines build` exists and "
+        "TensorRT is installed, else torch; on CPU, onnxruntime (ONNX exported from the checkpoint).",
     )
     device: Device = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    fp16: bool | None = Field(None, description="Half precision; default: on for CUDA, off for CPU.")
+    fp16: bool | None = Field(
+        None,
+        description="Half precision. Default: on for CUDA, off for CPU. Every backend honours it: torch casts the "
+        "module, TensorRT builds an fp16 engine, onnxruntime runs an fp16 copy of the exported graph (inputs and "
+        "outputs stay float32).",
+    )
+    threads: int | None = Field(None, ge=1, description="CPU threads for the runtime (None: runtime default).")
+    build_engines: bool = Field(
+        False,
+        description="Let a replica build a missing TensorRT engine at start-up. Off: replicas only load engines "
+        "(a build takes minutes and a GPU workspace the other replicas share); a missing one is a start-up error "
+        "that names `festival-serve engines build`.",
+    )
+
+
+class SignDetectorSettings(_NetworkSettings):
+    weights: str = Field("sign_detector/signs.pt", description="Ultralytics YOLO checkpoint (.pt).")
     image_size: int = Field(640, ge=32, multiple_of=32, description="Square letterbox side, pixels.")
     confidence: float = Field(0.25, gt=0, lt=1, description="Minimum class score of a kept box.")
     iou: float = Field(0.45, gt=0, lt=1, description="NMS IoU threshold.")
     max_detections: int = Field(50, ge=1, description="Most signs kept per image.")
-    threads: int | None = Field(None, ge=1, description="CPU threads for the runtime (None: runtime default).")
     classifier: str | None = Field(
         "sign_classifier/sign_classes.pt",
         description="Ultralytics classification checkpoint that names each detected sign from its full-resolution "
@@ -62,16 +80,12 @@ class SignDetectorSettings(_Section):
     )
 
 
-class HazardCellsSettings(_Section):
+class HazardCellsSettings(_NetworkSettings):
     weights: str = Field("hazard_cells/yolic_m2.pth.tar", description="YOLIC-M2 state_dict checkpoint.")
     layout: str = Field(
         "outdoor", description="Cell layout: a bundled name ('outdoor') or a path to a layout JSON file."
     )
-    backend: BackendName = "auto"
-    device: Device = "auto"
-    fp16: bool | None = None
     threshold: float = Field(0.5, gt=0, lt=1, description="Sigmoid score above which a cell carries a label.")
-    threads: int | None = Field(None, ge=1)
 
 
 class SignReaderSettings(_Section):

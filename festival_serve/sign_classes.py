@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from festival_serve.signs import PAD_VALUE, UltralyticsCheckpoint
+from festival_serve.ultralytics_io import PAD_VALUE, UltralyticsCheckpoint, configure_ultralytics_offline
 
 #: The class for crops that hold no sign: a detection the classifier puts there is dropped.
 BACKGROUND = "background"
@@ -45,6 +45,7 @@ def square_crop(image: np.ndarray, box: tuple[float, float, float, float], conte
 
 @functools.lru_cache(maxsize=4)
 def _transform(size: int):
+    configure_ultralytics_offline()
     from ultralytics.data.augment import classify_transforms
 
     return classify_transforms(size)
@@ -71,8 +72,8 @@ class SignClassifier:
     """Crops in, ``(class name, probability)`` out, one forward pass per batch on a backend."""
 
     def __init__(self, path: Path, *, image_size: int, context: float, backend: str, device: str, fp16: bool,
-                 threads: int | None, expected_names: dict[int, str]) -> None:
-        from festival_serve.backends import create_backend
+                 threads: int | None, expected_names: dict[int, str], placement=None) -> None:
+        from festival_serve.backends import Placement, create_backend
 
         self.image_size = image_size
         self.context = context
@@ -82,7 +83,8 @@ class SignClassifier:
         if unknown:
             raise ValueError(f"{path}: classes {unknown} are not sign detector classes {sorted(expected_names.values())}")
         self._class_ids = {**{name: i for i, name in expected_names.items()}, BACKGROUND: -1}
-        self.backend = create_backend(backend, self.checkpoint, device=device, fp16=fp16, threads=threads)
+        self.backend = create_backend(backend, self.checkpoint, device=device, fp16=fp16, threads=threads,
+                                      placement=placement or Placement())
 
     def classify(self, images: list[np.ndarray], boxes: list[list[tuple[float, float, float, float]]]):
         """Per image, per box: ``(detector class id, class name, probability)`` of the crop's top class

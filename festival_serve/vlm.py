@@ -124,7 +124,8 @@ def _as_rgb(image: np.ndarray, index: int) -> np.ndarray:
 class SceneDescriber:
     """SmolVLM loaded once; ``describe`` turns a batch of frames + findings into one sentence or two each."""
 
-    def __init__(self, settings: SceneDescriberSettings, *, model_store: Path, gpu_only: bool = False) -> None:
+    def __init__(self, settings: SceneDescriberSettings, *, model_store: Path, gpu_only: bool = False,
+                 gpu_fraction: float | None = None) -> None:
         self.settings = settings
         self.path = model_dir(settings, model_store=model_store)
         check_weights(self.path)  # before importing torch/transformers: a missing model fails in ms
@@ -132,10 +133,13 @@ class SceneDescriber:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from festival_serve.devices import resolve_device
+        from festival_serve import gpu_share
+        from festival_serve.devices import check_tensors, resolve_device, warn_cpu_beside_gpu
 
         self.device = resolve_device(settings.device, gpu_only=gpu_only, model=MODEL_NAME)
+        self.cpu_beside_gpu = warn_cpu_beside_gpu(MODEL_NAME, self.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.memory_cap_bytes = gpu_share.cap_torch(self.device, gpu_fraction) if self.device != "cpu" else None
         if settings.threads:
             torch.set_num_threads(settings.threads)
 
@@ -146,8 +150,16 @@ class SceneDescriber:
             self.path, dtype=getattr(torch, self.dtype), local_files_only=True
         )
         self.model.to(self.device).eval()
+        if gpu_only:
+            check_tensors([*self.model.named_parameters(), *self.model.named_buffers()], device=self.device,
+                          dtype=getattr(torch, self.dtype), where=f"{MODEL_NAME} after loading")
         self._image_kwargs = self._image_processor_kwargs()
-        # Warm-up: one short generation so the first request does not pay for lazy initialisation.
+        # Warm-up: one short generation so the first request does not pay for lazy initialisation
+        # (and, in GPU-only mode, proves its inputs land on the device).
+        if gpu_only:
+            warm_up = self.prepare([np.zeros((64, 64, 3), np.uint8)], [Findings()])
+            check_tensors([(k, v) for k, v in warm_up.items() if hasattr(v, "device")], device=self.device,
+                          where=f"{MODEL_NAME} warm-up inputs")
         self.generate_ids([np.zeros((64, 64, 3), np.uint8)], [Findings()], max_new_tokens=1)
         logger.info(
             "%s: loaded %s on %s (%s), image splitting %s, %d image tokens per frame",
@@ -225,12 +237,27 @@ class SceneDescriber:
         return [text.strip() for text in texts]
 
     def describe_info(self) -> dict[str, Any]:
-        return {
-            "weights": str(self.path),
+        import torch
+
+        parameter = next(self.model.parameters())
+        network = {
+            "backend": "torch",  # transformers' generate on torch
             "device": self.device,
+            "runtime_device": str(parameter.device),
+            "precision": str(parameter.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads() if self.device == "cpu" else None,
+            "gpu_memory_cap_bytes": self.memory_cap_bytes,
+        }
+        if self.device != "cpu":
+            network["gpu_memory_used_bytes"] = torch.cuda.memory_reserved(parameter.device)
+        return {
+            **network,
+            "weights": str(self.path),
             "dtype": self.dtype,
             "image_splitting": self.settings.do_image_splitting,
             "image_tokens_per_image": self.image_tokens_per_image(),
+            "cpu_beside_gpu": self.cpu_beside_gpu,
+            "networks": [{"name": MODEL_NAME, **network}],
         }
 
 

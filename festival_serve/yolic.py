@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from festival_serve.cache import build_once, file_sha256
-from festival_serve.devices import resolve_backend, resolve_device, resolve_fp16
+from festival_serve.devices import resolve_device, resolve_fp16, warn_cpu_beside_gpu
 from festival_serve.settings import HazardCellsSettings, in_store
 
 logger = logging.getLogger(__name__)
@@ -192,17 +192,19 @@ class YolicNetwork:
 class HazardCellClassifier:
     """YOLIC-M2 on a backend: images in, flagged cells out, one forward pass per batch."""
 
-    def __init__(self, settings: HazardCellsSettings, *, model_store: Path, gpu_only: bool = False) -> None:
-        from festival_serve.backends import create_backend
+    def __init__(self, settings: HazardCellsSettings, *, model_store: Path, gpu_only: bool = False,
+                 gpu_fraction: float | None = None) -> None:
+        from festival_serve.backends import Placement, create_backend
 
         self.settings = settings
         self.layout = load_layout(settings.layout)
         self.weights = in_store(settings.weights, model_store)
         device = resolve_device(settings.device, gpu_only=gpu_only, model="hazard_cells")
+        self.cpu_beside_gpu = warn_cpu_beside_gpu("hazard_cells", device)
         network = YolicNetwork(self.weights, self.layout)
         self.backend = create_backend(
-            resolve_backend(settings.backend, device), network, device=device,
-            fp16=resolve_fp16(settings.fp16, device), threads=settings.threads,
+            settings.backend, network, device=device, fp16=resolve_fp16(settings.fp16, device),
+            threads=settings.threads, placement=Placement(gpu_only, gpu_fraction, settings.build_engines),
         )
         self.backend.forward(np.zeros((1, 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32))  # warm-up
 
@@ -213,4 +215,5 @@ class HazardCellClassifier:
 
     def describe(self) -> dict:
         return {**self.backend.describe(), "weights": str(self.weights), "layout": self.layout.name,
-                "cells": self.layout.num_cells, "classes": len(self.layout.classes)}
+                "cells": self.layout.num_cells, "classes": len(self.layout.classes),
+                "cpu_beside_gpu": self.cpu_beside_gpu, "networks": [{"name": "hazard_cells", **self.backend.describe()}]}

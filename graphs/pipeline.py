@@ -15,15 +15,17 @@ from deployments.sign_reader import SignReader
 from festival_serve.settings import PipelineArgs
 
 
+#: The model deployments; each names its row of the stage table (``festival_serve.stages``).
+MODELS = (SignDetector, HazardCells, SignReader, SceneDescriber)
+
+
 def build_app(args: PipelineArgs) -> Application:
-    store, gpu_only = args.model_store, args.gpu_only
-    return PipelineIngress.bind(
-        SignDetector.bind(args.sign_detector, store, gpu_only),
-        HazardCells.bind(args.hazard_cells, store, gpu_only),
-        SignReader.bind(args.sign_reader, store, gpu_only),
-        SceneDescriber.bind(args.scene_describer, store, gpu_only),
-        args.ingress,
-    )
+    handles = {}
+    for model in MODELS:
+        stage = model.func_or_class.STAGE
+        handles[stage.name] = model.bind(stage.settings(args), args.model_store, args.gpu_only)
+    # The ingress gets one handle per stage, by name; every model reads the frame it puts in the object store.
+    return PipelineIngress.bind(args.ingress, **handles)
 
 
 app = build_app(PipelineArgs())

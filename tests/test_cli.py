@@ -7,6 +7,7 @@ import pytest
 from festival_serve import local
 from festival_serve.cli import main
 from festival_serve.settings import PipelineArgs
+from festival_serve.stages import STAGE_NAMES
 from festival_serve.standins.hazards import build_yolic_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,12 +34,12 @@ def test_local_profile_sizes_threads_and_replicas_to_the_cores(tmp_path):
     app = profiled["applications"][0]
     assert {d["name"]: d["autoscaling_config"]["max_replicas"] for d in app["deployments"]} == dict.fromkeys(
         ["SignDetector", "HazardCells", "SignReader", "SceneDescriber", "PipelineIngress"], 1)
-    assert [app["args"][s]["threads"] for s in local.MODEL_SECTIONS] == [1, 1, 1, 2]
+    assert [app["args"][s]["threads"] for s in STAGE_NAMES] == [1, 1, 1, 2]
     assert any("at most 1 replica" in c for c in changes)
     big, _ = local.local_profile(config, host="127.0.0.1", port=8123, model_store=None, has_gpu=False,
                                  base_dir=tmp_path, cpus=16)
     assert big["applications"][0]["deployments"][0]["autoscaling_config"]["max_replicas"] == 4
-    assert [big["applications"][0]["args"][s]["threads"] for s in local.MODEL_SECTIONS] == [8, 8, 8, 16]
+    assert [big["applications"][0]["args"][s]["threads"] for s in STAGE_NAMES] == [8, 8, 8, 16]
 
 
 def test_local_profile_keeps_gpus_when_there_is_one(tmp_path):

@@ -186,7 +186,7 @@ def test_launcher_head_runs_no_replicas_and_workers_bring_a_gpu(launcher, serve_
 
 
 def test_launcher_installs_the_locked_environment_with_token_auth(launcher):
-    assert any("uv sync --frozen --extra tensorrt" in c for c in launcher["setup_commands"])
+    assert any("uv sync --frozen --extra gpu --extra tensorrt" in c for c in launcher["setup_commands"])
     assert any("RAY_AUTH_MODE=token" in c for c in launcher["initialization_commands"])
     assert "/home/ubuntu/.ray/auth_token" in launcher["file_mounts"]
     for command in launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]:

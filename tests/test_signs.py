@@ -276,16 +276,22 @@ def test_detect_batch_equals_single_image_calls(onnx_detector):
     assert onnx_detector.detect([]) == []
 
 
-def test_describe_names_backend_device_precision_weights_and_classes(onnx_detector, weights):
+def test_describe_reports_what_the_runtime_runs_on_weights_and_classes(onnx_detector, weights):
     assert onnx_detector.names == NAMES
-    assert onnx_detector.describe() == {
+    described = onnx_detector.describe()
+    assert {k: described[k] for k in ("backend", "device", "runtime_device", "precision", "weights", "classes",
+                                      "text_classes", "cpu_beside_gpu")} == {
         "backend": "onnxruntime",
         "device": "cpu",
+        "runtime_device": "cpu",  # read back from the session's providers, not the setting
         "precision": "fp32",
         "weights": str(weights),
         "classes": len(NAMES),
         "text_classes": None,
+        "cpu_beside_gpu": False,
     }
+    [network] = described["networks"]  # no classifier in this fixture
+    assert network["name"] == "sign_detector" and network["providers"] == ["CPUExecutionProvider"]
 
 
 def test_only_text_classes_are_marked_for_reading(store, weights):

@@ -24,6 +24,7 @@ import torch
 from festival_serve import engines
 from festival_serve.backends import BACKENDS, BackendUnavailable, create_backend
 from festival_serve.engines import EngineBuildError, engine_cache_key, engine_path, require_tensorrt
+from festival_serve.onnx_fp16 import graph_has_fp16
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -227,9 +228,28 @@ class FakeTensorRT(types.ModuleType):
             def get_error(self, i):
                 return self.errors[i]
 
+        class TimingCache:
+            def __init__(self, data: bytes):
+                self.data = data
+
+            def serialize(self):
+                return self.data + b"+timings"
+
         class Config:
             def __init__(self):
                 self.flags, self.profiles = [], []
+                self.timing_cache = None
+
+            def create_timing_cache(self, data):
+                fake.calls.setdefault("timing_cache_in", []).append(bytes(data))
+                return TimingCache(bytes(data))
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                self.timing_cache = cache
+                return True
+
+            def get_timing_cache(self):
+                return self.timing_cache
 
             def set_memory_pool_limit(self, pool, size):
                 fake.calls["workspace"] = (pool, size)
@@ -307,7 +327,7 @@ def test_trt11_fp16_builds_a_strongly_typed_network_from_an_fp16_graph(fake_trt,
     assert trt.calls["flags"] == []  # no precision flags exist in 11.x
     converted = trt.calls["parsed"]
     assert converted != onnx_copy and converted.name.endswith(".fp16.onnx")
-    assert engines.onnx_has_fp16(converted) and not engines.onnx_has_fp16(onnx_copy)
+    assert graph_has_fp16(converted) and not graph_has_fp16(onnx_copy)
     assert "fp16 ONNX graph" in json.loads(engines.sidecar_path(path).read_text())["fp16_via"]
 
     # The converted graph keeps fp32 inputs/outputs and computes what the fp32 graph does.
@@ -321,6 +341,45 @@ def test_trt11_fp16_builds_a_strongly_typed_network_from_an_fp16_graph(fake_trt,
         np.testing.assert_allclose(h, r, rtol=1e-2, atol=1e-2)
 
 
+def test_builds_share_a_timing_cache_per_gpu_and_tensorrt_version(fake_trt, onnx_copy):
+    trt = fake_trt("10.13.3.9")
+    engines.build_engine(onnx_copy, fp16=True, max_batch=4)
+    [cache_file] = onnx_copy.parent.glob("timing.*.cache")
+    assert cache_file.name == "timing.nvidia-l4-sm89.trt10.13.3.9.cache"
+    assert cache_file.read_bytes() == b"+timings"  # what the builder serialized after the first build
+    engines.build_engine(onnx_copy, fp16=False, max_batch=4)  # another engine on the same GPU
+    assert trt.calls["timing_cache_in"] == [b"", b"+timings"]  # the second build starts from the first's timings
+
+
+def test_replicas_find_engines_built_ahead_of_time_and_refuse_to_guess(fake_trt, onnx_copy, tmp_path):
+    fake_trt("10.13.3.9")
+    assert engines.find_engine(onnx_copy, fp16=True) is None
+    built = engines.build_engine(onnx_copy, fp16=True, max_batch=16)
+    assert engines.find_engine(onnx_copy, fp16=True) == built
+    assert engines.find_engine(onnx_copy, fp16=False) is None  # another precision is another engine
+    # Other bytes under the same name (new weights, same file name) do not match the old engine.
+    other = tmp_path / "other" / onnx_copy.name
+    other.parent.mkdir()
+    other.write_bytes(onnx_copy.read_bytes() + b"\0")
+    for f in onnx_copy.parent.glob("*.engine*"):
+        (other.parent / f.name).write_bytes(f.read_bytes())
+    assert engines.find_engine(other, fp16=True) is None
+
+
+def test_a_missing_engine_names_the_build_command(fake_trt, onnx_copy):
+    fake_trt("10.13.3.9")
+    error = engines.missing_engine_error("yolo:signs.pt", onnx_copy, fp16=True)
+    assert isinstance(error, BackendUnavailable)
+    assert "festival-serve engines build" in str(error) and "NVIDIA L4" in str(error) and "fp16" in str(error)
+
+
+def test_force_rebuild_replaces_the_cached_engine(fake_trt, onnx_copy):
+    trt = fake_trt("10.13.3.9")
+    first = engines.build_engine(onnx_copy, fp16=True, max_batch=4)
+    assert engines.build_engine(onnx_copy, fp16=True, max_batch=4, rebuild=True) == first
+    assert trt.calls["builds"] == 2
+
+
 def test_trt11_fp32_parses_the_onnx_as_is(fake_trt, onnx_copy):
     trt = fake_trt("11.0.0.1")
     engines.build_engine(onnx_copy, fp16=False, max_batch=4)
@@ -332,7 +391,7 @@ def test_trt11_fp16_without_a_converter_says_what_to_install(fake_trt, onnx_copy
     for blocked in ("modelopt", "modelopt.onnx.autocast", "onnxconverter_common",
                     "onnxruntime.transformers", "onnxruntime.transformers.float16"):
         monkeypatch.setitem(sys.modules, blocked, None)
-    with pytest.raises(EngineBuildError, match="nvidia-modelopt"):
+    with pytest.raises(BackendUnavailable, match="nvidia-modelopt"):
         engines.build_engine(onnx_copy, fp16=True, max_batch=4)
 
 

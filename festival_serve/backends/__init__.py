@@ -2,10 +2,14 @@
 
 from festival_serve.backends.base import (
     BACKENDS,
+    DEFAULT_PLACEMENT,
     Backend,
     BackendUnavailable,
     NetworkSource,
+    Placement,
+    choose_backend,
     create_backend,
 )
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "NetworkSource", "create_backend"]
+__all__ = ["BACKENDS", "DEFAULT_PLACEMENT", "Backend", "BackendUnavailable", "NetworkSource", "Placement",
+           "choose_backend", "create_backend"]

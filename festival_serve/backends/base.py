@@ -3,23 +3,29 @@
 A *network source* knows how to produce a network in each portable form (a PyTorch module, an ONNX
 file); a *backend* turns one of those forms into something that runs ``(N, C, H, W) float32`` batches
 on a device and returns the network's outputs as float32 numpy arrays. Models pick a backend by name
-(``torch``, ``onnxruntime``, ``tensorrt``) from their settings; nothing else branches on the runtime.
+(``torch``, ``onnxruntime``, ``tensorrt``, or ``auto``) from their settings; nothing else branches on
+the runtime.
+
+Every backend is told the replica's placement rules when it loads (``Placement``): GPU-only mode,
+where the runtime must prove after loading that parameters, sessions and outputs really are on the
+GPU (a violation is a ``GpuOnlyViolation`` naming the tensor or provider), and the replica's share
+of the GPU, which caps its memory (``festival_serve.gpu_share``). ``describe()`` reports what the
+runtime says it is running on, not what was asked for.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
 
 import numpy as np
 
+from festival_serve.errors import BackendUnavailable  # noqa: F401 - part of the backends API
+
 logger = logging.getLogger(__name__)
-
-
-class BackendUnavailable(RuntimeError):
-    """The requested runtime or device cannot run here (missing package, provider or GPU)."""
 
 
 class NetworkSource(Protocol):
@@ -35,6 +41,19 @@ class NetworkSource(Protocol):
         """An ONNX export of the network with a dynamic batch axis (exported once, then cached)."""
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where and how a backend must run, beyond the device string."""
+
+    gpu_only: bool = False  # prove the network runs on the GPU, at load and on the first batch
+    gpu_fraction: float | None = None  # the replica's Ray num_gpus share: caps its GPU memory
+    build_engines: bool = False  # TensorRT: build a missing engine at load instead of refusing
+
+
+#: No GPU-only checks, no GPU share, no engine builds: what tests and tools get unless they say otherwise.
+DEFAULT_PLACEMENT = Placement()
+
+
 class Backend(abc.ABC):
     """Runs one network on batches. Subclasses register themselves in ``BACKENDS`` by ``name``."""
 
@@ -43,6 +62,8 @@ class Backend(abc.ABC):
     def __init__(self, device: str, fp16: bool) -> None:
         self.device = device
         self.fp16 = fp16
+        self.memory_cap_bytes: int | None = None
+        self.chosen_because = ""  # set by create_backend when "auto" picked this backend
 
     @property
     def precision(self) -> str:
@@ -51,7 +72,8 @@ class Backend(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def from_source(
-        cls, source: NetworkSource, *, device: str, fp16: bool, threads: int | None = None
+        cls, source: NetworkSource, *, device: str, fp16: bool, threads: int | None = None,
+        placement: Placement = DEFAULT_PLACEMENT,
     ) -> "Backend":
         """Load ``source`` for this runtime on ``device``."""
 
@@ -59,8 +81,16 @@ class Backend(abc.ABC):
     def forward(self, batch: np.ndarray) -> list[np.ndarray]:
         """Run ``batch`` ((N, C, H, W) float32) and return every network output as float32 numpy."""
 
-    def describe(self) -> dict[str, str]:
-        return {"backend": self.name, "device": self.device, "precision": self.precision}
+    @abc.abstractmethod
+    def runtime_device(self) -> str:
+        """Where the network really runs, read back from the runtime ("cpu", "cuda:0")."""
+
+    def describe(self) -> dict:
+        info = {"backend": self.name, "device": self.device, "runtime_device": self.runtime_device(),
+                "precision": self.precision, "gpu_memory_cap_bytes": self.memory_cap_bytes}
+        if self.chosen_because:
+            info["backend_choice"] = self.chosen_because
+        return info
 
 
 BACKENDS: dict[str, type[Backend]] = {}
@@ -71,21 +101,40 @@ def register(cls: type[Backend]) -> type[Backend]:
     return cls
 
 
+def choose_backend(requested: str, source: NetworkSource, *, device: str, fp16: bool) -> tuple[str, str]:
+    """``(backend name, why)``. ``auto``: ONNX Runtime on the CPU; on CUDA, TensorRT where its engine for
+    this GPU was built ahead of time and TensorRT is installed, else torch."""
+    if requested != "auto":
+        return requested, ""
+    if not device.startswith("cuda"):
+        return "onnxruntime", "auto on CPU: onnxruntime"
+    from festival_serve import engines
+
+    try:
+        engines.gpu_facts(device)  # TensorRT importable and CUDA present, before any ONNX export
+    except BackendUnavailable as e:
+        return "torch", f"auto on CUDA: torch ({e})"
+    engine = engines.find_engine(source.onnx_file(), fp16=fp16, device=device)
+    if engine is None:
+        return "torch", f"auto on CUDA: torch (no TensorRT engine built for this GPU; `{engines.BUILD_COMMAND}`)"
+    return "tensorrt", f"auto on CUDA: tensorrt (engine {engine.name})"
+
+
 def create_backend(
-    kind: str, source: NetworkSource, *, device: str, fp16: bool = False, threads: int | None = None
+    kind: str, source: NetworkSource, *, device: str, fp16: bool = False, threads: int | None = None,
+    placement: Placement = DEFAULT_PLACEMENT,
 ) -> Backend:
-    """Build the backend called ``kind``; an unknown name is an error that lists the known ones."""
+    """Build the backend called ``kind`` (or the one ``auto`` picks); an unknown name lists the known ones."""
     # Importing the package registers every built-in backend.
     from festival_serve.backends import onnxruntime_backend, tensorrt_backend, torch_backend  # noqa: F401
 
-    try:
-        backend_cls = BACKENDS[kind]
-    except KeyError:
-        raise ValueError(
-            f"unknown backend {kind!r}; supported backends: {', '.join(sorted(BACKENDS))}"
-        ) from None
-    backend = backend_cls.from_source(source, device=device, fp16=fp16, threads=threads)
-    logger.info("%s: %s backend on %s (%s)", source.name, kind, device, backend.precision)
+    if kind != "auto" and kind not in BACKENDS:
+        raise ValueError(f"unknown backend {kind!r}; supported backends: auto, {', '.join(sorted(BACKENDS))}")
+    kind, why = choose_backend(kind, source, device=device, fp16=fp16)
+    backend = BACKENDS[kind].from_source(source, device=device, fp16=fp16, threads=threads, placement=placement)
+    backend.chosen_because = why
+    logger.info("%s: %s backend on %s (%s)%s", source.name, kind, backend.runtime_device(), backend.precision,
+                f"; {why}" if why else "")
     return backend
 
 

@@ -1,4 +1,11 @@
-"""ONNX Runtime backend: the CPU default, and CUDA / TensorRT through execution providers."""
+"""ONNX Runtime backend: the CPU default, and CUDA through the CUDA execution provider.
+
+fp16 runs an fp16 copy of the exported graph (``festival_serve.onnx_fp16``; inputs and outputs stay
+float32). ONNX Runtime quietly places nodes on the CPU when a provider cannot take them, and quietly
+drops a provider it cannot load: so the providers a session really got are read back after it is
+built, a CUDA session without the CUDA provider is refused, and in GPU-only mode the session is built
+with CPU fallback disabled (``session.disable_cpu_ep_fallback``), so no node may run on the CPU.
+"""
 
 from __future__ import annotations
 
@@ -6,57 +13,94 @@ import logging
 
 import numpy as np
 
-from festival_serve.backends.base import Backend, BackendUnavailable, NetworkSource, as_float32, register
+from festival_serve import gpu_share
+from festival_serve.backends.base import (
+    DEFAULT_PLACEMENT, Backend, BackendUnavailable, NetworkSource, Placement, as_float32, register,
+)
+from festival_serve.errors import GpuOnlyViolation
 
 logger = logging.getLogger(__name__)
 
 #: device prefix -> the execution provider that must be present to honour it.
-_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+#: What a GPU node installs to get the CUDA provider (it replaces the CPU-only onnxruntime wheel).
+GPU_INSTALL = "uv sync --frozen --extra gpu (onnxruntime-gpu, built for the same CUDA 13 as the locked torch)"
+
+
+def check_providers(name: str, device: str, providers: list[str], *, gpu_only: bool) -> None:
+    """Refuse a session whose first provider is not the one ``device`` needs (it would run elsewhere)."""
+    wanted = PROVIDERS[device.split(":")[0]]
+    if providers and providers[0] == wanted:
+        return
+    message = (f"{name}: asked for {device} but the ONNX Runtime session runs on {providers} "
+               f"(wanted {wanted} first); install: {GPU_INSTALL}")
+    raise GpuOnlyViolation(message) if gpu_only else BackendUnavailable(message)
 
 
 @register
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, session, device: str, fp16: bool) -> None:
+    def __init__(self, session, device: str, fp16: bool, threads: int | None = None) -> None:
         super().__init__(device, fp16)
         self.session = session
+        self.threads = threads
         self.input_name = session.get_inputs()[0].name
 
     @classmethod
-    def from_source(cls, source: NetworkSource, *, device: str, fp16: bool, threads: int | None = None):
-        return cls.from_file(str(source.onnx_file()), device=device, fp16=fp16, threads=threads, name=source.name)
+    def from_source(cls, source: NetworkSource, *, device: str, fp16: bool, threads: int | None = None,
+                    placement: Placement = DEFAULT_PLACEMENT):
+        return cls.from_file(str(source.onnx_file()), device=device, fp16=fp16, threads=threads, name=source.name,
+                             placement=placement)
 
     @classmethod
-    def from_file(cls, path: str, *, device: str, fp16: bool = False, threads: int | None = None, name: str = ""):
+    def from_file(cls, path: str, *, device: str, fp16: bool = False, threads: int | None = None, name: str = "",
+                  placement: Placement = DEFAULT_PLACEMENT):
         import onnxruntime as ort
 
-        if fp16:
-            raise BackendUnavailable(
-                f"{name}: the onnxruntime backend runs the exported fp32 graph; use 'torch' or 'tensorrt' for fp16"
-            )
         kind = device.split(":")[0]
-        wanted = _PROVIDERS.get(kind)
+        wanted = PROVIDERS.get(kind)
         if wanted is None:
             raise BackendUnavailable(f"{name}: onnxruntime cannot run on device {device!r}")
         available = ort.get_available_providers()
-        # ONNX Runtime silently drops a provider it does not have and runs on the CPU; refuse instead.
         if wanted not in available:
             raise BackendUnavailable(
                 f"{name}: {wanted} is not in this onnxruntime build (available: {', '.join(available)}); "
-                "install onnxruntime-gpu for CUDA"
+                f"install: {GPU_INSTALL}"
             )
-        providers: list = [wanted]
-        if kind == "cuda":
-            device_id = int(device.split(":")[1]) if ":" in device else 0
-            providers = [(wanted, {"device_id": device_id})]
+        if fp16:
+            from festival_serve.onnx_fp16 import fp16_onnx
+
+            path = str(fp16_onnx(path)[0])
         options = ort.SessionOptions()
         if threads:
             # Ray and other replicas share the machine's cores; a session that grabs them all thrashes.
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        providers: list = [wanted]
+        cap = None
+        if kind == "cuda":
+            if hasattr(ort, "preload_dlls"):
+                ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels the gpu extra installs
+            cuda_options = gpu_share.ort_cuda_options(device, placement.gpu_fraction)
+            cap = cuda_options.get("gpu_mem_limit")
+            providers = [(wanted, cuda_options)]
+            if placement.gpu_only:
+                options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         session = ort.InferenceSession(path, sess_options=options, providers=providers)
-        return cls(session, device, fp16)
+        check_providers(name, device, session.get_providers(), gpu_only=placement.gpu_only)
+        backend = cls(session, device, fp16, threads)
+        backend.memory_cap_bytes = cap
+        return backend
 
     def forward(self, batch: np.ndarray) -> list[np.ndarray]:
         return as_float32(self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}))
+
+    def runtime_device(self) -> str:
+        first = self.session.get_providers()[0]
+        if first == PROVIDERS["cuda"]:
+            return f"cuda:{gpu_share.device_index(self.device)}"
+        return "cpu" if first == PROVIDERS["cpu"] else first
+
+    def describe(self) -> dict:
+        return {**super().describe(), "providers": self.session.get_providers(), "threads": self.threads}

@@ -1,8 +1,10 @@
-"""TensorRT backend: a cached engine per GPU and TensorRT version, run on the current torch CUDA stream.
+"""TensorRT backend: an engine built ahead of time per GPU and TensorRT version, run on its own CUDA stream.
 
-GPU only: there is no CPU fallback, and asking for one is an error. The engine is built from the
-source's ONNX export by ``festival_serve.engines.build_engine`` (ahead of time with
-``festival-serve engines build``, or on first load) and cached next to that ONNX. ``tensorrt`` is
+GPU only: there is no CPU fallback, and asking for one is an error. Engines are built from the
+source's ONNX export by ``festival-serve engines build`` and cached next to that ONNX; a replica only
+loads them (``engines.find_engine``), and a missing engine fails it at start-up naming that command,
+unless its stage sets ``build_engines: true``. Each backend runs on a CUDA stream of its own, so its
+copies and kernels never queue behind other work on the device's default stream. ``tensorrt`` is
 imported inside methods so this module imports on machines without it (``create_backend`` imports
 every backend to fill the registry).
 """
@@ -16,8 +18,11 @@ from typing import ClassVar
 
 import numpy as np
 
-from festival_serve.backends.base import Backend, BackendUnavailable, NetworkSource, as_float32, register
-from festival_serve.engines import build_engine, load_engine, require_tensorrt
+from festival_serve import gpu_share
+from festival_serve.backends.base import (
+    DEFAULT_PLACEMENT, Backend, BackendUnavailable, NetworkSource, Placement, as_float32, register,
+)
+from festival_serve.engines import build_engine, find_engine, load_engine, missing_engine_error, require_tensorrt
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +78,7 @@ class TensorRTBackend(Backend):
         # One execution context holds per-call shapes and addresses: calls must not interleave
         # (Ray Serve runs batches through asyncio.to_thread, so two may overlap).
         self._lock = threading.Lock()
+        self._stream = torch.cuda.Stream(self._device)
 
     @classmethod
     def from_source(
@@ -82,10 +88,12 @@ class TensorRTBackend(Backend):
         device: str,
         fp16: bool,
         threads: int | None = None,
+        placement: Placement = DEFAULT_PLACEMENT,
         max_batch: int | None = None,
         cache_dir: Path | None = None,
     ) -> "TensorRTBackend":
-        """Build or load the engine for ``source`` on ``device``. ``threads`` is unused (GPU runtime)."""
+        """Load the engine for ``source`` on ``device`` (build it only where ``placement.build_engines``).
+        ``threads`` is unused (GPU runtime)."""
         import torch
 
         # Checked before anything expensive (the ONNX export) and before TensorRT: no CPU fallback.
@@ -101,16 +109,22 @@ class TensorRTBackend(Backend):
         if cuda.index is None:
             cuda = torch.device("cuda", torch.cuda.current_device())
         with torch.cuda.device(cuda):
-            engine_file = build_engine(
-                source.onnx_file(),
-                fp16=fp16,
-                max_batch=max_batch or cls.max_batch,
-                cache_dir=cache_dir,
-                device=cuda.index,
-                progress=lambda msg: logger.info("%s: %s", source.name, msg),
-            )
-            engine = load_engine(engine_file)
-            return cls(engine, engine_file, str(cuda), fp16)
+            engine_file = find_engine(source.onnx_file(), fp16=fp16, device=cuda.index, cache_dir=cache_dir)
+            if engine_file is None and not placement.build_engines:
+                raise missing_engine_error(source.name, source.onnx_file(), fp16=fp16, device=cuda.index)
+            if engine_file is None:
+                engine_file = build_engine(
+                    source.onnx_file(),
+                    fp16=fp16,
+                    max_batch=max_batch or cls.max_batch,
+                    cache_dir=cache_dir,
+                    device=cuda.index,
+                    workspace_bytes=gpu_share.trt_workspace_bytes(str(cuda), placement.gpu_fraction),
+                    progress=lambda msg: logger.info("%s: %s", source.name, msg),
+                )
+            backend = cls(load_engine(engine_file), engine_file, str(cuda), fp16)
+            backend.memory_cap_bytes = gpu_share.cap_torch(str(cuda), placement.gpu_fraction)  # buffers are torch's
+            return backend
 
     def forward(self, batch: np.ndarray) -> list[np.ndarray]:
         if batch.ndim != 4:
@@ -127,21 +141,26 @@ class TensorRTBackend(Backend):
             return chunks[0]
         return [np.concatenate(parts, axis=0) for parts in zip(*chunks)]
 
-    def describe(self) -> dict[str, str]:
-        return {**super().describe(), "engine": self.engine_file.name}
+    def runtime_device(self) -> str:
+        return str(self._device)  # an engine cannot run anywhere else
+
+    def describe(self) -> dict:
+        import torch
+
+        return {**super().describe(), "engine": self.engine_file.name, "threads": None,
+                "gpu_memory_used_bytes": torch.cuda.memory_reserved(self._device)}
 
     def _run(self, chunk: np.ndarray) -> list[np.ndarray]:
         """One ``execute_async_v3`` over ``chunk`` ((n <= batch_limit, C, H, W) float32)."""
         import torch
 
         ctx = self.context
-        stream = torch.cuda.current_stream(self._device)
+        stream = self._stream
         # Ray hands over read-only arrays, which torch.from_numpy warns about: copy those (and non-float32).
         host = np.require(chunk, dtype=np.float32, requirements=["C_CONTIGUOUS", "WRITEABLE"])
-        # The H2D copy is queued on the current stream, so the engine (same stream) sees finished data.
-        x = torch.from_numpy(host).to(
-            self._device, dtype=self._dtypes[self.input_name], non_blocking=True
-        )
+        # The H2D copy is queued on this backend's stream, so the engine (same stream) sees finished data.
+        with torch.cuda.stream(stream):
+            x = torch.from_numpy(host).to(self._device, dtype=self._dtypes[self.input_name], non_blocking=True)
         self._set_input_shape(tuple(x.shape))
         ctx.set_tensor_address(self.input_name, x.data_ptr())
         outputs = []
@@ -150,7 +169,8 @@ class TensorRTBackend(Backend):
             shape = tuple(ctx.get_tensor_shape(name))
             if any(d < 0 for d in shape):
                 raise RuntimeError(f"{self.engine_file.name}: output {name!r} has data-dependent shape {shape}")
-            out = torch.empty(shape, dtype=self._dtypes[name], device=self._device)
+            with torch.cuda.stream(stream):
+                out = torch.empty(shape, dtype=self._dtypes[name], device=self._device)
             ctx.set_tensor_address(name, out.data_ptr())
             outputs.append(out)
         if not ctx.execute_async_v3(stream.cuda_stream):

@@ -25,7 +25,6 @@ from festival_serve import loadgen
 from festival_serve.procstats import TreeSampler, resident_gb
 from festival_serve.settings import PipelineArgs
 
-SECTIONS = ("sign_detector", "hazard_cells", "sign_reader", "scene_describer")
 
 
 @dataclass(frozen=True)

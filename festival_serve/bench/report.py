@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from festival_serve.stages import STAGE_NAMES
+
 HEADLINE = ("overhead_ms_p50", "throughput_ratio_nodescribe", "throughput_ratio_describe", "graph_rss_gb")
 
 
@@ -75,7 +77,7 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
         for p in system["points"]:
             load = f"{p['level']:g} clients" if p["mode"] == "closed" else f"{p['level']:g}/s open"
             batches = " / ".join(_fmt((p["batches"].get(stage) or {}).get("mean"), 2)
-                                 for stage in ("sign_detector", "hazard_cells", "sign_reader", "scene_describer"))
+                                 for stage in STAGE_NAMES)
             lines.append(f"| {name} | {str(p['describe']).lower()} | {load} | {_fmt(p['goodput_rps'], 2)} | "
                          f"{_fmt(p['p50_ms'])} | {_fmt(p['p95_ms'])} | {_fmt(p['p99_ms'])} | {p['errors']} | "
                          f"{p['degraded']} | {_fmt(p['resources']['cpu_cores'], 2)} | "
