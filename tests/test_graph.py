@@ -24,6 +24,7 @@ from festival_serve.standins.signs import build_yolo_checkpoint, build_yolo_clas
 from festival_serve.standins.vlm import build_tiny_idefics3
 
 from tests.ports import free_port
+from tests.test_check_gpu import check_gpu_against_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGN_CLASSES = ["speed_limit", "no_parking", "bus_station", "children"]
@@ -180,6 +181,21 @@ def test_health_readiness_and_models(server):
         assert m["batch"]["max_batch_size"] >= 1
     assert models[0]["backend"] == "onnxruntime" and models[1]["backend"] == "onnxruntime"
     assert models[0]["text_classes"] == ["bus_station", "speed_limit"]
+    # Where each network really runs, read back from its runtime, with the GPU facts a GPU node would fill in.
+    for m in models:
+        assert m["gpu_fraction"] is None and m["gpu_visible"] is False and m["cpu_beside_gpu"] is False
+        for network in m["networks"]:
+            assert network["runtime_device"] == "cpu" and network["gpu_memory_cap_bytes"] is None, network
+    assert [n["name"] for n in models[0]["networks"]] == ["sign_detector", "sign_classifier"]
+    assert [n["name"] for n in models[2]["networks"]] == ["sign_reader.det", "sign_reader.rec"]
+    assert models[2]["networks"][1]["providers"] == ["CPUExecutionProvider"]
+
+
+def test_check_gpu_reports_every_stage_on_the_cpu_with_its_runtime_and_threads(server, capsys):
+    report = check_gpu_against_graph(server, capsys)
+    assert [s["name"] for s in report["graph"]["stages"]] == ["sign_detector", "hazard_cells", "sign_reader",
+                                                            "scene_describer"]
+    assert report["require_gpu_failures"] == []
 
 
 def test_missing_weights_degrade_instead_of_failing(server):
