@@ -12,6 +12,7 @@ import ray
 
 from festival_serve.api import StageError
 from festival_serve.devices import cuda_available
+from festival_serve.gpu_share import process_gpu_memory_bytes
 from festival_serve.settings import BatchConfig
 from festival_serve.stages import Stage
 
@@ -81,6 +82,8 @@ class ModelDeployment:
             "ready": self.model is not None,
             "gpu_fraction": self.gpu_fraction,
             "gpu_visible": cuda_available(),
+            # What the driver says this replica holds on its GPUs (every runtime's arenas and contexts), bytes.
+            "process_gpu_memory_bytes": process_gpu_memory_bytes() if cuda_available() else None,
             "unavailable_reason": self.unavailable,
             **model,
             "batch": {**self.batch_config.model_dump(), "observed_sizes": dict(sorted(self.batch_sizes.items()))},

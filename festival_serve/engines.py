@@ -198,8 +198,7 @@ def build_engine(
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(target.with_name(target.name + ".lock")):
         if rebuild:
-            target.unlink(missing_ok=True)
-            rebuild = False
+            target.unlink(missing_ok=True)  # asked for a fresh build: never reuse, even one made while we waited
         elif target.exists():  # another replica built it while we waited for the lock
             say(f"using engine {target} built by another process")
             return target

@@ -344,8 +344,9 @@ class PPOCROnnxReader:
         self.device = resolve_device(settings.device, gpu_only=gpu_only, model="sign_reader")
         self.cpu_beside_gpu = warn_cpu_beside_gpu("sign_reader", self.device)
         # fp32: PP-OCR's exports are fp32 and small; CTC scores near the threshold are sensitive to precision.
-        load = dict(device=self.device, threads=settings.threads, placement=Placement(gpu_only, gpu_fraction / 2 if
-                                                                                      gpu_fraction else None))
+        # Two sessions, one arena each: each gets half of the replica's GPU share.
+        session_share = gpu_fraction / 2 if gpu_fraction else None
+        load = dict(device=self.device, threads=settings.threads, placement=Placement(gpu_only, session_share))
         self.det = OnnxRuntimeBackend.from_file(str(det_path), name="sign_reader.det", **load)
         self.rec = OnnxRuntimeBackend.from_file(str(rec_path), name="sign_reader.rec", **load)
         # A dictionary file is split on "\n" only, as PaddleOCR reads it (some characters are
