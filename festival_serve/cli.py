@@ -93,7 +93,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_models_pull(args: argparse.Namespace) -> int:
     from festival_serve import local, vlm
 
-    pipeline = _pipeline_args(local.load_config(args.config), args.model_store)
+    pipeline = local.pipeline_args(local.load_config(args.config), args.model_store)
     target = vlm.pull(pipeline.scene_describer, model_store=Path(pipeline.model_store))
     print(f"scene describer: {pipeline.scene_describer.hub_id} → {target}")
     print("sign detector / hazard cells: copy your checkpoints to "
@@ -105,7 +105,7 @@ def cmd_models_status(args: argparse.Namespace) -> int:
     from festival_serve import local
     from festival_serve.stages import STAGES
 
-    pipeline = _pipeline_args(local.load_config(args.config), args.model_store)
+    pipeline = local.pipeline_args(local.load_config(args.config), args.model_store)
     for stage in STAGES:
         settings = stage.settings(pipeline)
         # A stage's own weights, then any further network it runs (the sign classifier).
@@ -126,7 +126,7 @@ def cmd_engines_build(args: argparse.Namespace) -> int:
     from festival_serve import engines, local
     from festival_serve.stages import NETWORKS
 
-    pipeline = _pipeline_args(local.load_config(args.config), args.model_store)
+    pipeline = local.pipeline_args(local.load_config(args.config), args.model_store)
     for network in NETWORKS:
         source = network.source(pipeline)
         if source is None:
@@ -145,15 +145,6 @@ def _training_module(name: str):
     import importlib
 
     return importlib.import_module(f"festival_serve.training.{name}")
-
-
-def _pipeline_args(config: dict, model_store: str | None):
-    from festival_serve.settings import PipelineArgs
-
-    args = dict(config["applications"][0].get("args") or {})
-    if model_store:
-        args["model_store"] = model_store
-    return PipelineArgs.model_validate(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = sub.add_parser("eval", help="score a running deployment on held-out synthetic scenes (JSON report last)")
     evaluate.add_arguments(evaluation)
     evaluation.set_defaults(func=evaluate.cmd_eval)
+
+    from festival_serve import validate as validate_mod
+
+    validate = sub.add_parser("validate", help="check every local backend against torch fp32 on held-out scenes, "
+                                                "and time it (JSON report last with --json; exit 1 on a failure)")
+    validate_mod.add_arguments(validate)
+    validate.set_defaults(func=validate_mod.cmd_validate)
 
     from festival_serve import bench
 

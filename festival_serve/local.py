@@ -26,6 +26,16 @@ def load_config(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
+def pipeline_args(config: dict, model_store: str | None = None):
+    """The application's typed ``args`` from a Serve config, ``model_store`` overridden when given."""
+    from festival_serve.settings import PipelineArgs
+
+    args = dict(config["applications"][0].get("args") or {})
+    if model_store:
+        args["model_store"] = model_store
+    return PipelineArgs.model_validate(args)
+
+
 def local_profile(config: dict, *, host: str, port: int, model_store: str | None, has_gpu: bool,
                   base_dir: Path, cpus: int | None = None) -> tuple[dict, list[str]]:
     """The config adapted to this machine, and one line per change made (printed to the user)."""

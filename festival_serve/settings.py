@@ -78,6 +78,13 @@ class SignDetectorSettings(_NetworkSettings):
         description="Sign classes that carry text: only their crops go to the reader (a pictogram has nothing to "
         "read, and reading it costs a reader call and can invent a letter). null: read every sign.",
     )
+    preprocess: Literal["auto", "host", "device"] = Field(
+        "auto",
+        description="Where letterbox, NMS and the classifier's crops run. auto: on the device when the stage runs "
+        "on CUDA with a backend that takes device tensors (torch, tensorrt), else on the host; device: as torch "
+        "tensors wherever the backend runs (refused with onnxruntime, which takes host arrays); host: numpy/cv2 on "
+        "the CPU, as ultralytics does.",
+    )
 
 
 class HazardCellsSettings(_NetworkSettings):

@@ -13,6 +13,8 @@ alarms: blue windows, red awnings). Detection score and box are kept.
 - ``preprocess_crops``: ultralytics' own evaluation transform (``classify_transforms``: resize, centre
   crop, [0, 1], mean 0 / std 1), so served inputs match what its trainer validated on.
 - ``ClassifierCheckpoint``: the ``.pt`` as a ``NetworkSource``; ultralytics' exporter makes the cached ONNX.
+- ``SignClassifier.classify_on_device``: the same crop and transform as tensor ops on the GPU
+  (``festival_serve.device_ops``), cut from the frames the detector already uploaded.
 """
 
 from __future__ import annotations
@@ -93,6 +95,20 @@ class SignClassifier:
         if not crops:
             return [[] for _ in images]
         probs = np.asarray(self.backend.forward(preprocess_crops(crops, self.image_size))[0], dtype=np.float32)
+        return self._named(probs, boxes)
+
+    def classify_on_device(self, frames: list, boxes: list[list[tuple[float, float, float, float]]]):
+        """``classify`` for frames already on the backend's device (``(3, H, W)`` uint8 tensors, as the detector
+        uploaded them): crops are cut and resized there, and only the ``(M, classes)`` probabilities come back."""
+        if not any(boxes):
+            return [[] for _ in frames]
+        from festival_serve.device_ops import crops_on_device
+
+        crops = crops_on_device(frames, boxes, self.context, self.image_size)
+        return self._named(self.backend.forward_tensor(crops)[0].cpu().numpy(), boxes)
+
+    def _named(self, probs: np.ndarray, boxes: list[list]) -> list[list[tuple[int, str, float]]]:
+        """``(M, classes) float32`` probabilities of every box, in order → per image, per box: its top class."""
         top = probs.argmax(axis=1)
         flat = [(self._class_ids[self.names[int(k)]], self.names[int(k)], float(probs[i, k])) for i, k in enumerate(top)]
         out, start = [], 0

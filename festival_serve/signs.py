@@ -10,6 +10,9 @@ ultralytics' functions, so boxes match ultralytics' own predictor wherever its l
   predictions whose first four channels are ``cx, cy, w, h`` in letterboxed pixels;
 - ``scale_boxes`` (``ultralytics.utils.ops``): letterboxed pixels back to the original image, clipped.
 
+Where the stage runs on CUDA with a backend that takes device tensors, the same steps run as torch ops on the
+GPU instead (``festival_serve.device_ops``; ``SignDetectorSettings.preprocess`` chooses).
+
 ultralytics and torch are imported lazily, so importing this module (e.g. for ``SignDetection``) is cheap.
 """
 
@@ -24,33 +27,10 @@ import numpy as np
 
 from festival_serve.devices import resolve_device, resolve_fp16, warn_cpu_beside_gpu
 from festival_serve.settings import SignDetectorSettings, in_store
+from festival_serve.sign_types import LetterboxMeta, SignDetection
 from festival_serve.ultralytics_io import PAD_VALUE, UltralyticsCheckpoint, configure_ultralytics_offline
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SignDetection:
-    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in original image pixels, clipped to the image
-    label: str
-    class_id: int
-    score: float
-    has_text: bool = True  # False: its class prints no text (settings.text_classes), so nobody reads it
-
-
-@dataclass(frozen=True)
-class LetterboxMeta:
-    """Where one image went inside its letterboxed square, enough to map boxes back exactly."""
-
-    orig_shape: tuple[int, int]  # (height, width) of the original image
-    input_shape: tuple[int, int]  # (height, width) of the letterboxed network input
-    gain: tuple[float, float]  # (y, x) resized / original; differs by under a pixel's worth from rounding
-    pad: tuple[int, int]  # (left, top) padding in pixels
-
-    @property
-    def ratio_pad(self) -> tuple[tuple[float, float], tuple[int, int]]:
-        """In the form ``ultralytics.utils.ops.scale_boxes`` takes: ``((gain_y, gain_x), (pad_x, pad_y))``."""
-        return self.gain, self.pad
 
 
 def letterbox_batch(images: list[np.ndarray], size: int) -> tuple[np.ndarray, list[LetterboxMeta]]:
@@ -156,6 +136,33 @@ class YoloCheckpoint(UltralyticsCheckpoint):
         return model
 
 
+def preprocess_path(requested: str, backends: list) -> str:
+    """Where a detector on ``backends`` pre- and post-processes: ``"device"`` or ``"host"``
+    (``SignDetectorSettings.preprocess``; ``"device"`` on a backend that takes host arrays only is refused)."""
+    from festival_serve.backends import BACKENDS
+
+    takes_tensors = all(backend.takes_device_tensors for backend in backends)
+    if requested == "device" and not takes_tensors:
+        host_only = sorted({backend.name for backend in backends if not backend.takes_device_tensors})
+        able = sorted(name for name, cls in BACKENDS.items() if cls.takes_device_tensors)
+        raise ValueError(
+            f"sign_detector.preprocess: device needs a backend that takes device tensors ({', '.join(able)}), "
+            f"but {', '.join(host_only)} takes host arrays only; set preprocess to host or auto, or choose one of those"
+        )
+    if requested != "auto":
+        return requested
+    on_cuda = all(backend.runtime_device().startswith("cuda") for backend in backends)
+    return "device" if takes_tensors and on_cuda else "host"
+
+
+def _renamed(detections: list[list[SignDetection]], named) -> list[list[SignDetection]]:
+    """Each detection under its classifier class (``SignClassifier.classify``'s answer), background dropped."""
+    return [
+        [replace(d, class_id=class_id, label=label) for d, (class_id, label, _) in zip(found, names) if class_id >= 0]
+        for found, names in zip(detections, named)
+    ]
+
+
 class SignDetector:
     """YOLO sign detection on a backend: images in, detections out, one forward pass per batch."""
 
@@ -186,39 +193,57 @@ class SignDetector:
                 **run,
             )
         self.text_classes = self._known_classes(settings.text_classes)
+        networks = [self.backend, *([self.classifier.backend] if self.classifier else [])]
+        self.preprocess = preprocess_path(settings.preprocess, networks)  # "host" | "device", fixed from here on
         # Warm-up through the whole path: the first batch would otherwise also pay for importing the
         # letterbox/NMS code (ultralytics and torch, ~3 s on a small CPU).
         blank = np.zeros((64, 64, 3), dtype=np.uint8)
         self.detect([blank])
         if self.classifier is not None:  # a blank frame has no signs, so warm the classifier on a box of it
-            self.classifier.classify([blank], [[(0.0, 0.0, 32.0, 32.0)]])
+            box = [[(0.0, 0.0, 32.0, 32.0)]]
+            if self.preprocess == "device":
+                from festival_serve.device_ops import upload_frames
+
+                self.classifier.classify_on_device(upload_frames([blank], self.backend.runtime_device()), box)
+            else:
+                self.classifier.classify([blank], box)
 
     def detect(self, images: list[np.ndarray]) -> list[list[SignDetection]]:
         if not images:
             return []
-        batch, metas = letterbox_batch(images, self.settings.image_size)
-        raw = self.backend.forward(batch)[0]
-        detections = postprocess(
-            raw,
-            metas,
-            self.names,
-            confidence=self.settings.confidence,
-            iou=self.settings.iou,
-            max_detections=self.settings.max_detections,
-            # With a classifier the detector's class is only a hint: one box per sign, whatever it guessed
-            # (class-aware NMS keeps a triangle twice, as "children" and as "pedestrian_crossing").
-            agnostic=self.classifier is not None,
-        )
-        if self.classifier is not None:
-            named = self.classifier.classify(images, [[d.box for d in found] for found in detections])
-            detections = [
-                [replace(d, class_id=class_id, label=label) for d, (class_id, label, _) in zip(found, names)
-                 if class_id >= 0]
-                for found, names in zip(detections, named)
-            ]
+        if self.preprocess == "device":
+            detections = self._detect_on_device(images)
+        else:
+            batch, metas = letterbox_batch(images, self.settings.image_size)
+            raw = self.backend.forward(batch)[0]
+            detections = postprocess(raw, metas, self.names, **self._nms_options())
+            if self.classifier is not None:
+                named = self.classifier.classify(images, [[d.box for d in found] for found in detections])
+                detections = _renamed(detections, named)
         if self.text_classes is None:
             return detections
         return [[replace(d, has_text=d.label in self.text_classes) for d in found] for found in detections]
+
+    def _detect_on_device(self, images: list[np.ndarray]) -> list[list[SignDetection]]:
+        """The same steps as tensor ops where the networks run: each frame is uploaded once (uint8), the
+        classifier cuts its crops from those copies, and only boxes and class probabilities come back."""
+        from festival_serve import device_ops
+
+        frames = device_ops.upload_frames(images, self.backend.runtime_device())
+        batch, metas = device_ops.letterbox_frames(frames, self.settings.image_size)
+        raw = self.backend.forward_tensor(batch)[0]
+        detections = device_ops.postprocess_on_device(raw, metas, self.names, **self._nms_options())
+        if self.classifier is not None:
+            named = self.classifier.classify_on_device(frames, [[d.box for d in found] for found in detections])
+            detections = _renamed(detections, named)
+        return detections
+
+    def _nms_options(self) -> dict:
+        settings = self.settings
+        # With a classifier the detector's class is only a hint: one box per sign, whatever it guessed
+        # (class-aware NMS keeps a triangle twice, as "children" and as "pedestrian_crossing").
+        return dict(confidence=settings.confidence, iou=settings.iou, max_detections=settings.max_detections,
+                    agnostic=self.classifier is not None)
 
     def _known_classes(self, text_classes: list[str] | None) -> frozenset[str] | None:
         """``text_classes`` as a set, refusing a name the detector cannot output (which would silently
@@ -239,5 +264,5 @@ class SignDetector:
             networks.append({"name": "sign_classifier", **self.classifier.backend.describe()})
         described = {**self.backend.describe(), "weights": str(self.weights), "classes": len(self.names),
                      "text_classes": sorted(self.text_classes) if self.text_classes is not None else None,
-                     "cpu_beside_gpu": self.cpu_beside_gpu, "networks": networks}
+                     "cpu_beside_gpu": self.cpu_beside_gpu, "networks": networks, "preprocess": self.preprocess}
         return {**described, **self.classifier.describe()} if self.classifier else described

@@ -36,6 +36,10 @@ class Network:
     weights: Callable[[Any], str | None]
     #: (weights path, settings section) → a ``NetworkSource`` (``festival_serve.backends``).
     make_source: Callable[[Path, Any], Any]
+    #: (settings section, (H, W, 3) uint8 RGB frames, sign boxes per frame) → the network's input batch
+    #: ((N, C, H, W) float32) as serving preprocesses it; ``validate`` feeds it to every backend.
+    batch: Callable[[Any, list, list], Any]
+    unit: str  # what one item of that batch is ("images", "crops"), for speed tables
 
     def source(self, args: PipelineArgs) -> Any | None:
         """The network source for ``args``, or None when the network is switched off."""
@@ -57,6 +61,9 @@ class Stage:
     #: settings section → the runtime it runs on (a key of ``festival_serve.preflight.RUNTIMES``, or "auto").
     runtime: Callable[[Any], str]
     networks: tuple[Network, ...] = ()
+    #: "module:function" comparing two runs' answers on the same scenes (reference, candidate, numerics)
+    #: → a verdict, for ``validate``'s task-level parity; None where validate compares the stage its own way.
+    agreement: str | None = None
 
     def settings(self, args: PipelineArgs) -> Any:
         return getattr(args, self.name)
@@ -80,6 +87,9 @@ class Stage:
     def missing_errors(self) -> tuple[type[Exception], ...]:
         return tuple(_attr(path) for path in self.missing)
 
+    def agreement_check(self) -> Callable[..., dict] | None:
+        return _attr(self.agreement) if self.agreement else None
+
 
 def _yolo(path: Path, settings) -> Any:
     return _attr("festival_serve.signs:YoloCheckpoint")(path, settings.image_size)
@@ -94,22 +104,41 @@ def _yolic(path: Path, settings) -> Any:
     return _attr("festival_serve.yolic:YolicNetwork")(path, layout)
 
 
+def _detector_batch(settings, frames: list, sign_boxes: list) -> Any:
+    return _attr("festival_serve.signs:letterbox_batch")(frames, settings.image_size)[0]
+
+
+def _classifier_batch(settings, frames: list, sign_boxes: list) -> Any:
+    """Crops around the given sign boxes, cut as the served classifier cuts around detections."""
+    square_crop = _attr("festival_serve.sign_classes:square_crop")
+    crops = [square_crop(frame, box, settings.classifier_context) for frame, boxes in zip(frames, sign_boxes)
+             for box in boxes]
+    return _attr("festival_serve.sign_classes:preprocess_crops")(crops, settings.classifier_image_size)
+
+
+def _yolic_batch(settings, frames: list, sign_boxes: list) -> Any:
+    return _attr("festival_serve.yolic:preprocess_batch")(frames)
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         name="sign_detector", deployment="SignDetector", method="detect",
         loader="festival_serve.signs:SignDetector", missing=("builtins:FileNotFoundError",),
         weights=lambda s: s.weights, runtime=lambda s: s.backend,
         networks=(
-            Network("sign_detector", "sign_detector", lambda s: s.weights, _yolo),
+            Network("sign_detector", "sign_detector", lambda s: s.weights, _yolo, _detector_batch, "images"),
             # Runs where its detector runs (same backend, device and precision settings).
-            Network("sign_classifier", "sign_detector", lambda s: s.classifier, _classifier),
+            Network("sign_classifier", "sign_detector", lambda s: s.classifier, _classifier, _classifier_batch,
+                    "crops"),
         ),
+        agreement="festival_serve.validate:sign_agreement",
     ),
     Stage(
         name="hazard_cells", deployment="HazardCells", method="classify",
         loader="festival_serve.yolic:HazardCellClassifier", missing=("builtins:FileNotFoundError",),
         weights=lambda s: s.weights, runtime=lambda s: s.backend,
-        networks=(Network("hazard_cells", "hazard_cells", lambda s: s.weights, _yolic),),
+        networks=(Network("hazard_cells", "hazard_cells", lambda s: s.weights, _yolic, _yolic_batch, "images"),),
+        agreement="festival_serve.validate:hazard_agreement",
     ),
     Stage(
         name="sign_reader", deployment="SignReader", method="read",

@@ -15,7 +15,6 @@ import torch
 from festival_serve import devices, gpu_share, local
 from festival_serve.backends import Placement, choose_backend, create_backend
 from festival_serve.backends.onnxruntime_backend import check_providers
-from festival_serve.cli import _pipeline_args
 from festival_serve.devices import check_tensors
 from festival_serve.errors import BackendUnavailable, GpuOnlyViolation
 from festival_serve.onnx_fp16 import fp16_onnx, graph_has_fp16
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def shipped_args():
     """serve_config.yaml's settings over the shipped model store (the real trained networks)."""
-    return _pipeline_args(local.load_config(ROOT / "serve_config.yaml"), str(ROOT / "models"))
+    return local.pipeline_args(local.load_config(ROOT / "serve_config.yaml"), str(ROOT / "models"))
 
 
 @pytest.fixture(scope="module")

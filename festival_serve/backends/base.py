@@ -58,6 +58,9 @@ class Backend(abc.ABC):
     """Runs one network on batches. Subclasses register themselves in ``BACKENDS`` by ``name``."""
 
     name: ClassVar[str]
+    #: Whether ``forward_tensor`` runs batches already on the device (torch, TensorRT); the others take host
+    #: arrays only, so a stage on them pre- and post-processes on the host.
+    takes_device_tensors: ClassVar[bool] = False
 
     def __init__(self, device: str, fp16: bool) -> None:
         self.device = device
@@ -80,6 +83,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def forward(self, batch: np.ndarray) -> list[np.ndarray]:
         """Run ``batch`` ((N, C, H, W) float32) and return every network output as float32 numpy."""
+
+    def forward_tensor(self, x: "torch.Tensor") -> list["torch.Tensor"]:  # noqa: F821 - torch imported lazily
+        """Run ``x`` ((N, C, H, W) float32, already on this backend's device) and return every output as a float32
+        tensor on that device, nothing copied to the host. Only where ``takes_device_tensors``."""
+        raise NotImplementedError(f"the {self.name} backend takes host arrays only (takes_device_tensors is False)")
 
     @abc.abstractmethod
     def runtime_device(self) -> str:

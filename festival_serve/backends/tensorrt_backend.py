@@ -52,6 +52,7 @@ def torch_dtype(trt_dtype):
 @register
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    takes_device_tensors = True
 
     #: Largest batch the engine's optimisation profile accepts; bigger batches run in chunks of this.
     max_batch: ClassVar[int] = 32
@@ -141,6 +142,22 @@ class TensorRTBackend(Backend):
             return chunks[0]
         return [np.concatenate(parts, axis=0) for parts in zip(*chunks)]
 
+    def forward_tensor(self, x: "torch.Tensor") -> list["torch.Tensor"]:  # noqa: F821 - torch imported lazily
+        """``forward`` for an (N, C, H, W) batch already on this GPU: outputs stay there, as float32."""
+        if x.ndim != 4:
+            raise ValueError(f"expected an (N, C, H, W) batch, got shape {tuple(x.shape)}")
+        import torch
+
+        with self._lock, torch.cuda.device(self._device):
+            if len(x) == 0:
+                return [torch.from_numpy(o).to(self._device) for o in self._empty_outputs(tuple(x.shape[1:]))]
+            chunks = [
+                self._run_tensor(x[start : start + self.batch_limit]) for start in range(0, len(x), self.batch_limit)
+            ]
+        if len(chunks) == 1:
+            return chunks[0]
+        return [torch.cat(parts) for parts in zip(*chunks)]
+
     def runtime_device(self) -> str:
         return str(self._device)  # an engine cannot run anywhere else
 
@@ -179,6 +196,38 @@ class TensorRTBackend(Backend):
         # x must stay alive until here: TensorRT only holds its raw address.
         del x
         return as_float32([o.float().cpu().numpy() for o in outputs])
+
+    def _run_tensor(self, chunk: "torch.Tensor") -> list["torch.Tensor"]:  # noqa: F821 - torch imported lazily
+        """``_run`` for a chunk on this GPU, made on the caller's stream: no host copy either way."""
+        import torch
+
+        ctx = self.context
+        stream = self._stream
+        caller = torch.cuda.current_stream(self._device)
+        x = chunk.to(self._dtypes[self.input_name]).contiguous()  # the engine reads one dense buffer of its type
+        # The engine runs on this backend's stream: it must first wait for the caller's kernels that wrote x.
+        stream.wait_stream(caller)
+        self._set_input_shape(tuple(x.shape))
+        ctx.set_tensor_address(self.input_name, x.data_ptr())
+        outputs = []
+        for name in self.output_names:
+            shape = tuple(ctx.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise RuntimeError(f"{self.engine_file.name}: output {name!r} has data-dependent shape {shape}")
+            with torch.cuda.stream(stream):
+                out = torch.empty(shape, dtype=self._dtypes[name], device=self._device)
+            ctx.set_tensor_address(name, out.data_ptr())
+            outputs.append(out)
+        if not ctx.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"{self.engine_file.name}: TensorRT execution failed (see its log)")
+        # Synchronised under the lock as in _run, so the next call may rebind this context. It costs little:
+        # the callers wait for these outputs right after anyway (NMS's boolean indexing syncs with the host,
+        # the classifier copies its probabilities there).
+        stream.synchronize()
+        for out in outputs:
+            out.record_stream(caller)  # allocated on this stream, read on the caller's: no early reuse
+        del x  # alive until here: TensorRT only holds its raw address
+        return [o.float() for o in outputs]
 
     def _empty_outputs(self, item_shape: tuple[int, ...]) -> list[np.ndarray]:
         """Zero-length outputs for an empty batch: shapes from the engine at batch 1, nothing run."""

@@ -19,6 +19,7 @@ from festival_serve.devices import check_tensors
 @register
 class TorchBackend(Backend):
     name = "torch"
+    takes_device_tensors = True
 
     def __init__(self, module, device: str, fp16: bool, *, gpu_only: bool = False, name: str = "") -> None:
         super().__init__(device, fp16)
@@ -60,6 +61,19 @@ class TorchBackend(Backend):
                           dtype=dtype, where=f"{self.network} on its first batch")
             self._check_outputs = False
         return as_float32([t.float().cpu().numpy() for t in tensors])
+
+    def forward_tensor(self, x: "torch.Tensor") -> list["torch.Tensor"]:  # noqa: F821 - torch imported lazily
+        """``forward`` for a float32 batch already on this device: outputs stay there, as float32."""
+        import torch
+
+        dtype = torch.float16 if self.fp16 else torch.float32
+        with torch.inference_mode():
+            tensors = self._outputs(self.module(x.to(dtype)))
+        if self._check_outputs:
+            check_tensors([(f"output {i}", t) for i, t in enumerate(tensors)], device=self.device,
+                          dtype=dtype, where=f"{self.network} on its first batch")
+            self._check_outputs = False
+        return [t.float() for t in tensors]  # no copy in fp32; fp16 outputs widened as forward's host copies are
 
     @staticmethod
     def _outputs(out) -> list:
