@@ -75,44 +75,18 @@ def postprocess(
     max_detections: int,
     agnostic: bool = False,
 ) -> list[list[SignDetection]]:
-    """``(N, 4 + nc, anchors)`` raw predictions → per-image detections in original pixels, best first."""
+    """``(N, 4 + nc, anchors)`` raw predictions → per-image detections in original pixels, best first: the
+    device path's NMS and mapping (``device_ops.postprocess_on_device``) on a CPU tensor."""
     import torch
 
-    configure_ultralytics_offline()
-    from ultralytics.utils.nms import non_max_suppression
-    from ultralytics.utils.ops import scale_boxes
+    from festival_serve.device_ops import postprocess_on_device
 
-    if raw.ndim != 3 or raw.shape[0] != len(metas) or raw.shape[1] != 4 + len(names):
-        raise ValueError(
-            f"expected raw predictions (N={len(metas)}, 4 + {len(names)} classes, anchors), got {raw.shape}"
-        )
-    if raw.shape[2] == 6:
-        # ultralytics' NMS takes a last axis of 6 for an end-to-end (N, boxes, 6) output; one more anchor that
-        # scores 0 (never kept) keeps a 6-anchor input from being misread.
-        raw = np.concatenate([raw, np.zeros_like(raw[:, :, :1])], axis=2)
+    if raw.ndim != 3 or raw.shape[0] != len(metas):
+        raise ValueError(f"expected raw predictions (N={len(metas)}, 4 + {len(names)} classes, anchors), got {raw.shape}")
     # Outputs may be read-only (Ray's object store); torch wants a writable buffer.
     preds = torch.from_numpy(np.array(raw, dtype=np.float32, copy=not raw.flags.writeable))
-    per_image = non_max_suppression(
-        preds,
-        conf_thres=confidence,
-        iou_thres=iou,
-        max_det=max_detections,
-        nc=len(names),
-        agnostic=agnostic,
-        # Its default time budget (2 s + 50 ms/image) drops the remaining images' boxes with only a warning
-        # once exceeded; on a CPU replica under festival load that is a silent wrong answer, so never stop early.
-        max_time_img=math.inf,
-    )
-    results = []
-    for det, meta in zip(per_image, metas):
-        boxes = scale_boxes(meta.input_shape, det[:, :4].clone(), meta.orig_shape, ratio_pad=meta.ratio_pad)
-        results.append(
-            [
-                SignDetection(box=tuple(box), label=names[int(cls)], class_id=int(cls), score=score)
-                for box, score, cls in zip(boxes.tolist(), det[:, 4].tolist(), det[:, 5].tolist())
-            ]
-        )
-    return results
+    return postprocess_on_device(preds, metas, names, confidence=confidence, iou=iou, max_detections=max_detections,
+                                 agnostic=agnostic)
 
 
 class YoloCheckpoint(UltralyticsCheckpoint):

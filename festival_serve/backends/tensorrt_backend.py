@@ -168,16 +168,37 @@ class TensorRTBackend(Backend):
                 "gpu_memory_used_bytes": torch.cuda.memory_reserved(self._device)}
 
     def _run(self, chunk: np.ndarray) -> list[np.ndarray]:
-        """One ``execute_async_v3`` over ``chunk`` ((n <= batch_limit, C, H, W) float32)."""
+        """One execution over a host ``chunk`` ((n <= batch_limit, C, H, W) float32); outputs to the host."""
         import torch
 
-        ctx = self.context
-        stream = self._stream
         # Ray hands over read-only arrays, which torch.from_numpy warns about: copy those (and non-float32).
         host = np.require(chunk, dtype=np.float32, requirements=["C_CONTIGUOUS", "WRITEABLE"])
         # The H2D copy is queued on this backend's stream, so the engine (same stream) sees finished data.
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(self._stream):
             x = torch.from_numpy(host).to(self._device, dtype=self._dtypes[self.input_name], non_blocking=True)
+        return as_float32([o.float().cpu().numpy() for o in self._execute(x)])
+
+    def _run_tensor(self, chunk: "torch.Tensor") -> list["torch.Tensor"]:  # noqa: F821 - torch imported lazily
+        """``_run`` for a chunk on this GPU, made on the caller's stream: no host copy either way."""
+        import torch
+
+        caller = torch.cuda.current_stream(self._device)
+        x = chunk.to(self._dtypes[self.input_name]).contiguous()  # the engine reads one dense buffer of its type
+        # The engine runs on this backend's stream: it must first wait for the caller's kernels that wrote x.
+        self._stream.wait_stream(caller)
+        outputs = self._execute(x)
+        for out in outputs:
+            out.record_stream(caller)  # allocated on this stream, read on the caller's: no early reuse
+        return [o.float() for o in outputs]
+
+    def _execute(self, x: "torch.Tensor") -> list["torch.Tensor"]:  # noqa: F821 - torch imported lazily
+        """Bind ``x`` (on the device) and fresh outputs, run the engine on this backend's stream, wait for it.
+
+        Synchronised before returning (under the caller's lock), so the next call may rebind this context; it
+        costs little, since every caller reads these outputs right after (NMS, host copies)."""
+        import torch
+
+        ctx, stream = self.context, self._stream
         self._set_input_shape(tuple(x.shape))
         ctx.set_tensor_address(self.input_name, x.data_ptr())
         outputs = []
@@ -192,42 +213,8 @@ class TensorRTBackend(Backend):
             outputs.append(out)
         if not ctx.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"{self.engine_file.name}: TensorRT execution failed (see its log)")
-        stream.synchronize()
-        # x must stay alive until here: TensorRT only holds its raw address.
-        del x
-        return as_float32([o.float().cpu().numpy() for o in outputs])
-
-    def _run_tensor(self, chunk: "torch.Tensor") -> list["torch.Tensor"]:  # noqa: F821 - torch imported lazily
-        """``_run`` for a chunk on this GPU, made on the caller's stream: no host copy either way."""
-        import torch
-
-        ctx = self.context
-        stream = self._stream
-        caller = torch.cuda.current_stream(self._device)
-        x = chunk.to(self._dtypes[self.input_name]).contiguous()  # the engine reads one dense buffer of its type
-        # The engine runs on this backend's stream: it must first wait for the caller's kernels that wrote x.
-        stream.wait_stream(caller)
-        self._set_input_shape(tuple(x.shape))
-        ctx.set_tensor_address(self.input_name, x.data_ptr())
-        outputs = []
-        for name in self.output_names:
-            shape = tuple(ctx.get_tensor_shape(name))
-            if any(d < 0 for d in shape):
-                raise RuntimeError(f"{self.engine_file.name}: output {name!r} has data-dependent shape {shape}")
-            with torch.cuda.stream(stream):
-                out = torch.empty(shape, dtype=self._dtypes[name], device=self._device)
-            ctx.set_tensor_address(name, out.data_ptr())
-            outputs.append(out)
-        if not ctx.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"{self.engine_file.name}: TensorRT execution failed (see its log)")
-        # Synchronised under the lock as in _run, so the next call may rebind this context. It costs little:
-        # the callers wait for these outputs right after anyway (NMS's boolean indexing syncs with the host,
-        # the classifier copies its probabilities there).
-        stream.synchronize()
-        for out in outputs:
-            out.record_stream(caller)  # allocated on this stream, read on the caller's: no early reuse
-        del x  # alive until here: TensorRT only holds its raw address
-        return [o.float() for o in outputs]
+        stream.synchronize()  # x (held by the caller) stayed alive until here: TensorRT only holds its raw address
+        return outputs
 
     def _empty_outputs(self, item_shape: tuple[int, ...]) -> list[np.ndarray]:
         """Zero-length outputs for an empty batch: shapes from the engine at batch 1, nothing run."""
