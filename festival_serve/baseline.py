@@ -58,9 +58,13 @@ class SequentialPipeline:
         self.stages["sign_reader"] = self._read_each  # the seed read a frame's crops one by one
 
     def _one_item_call(self, stage: Stage) -> Callable[..., Any]:
-        """The stage's batched method (the same name on the model as on its deployment) on a batch of one."""
-        method = getattr(self.models[stage.name], stage.method)
-        return lambda *item: self._call(stage.name, lambda: method(*[[part] for part in item])[0])
+        """The stage's batched method (the same name on the model as on its deployment) on a batch of one.
+        The model is looked up per call: a caller may leave out a stage it never calls (the describer)."""
+        def call(*item):
+            method = getattr(self.models[stage.name], stage.method)
+            return self._call(stage.name, lambda: method(*[[part] for part in item])[0])
+
+        return call
 
     async def _call(self, stage: str, work: Callable[[], Any]) -> Any:
         self.batch_sizes[stage][1] += 1

@@ -156,13 +156,19 @@ def test_without_splitting_each_frame_costs_one_image_of_tokens(describer, frame
     inputs = describer.prepare(frames, FINDINGS)
     image_tokens = (inputs["input_ids"] == config.image_token_id).sum(dim=1).tolist()
     assert image_tokens == [expected] * len(frames)
-    assert describer.describe_info() == {
+    info = describer.describe_info()
+    assert {k: info[k] for k in ("weights", "device", "runtime_device", "dtype", "precision", "image_splitting",
+                                 "image_tokens_per_image", "gpu_memory_cap_bytes")} == {
         "weights": str(tiny_model),
         "device": "cpu",
+        "runtime_device": "cpu",  # read back from the parameters
         "dtype": "float32",
+        "precision": "float32",
         "image_splitting": False,
         "image_tokens_per_image": expected,
+        "gpu_memory_cap_bytes": None,
     }
+    assert [n["name"] for n in info["networks"]] == ["scene_describer"] and info["threads"] >= 1
 
 
 def test_splitting_turns_a_festival_frame_into_twelve_tiles_and_a_global_image(tiny_model, frames):
