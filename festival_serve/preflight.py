@@ -35,8 +35,12 @@ def _torch_cuda() -> str | None:
 
 
 def _onnxruntime_cuda() -> str | None:
-    import onnxruntime as ort
+    from festival_serve.backends.onnxruntime_backend import import_onnxruntime
 
+    try:
+        ort = import_onnxruntime()
+    except BackendUnavailable as e:
+        return str(e)
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" not in available:
         return f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (providers: {', '.join(available)})"

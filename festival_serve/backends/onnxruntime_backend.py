@@ -27,6 +27,18 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 GPU_INSTALL = "uv sync --frozen --extra gpu (onnxruntime-gpu, built for the same CUDA 13 as the locked torch)"
 
 
+def import_onnxruntime():
+    """The ``onnxruntime`` module, or ``BackendUnavailable`` saying which extra brings it."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise BackendUnavailable(
+            "ONNX Runtime is not installed: it comes from an extra, `uv sync --frozen --extra cpu` "
+            f"(or `--extra gpu` on GPU nodes); import failed with: {e}"
+        ) from e
+    return onnxruntime
+
+
 def check_providers(name: str, device: str, providers: list[str], *, gpu_only: bool) -> None:
     """Refuse a session whose first provider is not the one ``device`` needs (it would run elsewhere)."""
     wanted = PROVIDERS[device.split(":")[0]]
@@ -56,8 +68,7 @@ class OnnxRuntimeBackend(Backend):
     @classmethod
     def from_file(cls, path: str, *, device: str, fp16: bool = False, threads: int | None = None, name: str = "",
                   placement: Placement = DEFAULT_PLACEMENT):
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         kind = device.split(":")[0]
         wanted = PROVIDERS.get(kind)
         if wanted is None:
