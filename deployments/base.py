@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from typing import Any, Callable, ClassVar
 
 import ray
 
-from festival_serve.api import StageError
+from festival_serve.api import public_path
+from festival_serve.batching import is_out_of_memory, run_isolating
 from festival_serve.devices import cuda_available
+from festival_serve.flow import StageError, Ticket
 from festival_serve.gpu_share import process_gpu_memory_bytes
+from festival_serve.serve_config import batch_config
 from festival_serve.settings import BatchConfig
 from festival_serve.stages import Stage
 
@@ -42,6 +46,8 @@ class ModelDeployment:
         weights = self.STAGE.weights(settings)
         self.weights = str(weights) if weights else "bundled"
         self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self.consecutive_failed_batches = 0  # batches in a row in which every item failed; see check_health
+        self.expired_items = 0  # items dropped unrun: their deadline passed while they queued
         self.batch_config = BatchConfig()
         self.gpu_fraction = assigned_gpu_fraction()
         try:
@@ -49,28 +55,52 @@ class ModelDeployment:
                                          gpu_fraction=self.gpu_fraction)
             self.unavailable: str | None = None
         except self.STAGE.missing_errors() as e:
-            self.model, self.unavailable = None, str(e)
+            # The log gets the loader's message (absolute paths included); clients only the store-relative weights.
+            self.model = None
+            self.unavailable = f"weights not found in the model store: {public_path(self.weights, model_store)}"
             logger.warning("%s is not serving: %s", self.stage, e)
 
-    def reconfigure(self, user_config: dict) -> None:
-        self.batch_config = BatchConfig.model_validate(user_config or {})
+    def reconfigure(self, user_config: dict | None) -> None:
+        # Batch sizes and waits come from the deployment's user_config only: an empty one (or one without a
+        # size or wait) fails the deployment with the fix, rather than batching with the decorator's numbers.
+        # (Serve skips reconfigure when there is no user_config at all: `festival-serve up` and the cluster
+        # commands refuse such a config before it is deployed, festival_serve.serve_config.)
+        self.batch_config = batch_config(self.STAGE.deployment, user_config)
         batched = getattr(self, self.STAGE.method)
         batched.set_max_batch_size(self.batch_config.max_batch_size)
         batched.set_batch_wait_timeout_s(self.batch_config.batch_wait_timeout_s)
 
-    async def _run_batch(self, size: int, work: Callable[[], list]) -> list:
-        """Run ``work`` (one forward pass over the whole batch) off the event loop; on failure answer
-        every item with a ``StageError`` instead of failing the requests."""
-        self.batch_sizes[size] += 1
-        if self.model is None:
-            return [StageError(self.stage, f"model not loaded: {self.unavailable}")] * size
-        try:
-            results = await asyncio.to_thread(work)
-        except Exception as e:  # noqa: BLE001 - every request must get an answer
-            logger.exception("%s batch of %d failed", self.stage, size)
-            return [StageError(self.stage, f"{type(e).__name__}: {e}")] * size
-        assert len(results) == size, f"{self.stage} returned {len(results)} results for {size} items"
+    async def _run_batch(self, items: list, work: Callable[[list], list], tickets: list[Ticket]) -> list:
+        """Run ``work`` (one forward pass: a list of items → one result each, in order) off the event loop, on
+        the items whose ``Ticket`` has not expired (one per item; an expired item is answered without being
+        computed: nobody is waiting for it). A pass that raises is retried on halves of the batch
+        (``festival_serve.batching``), so only an item that fails alone is answered with a ``StageError``."""
+        if not items:
+            return []
+        self.batch_sizes[len(items)] += 1
+        if self.model is None:  # the reason is in info(), not in every answer
+            return [StageError(self.stage, "model not loaded", "unavailable")] * len(items)
+        now = time.time()
+        live = [i for i, ticket in enumerate(tickets) if not ticket.expired(now)]
+        results: list = [StageError(self.stage, "its deadline passed while it queued at the stage", "timeout")] * len(items)
+        self.expired_items += len(items) - len(live)
+        if not live:
+            return results
+        computed = await asyncio.to_thread(run_isolating, work, [items[i] for i in live],
+                                           make_error=self._item_error, label=f"{self.stage} batch")
+        for i, result in zip(live, computed):
+            results[i] = result
+        failed = all(isinstance(result, StageError) for result in computed)
+        self.consecutive_failed_batches = self.consecutive_failed_batches + 1 if failed else 0
         return results
+
+    def _item_error(self, exc: Exception) -> StageError:
+        """The answer for an item that failed alone (called inside the ``except``): the traceback goes to the
+        log, the client gets a stable code and no exception text."""
+        logger.exception("%s: an item failed on its own", self.stage)
+        if is_out_of_memory(exc):
+            return StageError(self.stage, "out of memory on this item", "error")
+        return StageError(self.stage, "the model failed on this item", "error")
 
     def _describe_model(self) -> dict:
         raise NotImplementedError
@@ -86,9 +116,12 @@ class ModelDeployment:
             "process_gpu_memory_bytes": process_gpu_memory_bytes() if cuda_available() else None,
             "unavailable_reason": self.unavailable,
             **model,
-            "batch": {**self.batch_config.model_dump(), "observed_sizes": dict(sorted(self.batch_sizes.items()))},
+            "batch": {**self.batch_config.model_dump(), "observed_sizes": dict(sorted(self.batch_sizes.items())),
+                      "consecutive_failed": self.consecutive_failed_batches, "expired_items": self.expired_items},
         }
 
     def check_health(self) -> None:
-        # Missing weights are a known, reported state, not a failure: restarting would not fix it.
-        return None
+        # Missing weights are a known, reported state, not a failure: restarting would not fix it. Batches that
+        # fail on every item, again and again, point at a broken runtime (a lost CUDA context): a new replica may not.
+        if self.consecutive_failed_batches >= self.batch_config.max_consecutive_failed_batches:
+            raise RuntimeError(f"{self.stage}: the last {self.consecutive_failed_batches} batches failed on every item")

@@ -7,6 +7,7 @@ from ray import serve
 
 from deployments.base import ModelDeployment
 from festival_serve import yolic
+from festival_serve.flow import Ticket
 from festival_serve.settings import HazardCellsSettings
 from festival_serve.stages import stage
 
@@ -19,9 +20,9 @@ class HazardCells(ModelDeployment):
         self._load(settings, model_store, gpu_only)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def classify(self, images: list[np.ndarray]) -> list[list[yolic.HazardCell]]:
+    async def classify(self, images: list[np.ndarray], tickets: list[Ticket]) -> list[list[yolic.HazardCell]]:
         """(H, W, 3) uint8 RGB frames → the cells flagged with hazards in each."""
-        return await self._run_batch(len(images), lambda: self.model.classify(images))
+        return await self._run_batch(images, lambda batch: self.model.classify(batch), tickets)
 
     def _describe_model(self) -> dict:
         return self.model.describe()

@@ -3,8 +3,11 @@
     decode once → ray.put ─┬→ SignDetector ─→ crops → SignReader ─┐
                            └→ HazardCells ────────────────────────┴→ SceneDescriber (if describe)
 
-The frame goes into the object store once; every model reads that one copy. A stage that fails,
-times out or has no weights makes the answer degraded (``degraded`` says why), never an error.
+The frame goes into the object store once; every model reads that one copy. Each request has a time
+budget (``x-request-timeout-seconds``, clamped; else the configured default) that bounds every wait;
+a request whose safety stages' queues could not answer within it is turned away before decoding, with
+``Retry-After``. A stage that fails, times out or has no weights makes the answer degraded
+(``degraded`` says why, with a stable code); if neither safety stage answered, the answer is a 503.
 """
 
 from __future__ import annotations
@@ -12,20 +15,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 
 import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
-from festival_serve.api import ApiError, analyze_frame, error_response, http_error_code, ms_since, \
-    parse_bool, read_image_bytes
-from festival_serve.imaging import InvalidImage, decode_image
+from festival_serve.admission import Admission, Budget
+from festival_serve.api import BUDGET_HEADER, ApiHandlers, build_http_app, ms_since, parse_bool, parse_budget, \
+    public_model_info, read_image_bytes, request_id_of
+from festival_serve.auth import KeyRing
+from festival_serve.flow import admit, analyze_frame
+from festival_serve.imaging import Decoder
 from festival_serve.settings import IngressSettings
 from festival_serve.stages import STAGES
 
@@ -35,39 +38,43 @@ logger = logging.getLogger("ray.serve")
 @serve.deployment
 @serve.ingress()
 class PipelineIngress:
-    def __init__(self, settings: IngressSettings, **models: DeploymentHandle) -> None:
-        """``models``: one handle per stage, keyed by stage name (``festival_serve.stages``)."""
+    def __init__(self, settings: IngressSettings, *, model_store: str | None = None,
+                 **models: DeploymentHandle) -> None:
+        """``models``: one handle per stage, keyed by stage name (``festival_serve.stages``); ``model_store``:
+        the models' store, which ``/v1/models`` shows weights relative to (without it: file names only)."""
+        self.model_store = model_store
+        # Read once: a missing, unreadable or malformed keys file fails the deployment with the reason.
+        self.keys = KeyRing.from_file(settings.api_keys_file) if settings.api_keys_file else None
+        if self.keys is None:
+            logger.warning("ingress: no api_keys_file: /v1 is open to anyone who can reach the port")
+        else:
+            logger.info("ingress: /v1 needs an API key (%d key digest(s) in %s)", len(self.keys.digests),
+                        settings.api_keys_file)
         self.models = {stage.name: models[stage.name] for stage in STAGES}
         self.settings = settings
+        self.decoder = Decoder(settings.decode_threads, settings.max_image_pixels)  # off the event loop
+        self.admission = Admission()  # this replica's view of every stage's queue (festival_serve.admission)
         self.stages = {stage.name: getattr(models[stage.name], stage.method).remote for stage in STAGES}
 
     def __serve_build_asgi_app__(self) -> Starlette:
-        return Starlette(
-            routes=[
-                Route("/v1/analyze", self.analyze, methods=["POST"]),
-                Route("/v1/models", self.list_models, methods=["GET"]),
-                Route("/healthz", self.healthz, methods=["GET"]),
-                Route("/readyz", self.readyz, methods=["GET"]),
-            ],
-            exception_handlers={HTTPException: self._http_error, Exception: self._unexpected_error},
-        )
+        # Routes, API keys, /openapi.json and the one error mapper are the baseline's too (festival_serve.api).
+        handlers = ApiHandlers(analyze=self.analyze, models=self.list_models, healthz=self.healthz, readyz=self.readyz)
+        return build_http_app(handlers, keys=self.keys, log=logger)
 
-    # -- routes -------------------------------------------------------------------------------
+    # -- routes (each raises what it cannot answer: build_http_app maps it to a status) ---------
 
     async def analyze(self, request: Request) -> JSONResponse:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        started = time.perf_counter()
-        try:
-            describe = parse_bool(request.query_params.get("describe", "true"), "describe")
-            data = await read_image_bytes(request, self.settings.max_body_bytes)
-            image = decode_image(data, max_pixels=self.settings.max_image_pixels)
-        except InvalidImage as e:
-            return error_response(400, "invalid_image", str(e), request_id)
-        except ApiError as e:
-            return error_response(e.status, e.code, e.message, request_id)
+        request_id = request_id_of(request)
+        started, started_monotonic = time.perf_counter(), time.monotonic()
+        budget = Budget(parse_budget(request.headers.get(BUDGET_HEADER), self.settings), started_monotonic)
+        admit(self.admission, budget, self.settings)  # before reading or decoding: shed in milliseconds
+        describe = parse_bool(request.query_params.get("describe", "true"), "describe")
+        data = await read_image_bytes(request, self.settings.max_body_bytes)
+        image = await self.decoder.decode(data)
         timings = {"decode": ms_since(started)}
         frame = ray.put(image)  # one copy in the object store, shared by every stage
-        result = await analyze_frame(image, frame, describe, self.stages, self.settings, timings)
+        result = await analyze_frame(image, frame, describe, self.stages, self.settings, timings, budget=budget,
+                                     admission=self.admission, request_id=request_id)
         timings["total"] = ms_since(started)
         # Serve's proxy puts the same id in the x-request-id response header.
         return JSONResponse({"request_id": request_id, **result, "timings_ms": timings})
@@ -75,7 +82,7 @@ class PipelineIngress:
     async def list_models(self, request: Request) -> JSONResponse:
         infos = await self._model_infos()
         return JSONResponse({"models": [
-            {"name": stage, "deployment": handle.deployment_name, **info}
+            {"name": stage, "deployment": handle.deployment_name, **public_model_info(info, self.model_store)}
             for (stage, handle), info in zip(self.models.items(), infos)
         ]})
 
@@ -83,10 +90,14 @@ class PipelineIngress:
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> JSONResponse:
+        """200 only when every stage in ``ingress.required_stages`` answers ``info`` with its model loaded,
+        else 503; the body gives every stage's state (``/v1/models`` has the details)."""
+        required = set(self.settings.required_stages)
         infos = await self._model_infos()
-        missing = [stage for stage, info in zip(self.models, infos) if "error" in info]
-        status = 503 if missing else 200
-        return JSONResponse({"ready": not missing, "not_ready": missing}, status_code=status)
+        stages = {stage: {"ready": info.get("ready") is True, "required": stage in required,
+                          "reason": _not_ready_reason(info)} for stage, info in zip(self.models, infos)}
+        ready = all(state["ready"] for state in stages.values() if state["required"])
+        return JSONResponse({"ready": ready, "stages": stages}, status_code=200 if ready else 503)
 
     async def _model_infos(self) -> list[dict]:
         async def one(handle: DeploymentHandle) -> dict:
@@ -97,11 +108,11 @@ class PipelineIngress:
 
         return await asyncio.gather(*(one(h) for h in self.models.values()))
 
-    # -- errors -----------------------------------------------------------------------------------
 
-    async def _http_error(self, request: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(exc.status_code, http_error_code(exc.status_code), str(exc.detail))
-
-    async def _unexpected_error(self, request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s", request.url.path)
-        return error_response(500, "internal", f"{type(exc).__name__}: {exc}")
+def _not_ready_reason(info: dict) -> str | None:
+    """Why a stage is not ready, in words a probe may show: no file paths, no exception text."""
+    if info.get("ready") is True:
+        return None
+    if "error" in info:  # ``_model_infos`` could not get an answer from a replica
+        return "no replica answered"
+    return "model not loaded (weights missing)" if info.get("unavailable_reason") else "model not loaded"

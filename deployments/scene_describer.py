@@ -7,6 +7,7 @@ from ray import serve
 
 from deployments.base import ModelDeployment
 from festival_serve import vlm
+from festival_serve.flow import Ticket
 from festival_serve.settings import SceneDescriberSettings
 from festival_serve.stages import stage
 
@@ -19,9 +20,14 @@ class SceneDescriber(ModelDeployment):
         self._load(settings, model_store, gpu_only)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def describe(self, images: list[np.ndarray], findings: list[vlm.Findings]) -> list[str]:
+    async def describe(self, images: list[np.ndarray], findings: list[vlm.Findings],
+                       tickets: list[Ticket]) -> list[str]:
         """Frames and what was found in them → one short description each (one generate call)."""
-        return await self._run_batch(len(images), lambda: self.model.describe(images, findings))
+        # Each item is a (frame, findings) pair, so a retried half keeps every frame with its own findings.
+        return await self._run_batch(list(zip(images, findings)), self._describe_pairs, tickets)
+
+    def _describe_pairs(self, pairs: list[tuple[np.ndarray, vlm.Findings]]) -> list[str]:
+        return self.model.describe([image for image, _ in pairs], [found for _, found in pairs])
 
     def _describe_model(self) -> dict:
         return self.model.describe_info()

@@ -7,6 +7,7 @@ from ray import serve
 
 from deployments.base import ModelDeployment
 from festival_serve import signs
+from festival_serve.flow import Ticket
 from festival_serve.settings import SignDetectorSettings
 from festival_serve.stages import stage
 
@@ -19,9 +20,9 @@ class SignDetector(ModelDeployment):
         self._load(settings, model_store, gpu_only)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def detect(self, images: list[np.ndarray]) -> list[list[signs.SignDetection]]:
+    async def detect(self, images: list[np.ndarray], tickets: list[Ticket]) -> list[list[signs.SignDetection]]:
         """(H, W, 3) uint8 RGB frames → the signs found in each, boxes in frame pixels."""
-        return await self._run_batch(len(images), lambda: self.model.detect(images))
+        return await self._run_batch(images, lambda batch: self.model.detect(batch), tickets)
 
     def _describe_model(self) -> dict:
         return self.model.describe()

@@ -3,17 +3,42 @@ requests (a request with five signs weighs five in the batch)."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from ray import serve
 
 from deployments.base import ModelDeployment
 from festival_serve import ocr
+from festival_serve.flow import StageError, Ticket
 from festival_serve.settings import SignReaderSettings
 from festival_serve.stages import stage
 
+logger = logging.getLogger("ray.serve")
 
-def _crop_count(requests: list[list[np.ndarray]]) -> int:
-    return sum(len(crops) for crops in requests)
+
+def _is_crop_list(request: object) -> bool:
+    """What ``read`` can read: a list of arrays (their shapes are the model's to judge, one crop at a time)."""
+    return isinstance(request, list) and all(isinstance(crop, np.ndarray) for crop in request)
+
+
+def _crop_count(requests: list) -> int:
+    """A batch's weight for Serve: its number of crops. Never raises: an exception here stops Serve's
+    batching loop and every later request on the replica hangs (Ray issue 66140). A request that is not a
+    list of crops weighs 1, and ``read`` answers it with an error."""
+    try:
+        total = 0
+        for request in requests:
+            if _is_crop_list(request):
+                total += len(request)
+            else:
+                logger.warning("sign_reader: a request of type %s is not a list of crops; it weighs 1",
+                               type(request).__name__)
+                total += 1
+        return total
+    except Exception:  # noqa: BLE001 - see above
+        logger.exception("sign_reader: could not weigh a batch; it weighs 1")
+        return 1
 
 
 @serve.deployment
@@ -24,12 +49,17 @@ class SignReader(ModelDeployment):
         self._load(settings, model_store, gpu_only)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_crop_count)
-    async def read(self, requests: list[list[np.ndarray]]) -> list[list[ocr.SignText]]:
-        """Each request: the (h, w, 3) uint8 RGB crops of one frame's signs → their text, in order."""
-        counts = [len(crops) for crops in requests]
-        flat = [crop for crops in requests for crop in crops]
-        texts = await self._run_batch(len(flat), lambda: self.model.read(flat))
-        return _split(texts, counts)
+    async def read(self, requests: list[list[np.ndarray]],
+                   tickets: list[Ticket]) -> list[list[ocr.SignText] | StageError]:
+        """Each request: the (h, w, 3) uint8 RGB crops of one frame's signs → their text, in order (a crop
+        that fails alone gets a ``StageError``); a request that is not a list of crops gets one ``StageError``."""
+        readable = [_is_crop_list(request) for request in requests]
+        counts = [len(request) if ok else 0 for request, ok in zip(requests, readable)]
+        flat = [crop for request, ok in zip(requests, readable) if ok for crop in request]
+        crop_tickets = [ticket for ticket, count in zip(tickets, counts) for _ in range(count)]  # one per crop
+        texts = _split(await self._run_batch(flat, lambda crops: self.model.read(crops), crop_tickets), counts)
+        unreadable = StageError(self.stage, "not a list of crops", "error")
+        return [text if ok else unreadable for text, ok in zip(texts, readable)]
 
     def _describe_model(self) -> dict:
         return self.model.describe()

@@ -16,20 +16,20 @@ import collections
 import json
 import logging
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
 
-from festival_serve.api import ApiError, analyze_frame, error_response, http_error_code, ms_since, \
-    parse_bool, read_image_bytes
-from festival_serve.imaging import InvalidImage, decode_image
+from festival_serve.admission import Budget
+from festival_serve.api import BUDGET_HEADER, ApiHandlers, build_http_app, ms_since, parse_bool, parse_budget, \
+    public_model_info, read_image_bytes, request_id_of
+from festival_serve.auth import KeyRing
+from festival_serve.flow import Ticket, analyze_frame
+from festival_serve.imaging import Decoder
 from festival_serve.settings import PipelineArgs
 from festival_serve.stages import STAGE_NAMES, STAGES, Stage
 
@@ -52,6 +52,7 @@ class SequentialPipeline:
     def __init__(self, args: PipelineArgs, models: dict[str, Any]) -> None:
         self.args, self.models = args, models
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="models")
+        self.decoder = Decoder(args.ingress.decode_threads, args.ingress.max_image_pixels)  # as the ingress does
         self.one_at_a_time = asyncio.Lock()
         self.batch_sizes = {stage: collections.Counter() for stage in STAGE_NAMES}  # always 1: no batching here
         self.stages = {stage.name: self._one_item_call(stage) for stage in STAGES}
@@ -60,8 +61,9 @@ class SequentialPipeline:
     def _one_item_call(self, stage: Stage) -> Callable[..., Any]:
         """The stage's batched method (the same name on the model as on its deployment) on a batch of one.
         The model is looked up per call: a caller may leave out a stage it never calls (the describer)."""
-        def call(*item):
+        def call(*item_and_ticket):
             method = getattr(self.models[stage.name], stage.method)
+            item = item_and_ticket[:-1]  # the seed had no queues at its models: the ticket is not needed
             return self._call(stage.name, lambda: method(*[[part] for part in item])[0])
 
         return call
@@ -70,22 +72,22 @@ class SequentialPipeline:
         self.batch_sizes[stage][1] += 1
         return await asyncio.get_running_loop().run_in_executor(self.worker, work)
 
-    async def _read_each(self, crops: list) -> list:
+    async def _read_each(self, crops: list, ticket: Ticket) -> list:
         reader = self.models["sign_reader"]
         return [await self._call("sign_reader", lambda c=c: reader.read([c])[0]) for c in crops]
 
-    async def analyze(self, data: bytes, describe: bool) -> tuple[dict, dict]:
+    async def analyze(self, data: bytes, describe: bool, budget: Budget, request_id: str) -> tuple[dict, dict]:
+        """One request at a time, as the seed served: no admission control, but the same budget on every wait."""
         async with self.one_at_a_time:
             started = time.perf_counter()
-            loop = asyncio.get_running_loop()
-            image = await loop.run_in_executor(
-                self.worker, lambda: decode_image(data, max_pixels=self.args.ingress.max_image_pixels))
+            image = await self.decoder.decode(data)
             timings = {"decode": ms_since(started)}
-            result = await analyze_frame(image, image, describe, self.stages, self.args.ingress, timings)
+            result = await analyze_frame(image, image, describe, self.stages, self.args.ingress, timings,
+                                         budget=budget, request_id=request_id)
             return result, timings
 
     def info(self) -> list[dict]:
-        return [{"name": stage, "ready": True, **_model_info(self.models[stage]),
+        return [{"name": stage, "ready": True, **public_model_info(_model_info(self.models[stage]), self.args.model_store),
                  "batch": {"max_batch_size": 1, "observed_sizes": dict(self.batch_sizes[stage])}}
                 for stage in STAGE_NAMES]
 
@@ -96,19 +98,17 @@ def _model_info(model: Any) -> dict:
 
 
 def build_app(args: PipelineArgs, models: dict[str, Any] | None = None) -> Starlette:
+    # Before the models load: a bad keys file fails in a moment, not after a minute of loading.
+    keys = KeyRing.from_file(args.ingress.api_keys_file) if args.ingress.api_keys_file else None
     pipeline = SequentialPipeline(args, models if models is not None else load_models(args))
 
     async def analyze(request: Request) -> JSONResponse:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = request_id_of(request)
         started = time.perf_counter()
-        try:
-            describe = parse_bool(request.query_params.get("describe", "true"), "describe")
-            data = await read_image_bytes(request, args.ingress.max_body_bytes)
-            result, timings = await pipeline.analyze(data, describe)
-        except InvalidImage as e:
-            return error_response(400, "invalid_image", str(e), request_id)
-        except ApiError as e:
-            return error_response(e.status, e.code, e.message, request_id)
+        budget = Budget(parse_budget(request.headers.get(BUDGET_HEADER), args.ingress))
+        describe = parse_bool(request.query_params.get("describe", "true"), "describe")
+        data = await read_image_bytes(request, args.ingress.max_body_bytes)
+        result, timings = await pipeline.analyze(data, describe, budget, request_id)
         timings["total"] = ms_since(started)
         return JSONResponse({"request_id": request_id, **result, "timings_ms": timings},
                             headers={"x-request-id": request_id})
@@ -119,18 +119,8 @@ def build_app(args: PipelineArgs, models: dict[str, Any] | None = None) -> Starl
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(exc.status_code, http_error_code(exc.status_code), str(exc.detail))
-
-    return Starlette(
-        routes=[
-            Route("/v1/analyze", analyze, methods=["POST"]),
-            Route("/v1/models", list_models, methods=["GET"]),
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/readyz", healthz, methods=["GET"]),  # every model is loaded before the server starts
-        ],
-        exception_handlers={HTTPException: http_error},
-    )
+    # readyz is healthz: every model is loaded before the server starts.
+    return build_http_app(ApiHandlers(analyze=analyze, models=list_models, healthz=healthz, readyz=healthz), keys=keys)
 
 
 def main(argv: list[str] | None = None) -> int:

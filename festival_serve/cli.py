@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from festival_serve import auth
 from festival_serve.backends import BackendUnavailable
 
 DEFAULT_CONFIG = Path("serve_config.yaml")
@@ -22,15 +24,28 @@ SAMPLE_SCENE = Path(__file__).parent / "data" / "sample_scene.jpg"
 def cmd_up(args: argparse.Namespace) -> int:
     from festival_serve import local
     from festival_serve.devices import cuda_available
+    from festival_serve.serve_config import check_serve_config
 
     has_gpu = cuda_available() and not args.cpu
     config, changes = local.local_profile(
         local.load_config(args.config), host=args.host, port=args.port, model_store=args.model_store,
-        has_gpu=has_gpu, base_dir=Path.cwd(),
+        has_gpu=has_gpu, base_dir=Path.cwd(), api_keys_file=args.api_keys_file,
     )
+    try:  # before Ray starts: a deployment without its batch settings would otherwise fail (or batch) silently
+        check_serve_config(config)
+    except ValueError as e:
+        print(f"festival-serve: {args.config}: {e}", file=sys.stderr)
+        return 2
     if args.dry_run:
         print(yaml.safe_dump(config, sort_keys=False), end="")
         return 0
+    keys_files = [(app.get("args", {}).get("ingress") or {}).get("api_keys_file") for app in config["applications"]]
+    try:  # fail now, not after the models load in the replicas
+        for keys_file in filter(None, keys_files):
+            auth.KeyRing.from_file(keys_file)
+    except auth.KeysFileError as e:
+        print(f"festival-serve: {e}", file=sys.stderr)
+        return 2
     print(f"festival-serve: deploying {args.config} locally")
     for change in changes:
         print(f"  {change}")
@@ -56,6 +71,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     url = f"http://{args.host}:{args.port}"
     print(f"festival-serve: serving {url}  (POST {url}/v1/analyze, GET {url}/v1/models; Ctrl-C stops)")
+    if not all(keys_files):
+        print(f"festival-serve: no API keys file: /v1 is open to anyone who can reach {args.host}:{args.port} "
+              "(make a key with `festival-serve keys new --file PATH`, then pass --api-keys-file PATH)")
     if not args.no_dashboard:
         print("festival-serve: inspect with `RAY_AUTH_MODE=token serve status` (Ray token auth is on)")
     while True:
@@ -121,6 +139,27 @@ def cmd_models_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    """Make an API key, append its digest to ``--file`` (created owner-only, 0600) and show the key once."""
+    path: Path = args.file
+    if path.exists():
+        try:  # never append to a file the servers would refuse to load
+            auth.read_digests(path)
+        except auth.KeysFileError as e:
+            print(f"festival-serve: {e}", file=sys.stderr)
+            return 2
+    existing = path.read_bytes() if path.exists() else b""
+    key = auth.new_key()
+    label = " ".join((args.label or "").split())  # one line, whatever was typed
+    line = auth.digest(key) + (f"  # {label}" if label else "") + "\n"
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a", encoding="utf-8") as f:
+        f.write(("\n" if existing and not existing.endswith(b"\n") else "") + line)
+    print(key)
+    print(f"This key is shown once and stored nowhere: {path} keeps only its SHA-256 digest. "
+          "Send it as `Authorization: Bearer <key>`.")
+    return 0
+
+
 def cmd_engines_build(args: argparse.Namespace) -> int:
     """Build (or find cached) TensorRT engines for every exportable network, as serving would load them."""
     from festival_serve import engines, local
@@ -163,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dry-run", action="store_true",
                     help="print the config this machine would run (feed it to `serve run`) and exit")
     up.add_argument("--timeout", type=float, default=600, help="seconds to wait for the graph to start")
+    up.add_argument("--api-keys-file", help="require an API key on /v1: the file of key digests "
+                                            "(`festival-serve keys new`); default: the config's, else /v1 is open")
     up.set_defaults(func=cmd_up)
 
     demo = sub.add_parser("demo", help="post the bundled sample scene to a running server and print the answer")
@@ -208,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
         p.add_argument("--model-store", help="override args.model_store")
         p.set_defaults(func=func)
+
+    keys = sub.add_parser("keys", help="API keys for /v1 (the servers read a file of their SHA-256 digests)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    new_key = keys_sub.add_parser("new", help="make a key, append its digest to --file and print the key once")
+    new_key.add_argument("--file", type=Path, required=True,
+                         help="the keys file (ingress.api_keys_file); created with mode 0600 if absent")
+    new_key.add_argument("--label", help="a note kept beside the digest (who holds the key), to revoke it by")
+    new_key.set_defaults(func=cmd_keys_new)
 
     # Its own parser lives in festival_serve.cluster; main() hands it the rest of the command line.
     sub.add_parser("cluster", help="render cluster manifests from serve_config.yaml (see cluster/README.md)")

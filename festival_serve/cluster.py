@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from festival_serve.serve_config import check_serve_config
+
 #: Stand-in for the image a user builds and pushes (see cluster/README.md); never pullable.
 PLACEHOLDER_IMAGE = "ghcr.io/your-org/festival-serve:0.1.0"
 #: Must equal the Ray inside the image: pyproject.toml pins ray[serve]==2.60.0.
@@ -198,9 +200,15 @@ def render_document(serve_config: dict, *, source: str, image: str,
 
 
 def _load(path: Path) -> dict:
+    """The serve config at ``path``, checked (``check_serve_config``) before a manifest is made from it."""
     if not path.is_file():
         raise FileNotFoundError(f"serve config not found: {path}")
-    return yaml.safe_load(path.read_text())
+    config = yaml.safe_load(path.read_text())
+    try:
+        check_serve_config(config)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return config
 
 
 def _cmd_render(args: argparse.Namespace) -> int:

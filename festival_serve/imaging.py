@@ -6,47 +6,101 @@ are read-only, so nothing here writes into its input.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import io
+import logging
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
 
 #: Content types the ingress accepts as a raw body, and the PIL formats they may decode to.
 IMAGE_CONTENT_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
+
+# Transparent pixels are composited onto white, as browsers and viewers show them: a PNG with alpha here is
+# mostly a cut-out sign or overlay drawn for a light page, whose dark text and borders the reader and the
+# detector then see with the contrast they were drawn with (black would merge them into the background, and
+# dropping alpha reveals whatever colour the encoder left under transparent pixels, often black).
+_ALPHA_BACKGROUND = (255, 255, 255)
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 
 
 class InvalidImage(ValueError):
     """The bytes are not a decodable image, or the image is unusable (empty, too large)."""
 
 
-def _pil_open(stream):
+def _pil_open(stream, formats: list[str]):
     # ultralytics (when imported in this process) replaces Image.open with a wrapper that answers an
     # unknown format by trying to install and import a HEIF plugin; call PIL's own opener instead.
     patches = sys.modules.get("ultralytics.utils.patches")
-    return getattr(patches, "_image_open", Image.open)(stream)
+    return getattr(patches, "_image_open", Image.open)(stream, formats=formats)
 
 
 def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
-    """Decode JPEG/PNG/WebP bytes to ``(H, W, 3) uint8 RGB``; raise ``InvalidImage`` otherwise."""
+    """Decode JPEG/PNG/WebP bytes to ``(H, W, 3) uint8 RGB``, upright as the camera's EXIF orientation says;
+    raise ``InvalidImage`` otherwise."""
     if not data:
         raise InvalidImage("empty image")
     try:
-        with _pil_open(io.BytesIO(data)) as img:
-            if img.format not in IMAGE_CONTENT_TYPES.values():
-                raise InvalidImage(f"unsupported image format {img.format!r}; send JPEG, PNG or WebP")
+        # Only the allowed formats' plugins may look at the bytes: a GIF, BMP or TIFF (or anything else
+        # Pillow could parse) is refused before any of its parsers runs. Camera JPEGs that carry a second
+        # picture open as MPO through the JPEG plugin, and are accepted.
+        with _pil_open(io.BytesIO(data), formats=list(IMAGE_CONTENT_TYPES.values())) as img:
             width, height = img.size
             # Checked before decoding pixels: a small file can declare a huge image (decompression bomb).
             if width * height > max_pixels:
                 raise InvalidImage(f"image is {width}x{height}, over the limit of {max_pixels} pixels")
-            rgb = np.asarray(img.convert("RGB"))
+            ImageOps.exif_transpose(img, in_place=True)  # decodes; rotates only when EXIF says so
+            rgb = to_rgb(img)
     except InvalidImage:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise InvalidImage(f"not a decodable image: {e}") from e
+        logger.debug("undecodable image (%d bytes): %s", len(data), e)
+        raise InvalidImage("not a decodable JPEG, PNG or WebP image") from e
     if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise InvalidImage("image has no pixels")
     return rgb
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """Any decoded PIL image as ``(H, W, 3) uint8 RGB``: 16-bit grey scaled to 8 bits, alpha composited."""
+    if img.mode.startswith("I"):
+        # 16-bit grey PNG ("I;16", "I;16B", or "I"): scale 0..65535 to 0..255, rounded (Pillow's own
+        # convert clips at 255, which turns almost every pixel white). Its rare tRNS key is ignored.
+        grey = np.clip(np.asarray(img), 0, 65535).astype(np.uint32)
+        grey = ((grey * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:  # palette/grey/RGB tRNS keys included
+        rgba = img.convert("RGBA")
+        rgb = Image.new("RGB", rgba.size, _ALPHA_BACKGROUND)
+        rgb.paste(rgba, mask=rgba)  # out = colour x alpha + background x (1 - alpha)
+        return np.asarray(rgb)
+    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # L, 1, P, CMYK, YCbCr
+
+
+class Decoder:
+    """Decodes request images off the event loop, on a pool of ``threads`` threads of its own.
+
+    Pillow releases the GIL while it decodes, so a 40 MP frame no longer stalls every other request of
+    the process for the length of its decode; the pool's size bounds how many frames decode at once (each
+    holds up to ``max_pixels`` x 3 bytes) and how many cores decoding takes from the event loop.
+    """
+
+    def __init__(self, threads: int, max_pixels: int) -> None:
+        self.max_pixels = max_pixels
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+
+    async def decode(self, data: bytes) -> np.ndarray:
+        """``decode_image`` on the pool: ``(H, W, 3) uint8 RGB``, or ``InvalidImage``."""
+        work = functools.partial(decode_image, data, max_pixels=self.max_pixels)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, work)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def crop(image: np.ndarray, box: tuple[float, float, float, float], padding: float = 0.0) -> np.ndarray:

@@ -37,8 +37,9 @@ def pipeline_args(config: dict, model_store: str | None = None):
 
 
 def local_profile(config: dict, *, host: str, port: int, model_store: str | None, has_gpu: bool,
-                  base_dir: Path, cpus: int | None = None) -> tuple[dict, list[str]]:
-    """The config adapted to this machine, and one line per change made (printed to the user)."""
+                  base_dir: Path, cpus: int | None = None, api_keys_file: str | None = None) -> tuple[dict, list[str]]:
+    """The config adapted to this machine, and one line per change made (printed to the user).
+    ``api_keys_file`` (else the config's ``ingress.api_keys_file``): /v1 needs one of its keys."""
     config = copy.deepcopy(config)
     changes: list[str] = []
     config.setdefault("http_options", {}).update(host=host, port=port)
@@ -48,6 +49,12 @@ def local_profile(config: dict, *, host: str, port: int, model_store: str | None
         # Replicas do not share the CLI's working directory: hand them an absolute path.
         args["model_store"] = str(store if store.is_absolute() else (base_dir / store).resolve())
         changes.append(f"model store: {args['model_store']}")
+        keys = api_keys_file or (args.get("ingress") or {}).get("api_keys_file")
+        if keys:
+            keys = Path(keys).expanduser()
+            args["ingress"] = {**(args.get("ingress") or {}),
+                               "api_keys_file": str(keys if keys.is_absolute() else (base_dir / keys).resolve())}
+            changes.append(f"API keys: /v1 needs one of the keys in {args['ingress']['api_keys_file']}")
         if not has_gpu:
             for deployment in app.get("deployments", []):
                 options = deployment.get("ray_actor_options") or {}

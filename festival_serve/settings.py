@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 BackendName = Literal["auto", "torch", "onnxruntime", "tensorrt"]
 Device = str  # "auto", "cpu", "cuda", "cuda:N"
@@ -21,6 +21,13 @@ def in_store(value: str, model_store: str | Path) -> Path:
     """A weights path from the settings: relative to ``model_store`` unless absolute."""
     path = Path(value).expanduser()
     return path if path.is_absolute() else Path(model_store).expanduser() / path
+
+
+def _stage_names(*, required: bool) -> list[str]:
+    """Stage names from the stage table (imported here: ``festival_serve.stages`` imports this module)."""
+    from festival_serve.stages import STAGES
+
+    return [stage.name for stage in STAGES if stage.required or not required]
 
 
 class _Section(BaseModel):
@@ -33,6 +40,11 @@ class BatchConfig(_Section):
     max_batch_size: int = Field(8, ge=1, description="Most requests (or OCR crops) in one forward pass.")
     batch_wait_timeout_s: float = Field(
         0.01, ge=0, description="How long a partial batch waits for more requests, in seconds."
+    )
+    max_consecutive_failed_batches: int = Field(
+        3, ge=1,
+        description="check_health fails (Serve replaces the replica) after this many batches in a row in which "
+        "every item failed; any batch with one success resets the count. Missing weights never count.",
     )
 
 
@@ -138,9 +150,58 @@ class IngressSettings(_Section):
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Largest accepted decoded image (width x height); guards decompression bombs."
     )
+    decode_threads: int = Field(
+        2, ge=1,
+        description="Threads that decode request images, per ingress replica (or baseline process), off the event "
+        "loop: at most this many frames decode at once, each holding up to max_image_pixels x 3 bytes.",
+    )
     crop_padding: float = Field(0.05, ge=0, le=1, description="Sign crops grow by this fraction of the box per side.")
     max_signs_read: int = Field(16, ge=0, description="Most sign crops per image sent to the reader.")
-    stage_timeout_s: float = Field(30.0, gt=0, description="A stage slower than this is answered as degraded.")
+    required_stages: list[str] = Field(
+        default_factory=lambda: _stage_names(required=True),
+        description="Stages whose model must be loaded for /readyz to answer 200 (default: the stages the stage "
+        "table marks required: detector, hazard cells, reader; the scene describer is optional).",
+    )
+    default_budget_s: float = Field(
+        10.0, gt=0,
+        description="Time budget of a request that sends no x-request-timeout-seconds header, seconds. Every stage "
+        "wait is bounded by what is left of it; the answer comes before it runs out.",
+    )
+    max_budget_s: float = Field(
+        30.0, gt=0,
+        description="Largest budget a client may ask for with x-request-timeout-seconds (larger values are clamped), "
+        "seconds; keep it under http_options.request_timeout_s so the ingress, not the proxy, answers.",
+    )
+    answer_margin_s: float = Field(
+        0.05, ge=0, description="Time kept back from the budget to build and send the answer, seconds."
+    )
+    retry_after_s: float = Field(
+        1.0, gt=0, description="Retry-After when no queue estimate says better (e.g. both safety stages failed), s."
+    )
+    api_keys_file: str | None = Field(
+        None,
+        description="File of SHA-256 digests of the API keys that may call /v1 (festival_serve.auth; make keys with "
+        "`festival-serve keys new --file PATH`). Absolute, on every node that runs the ingress (e.g. a mounted "
+        "secret). None: /v1 is open to anyone who can reach the port; /healthz and /readyz always are.",
+    )
+
+    @model_validator(mode="after")
+    def _budgets_are_ordered(self) -> "IngressSettings":
+        if self.default_budget_s > self.max_budget_s:
+            raise ValueError(f"default_budget_s ({self.default_budget_s}) is over max_budget_s ({self.max_budget_s})")
+        if self.answer_margin_s >= self.default_budget_s:
+            raise ValueError("answer_margin_s must be smaller than default_budget_s")
+        return self
+
+    @field_validator("required_stages")
+    @classmethod
+    def _required_stages_exist(cls, names: list[str]) -> list[str]:
+        from festival_serve.stages import STAGE_NAMES  # stages imports this module: read the table at call time
+
+        unknown = [name for name in names if name not in STAGE_NAMES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)} in required_stages; stages: {', '.join(STAGE_NAMES)}")
+        return names
 
 
 class PipelineArgs(_Section):
@@ -154,7 +215,7 @@ class PipelineArgs(_Section):
     hazard_cells: HazardCellsSettings = HazardCellsSettings()
     sign_reader: SignReaderSettings = SignReaderSettings()
     scene_describer: SceneDescriberSettings = SceneDescriberSettings()
-    ingress: IngressSettings = IngressSettings()
+    ingress: IngressSettings = Field(default_factory=IngressSettings)  # built on use: its defaults read the stage table
 
     @model_validator(mode="after")
     def _gpu_only_is_consistent(self) -> "PipelineArgs":

@@ -61,6 +61,10 @@ class Stage:
     #: settings section → the runtime it runs on (a key of ``festival_serve.preflight.RUNTIMES``, or "auto").
     runtime: Callable[[Any], str]
     networks: tuple[Network, ...] = ()
+    #: A safety stage: a frame it did not look at is no answer (the ingress refuses it with 503).
+    safety: bool = False
+    #: Must be able to serve for /readyz to say 200 (``ingress.required_stages`` defaults to these).
+    required: bool = False
     #: "module:function" comparing two runs' answers on the same scenes (reference, candidate, numerics)
     #: → a verdict, for ``validate``'s task-level parity; None where validate compares the stage its own way.
     agreement: str | None = None
@@ -131,19 +135,20 @@ STAGES: tuple[Stage, ...] = (
             Network("sign_classifier", "sign_detector", lambda s: s.classifier, _classifier, _classifier_batch,
                     "crops"),
         ),
-        agreement="festival_serve.validate:sign_agreement",
+        agreement="festival_serve.validate:sign_agreement", safety=True, required=True,
     ),
     Stage(
         name="hazard_cells", deployment="HazardCells", method="classify",
         loader="festival_serve.yolic:HazardCellClassifier", missing=("builtins:FileNotFoundError",),
         weights=lambda s: s.weights, runtime=lambda s: s.backend,
         networks=(Network("hazard_cells", "hazard_cells", lambda s: s.weights, _yolic, _yolic_batch, "images"),),
-        agreement="festival_serve.validate:hazard_agreement",
+        agreement="festival_serve.validate:hazard_agreement", safety=True, required=True,
     ),
     Stage(
         name="sign_reader", deployment="SignReader", method="read",
         loader="festival_serve.ocr:create_reader", missing=("builtins:FileNotFoundError",),
         weights=lambda s: s.rec_model, runtime=lambda s: {"onnx": "onnxruntime"}.get(s.engine, s.engine),
+        required=True,
     ),
     Stage(
         name="scene_describer", deployment="SceneDescriber", method="describe",
@@ -154,6 +159,7 @@ STAGES: tuple[Stage, ...] = (
 
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
 NETWORKS: tuple[Network, ...] = tuple(network for stage in STAGES for network in stage.networks)
+SAFETY_STAGES: tuple[str, ...] = tuple(stage.name for stage in STAGES if stage.safety)
 
 
 def stage(name: str) -> Stage:

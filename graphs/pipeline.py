@@ -25,7 +25,7 @@ def build_app(args: PipelineArgs) -> Application:
         stage = model.func_or_class.STAGE
         handles[stage.name] = model.bind(stage.settings(args), args.model_store, args.gpu_only)
     # The ingress gets one handle per stage, by name; every model reads the frame it puts in the object store.
-    return PipelineIngress.bind(args.ingress, **handles)
+    return PipelineIngress.bind(args.ingress, model_store=args.model_store, **handles)
 
 
 app = build_app(PipelineArgs())

@@ -1,5 +1,6 @@
 """``analyze_frame``, the one flow of a frame that both the Serve ingress and the baseline server run, driven
-here by plain async stages (its contract: any ``callable(*args) -> awaitable``)."""
+here by plain async stages (its contract: any ``callable(*args) -> awaitable``): what it reads, how it
+degrades within a budget, and when it refuses."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import asyncio
 
 import numpy as np
 
-from festival_serve.api import analyze_frame
+import time
+
+import pytest
+
+from festival_serve.admission import Admission, Budget
+from festival_serve.api import ApiError, parse_budget
+from festival_serve.flow import Rejected, analyze_frame
 from festival_serve.ocr import SignText
 from festival_serve.settings import IngressSettings
 from festival_serve.signs import SignDetection
@@ -23,7 +30,7 @@ class Reader:
     def __init__(self) -> None:
         self.calls: list[int] = []
 
-    async def __call__(self, crops):
+    async def __call__(self, crops, ticket):
         self.calls.append(len(crops))
         return [SignText(str(int(c.mean())), 1.0, ()) for c in crops]
 
@@ -32,7 +39,7 @@ def analyze(found, settings: IngressSettings, reader: Reader) -> dict:
     image = np.zeros((40, 200, 3), np.uint8)
     for i in range(5):  # the sign at x = 40 i (20 px wide) sits on pixels of value 10 (i + 1)
         image[:, 40 * i: 40 * i + 30] = 10 * (i + 1)
-    stages = {"sign_detector": lambda frame: asyncio.sleep(0, found), "hazard_cells": lambda frame: asyncio.sleep(0, []),
+    stages = {"sign_detector": lambda frame, ticket: asyncio.sleep(0, found), "hazard_cells": lambda frame, ticket: asyncio.sleep(0, []),
               "sign_reader": reader, "scene_describer": None}
     return asyncio.run(analyze_frame(image, image, False, stages, settings, {}))
 
@@ -65,4 +72,89 @@ def test_signs_with_text_beyond_the_cap_are_reported_as_unread():
 
     assert reader.calls == [2]
     assert [s["text"] for s in answer["signs"]] == [None, "20", "30", None]
-    assert answer["degraded"] == ["sign_reader: read the first 2 of 3 signs with text"]
+    assert answer["degraded"] == [{"stage": "sign_reader", "code": "partial", "message": "read 2 of 3 signs with text"}]
+
+
+# -- budgets -----------------------------------------------------------------------------------------
+
+
+def test_the_budget_header_is_honoured_clamped_and_checked():
+    settings = IngressSettings(default_budget_s=5, max_budget_s=20)
+    assert parse_budget(None, settings) == 5
+    assert parse_budget("1.5", settings) == 1.5
+    assert parse_budget("600", settings) == 20  # clamped: the ingress answers before the proxy's own timeout
+    for bad in ("0", "-1", "soon", "nan", "inf"):
+        with pytest.raises(ApiError) as raised:
+            parse_budget(bad, settings)
+        assert raised.value.status == 400 and raised.value.code == "invalid_budget"
+
+
+def _run(stages: dict, *, budget_s: float = 5.0, describe: bool = False, admission: Admission | None = None):
+    image = np.zeros((40, 200, 3), np.uint8)
+    settings = IngressSettings(default_budget_s=budget_s, max_budget_s=max(budget_s, 30), answer_margin_s=0.01)
+    return asyncio.run(analyze_frame(image, image, describe, stages, settings, {}, budget=Budget(budget_s),
+                                     admission=admission))
+
+
+async def _found(value, delay: float = 0.0):
+    await asyncio.sleep(delay)
+    return value
+
+
+def test_a_stage_slower_than_the_budget_is_cut_off_and_the_answer_comes_in_time():
+    stages = {"sign_detector": lambda frame, ticket: _found([], delay=5), "hazard_cells": lambda frame, ticket: _found([])}
+    started = time.monotonic()
+    answer = _run(stages, budget_s=0.3)
+    assert time.monotonic() - started < 0.5
+    assert answer["degraded"] == [{"stage": "sign_detector", "code": "timeout",
+                                   "message": "no answer within the request's budget"}]
+
+
+def test_neither_safety_stage_answering_is_a_503_not_an_empty_200():
+    async def broken(frame, ticket):
+        raise RuntimeError("/models/secret/path.pt is corrupt")
+
+    with pytest.raises(Rejected) as raised:
+        _run({"sign_detector": broken, "hazard_cells": broken})
+    assert raised.value.status == 503 and raised.value.code == "safety_stages_unavailable"
+    assert "/models" not in raised.value.message and raised.value.retry_after_s > 0
+
+
+def test_one_safety_stage_failing_degrades_without_leaking_its_error():
+    async def broken(frame, ticket):
+        raise RuntimeError("/models/secret/path.pt is corrupt")
+
+    answer = _run({"sign_detector": broken, "hazard_cells": lambda frame, ticket: _found([])})
+    assert answer["degraded"] == [{"stage": "sign_detector", "code": "error", "message": "the stage failed on this frame"}]
+
+
+class BackPressureError(Exception):
+    """Shaped like ``ray.serve.exceptions.BackPressureError`` (the flow reads its name and retry_after_s)."""
+
+    retry_after_s = 3.0
+
+
+def test_a_full_safety_queue_reaches_the_client_as_its_status_with_retry_after():
+    async def full(frame, ticket):
+        raise BackPressureError()
+
+    with pytest.raises(Rejected) as raised:
+        _run({"sign_detector": full, "hazard_cells": lambda frame, ticket: _found([])})
+    assert raised.value.status == 503 and raised.value.code == "overloaded" and raised.value.retry_after_s == 3.0
+
+
+def test_over_budget_reader_reads_the_surest_signs_and_describer_is_skipped():
+    found = [sign(0, "info", True), sign(40, "info", True), sign(80, "info", True)]
+    found[2] = SignDetection(box=found[2].box, label="info", class_id=0, score=0.99, has_text=True)  # the surest
+    admission = Admission()
+    admission.loads["sign_reader"].item_seconds = 0.4  # one crop costs 0.4 s: a 1 s budget reads two at most
+    admission.loads["scene_describer"].item_seconds = 5.0  # a description would take 5 s
+    reader = Reader()
+    stages = {"sign_detector": lambda frame, ticket: _found(found), "hazard_cells": lambda frame, ticket: _found([]),
+              "sign_reader": reader, "scene_describer": lambda frame, findings, ticket: _found("never")}
+    answer = _run(stages, budget_s=1.0, describe=True, admission=admission)
+    assert reader.calls == [2]
+    assert [s["text"] is not None for s in answer["signs"]] == [True, False, True]  # the 0.99 sign was read first
+    assert answer["description"] is None
+    assert {(d["stage"], d["code"]) for d in answer["degraded"]} == {("sign_reader", "partial"),
+                                                                     ("scene_describer", "skipped_over_budget")}

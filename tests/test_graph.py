@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import time
 from pathlib import Path
 
 import httpx
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from festival_serve import local
+from festival_serve import auth, local
 from festival_serve.cli import SAMPLE_SCENE
 from festival_serve.sign_classes import BACKGROUND
 from festival_serve.standins.hazards import build_yolic_checkpoint
@@ -44,7 +45,16 @@ def model_store(tmp_path_factory, yolic_layout) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(model_store, tmp_path_factory):
+def bare_keys(tmp_path_factory) -> tuple[str, Path]:
+    """An API key for the ``bare`` application, and the keys file that holds its digest (only that)."""
+    key = auth.new_key()
+    keys_file = tmp_path_factory.mktemp("secrets") / "api-keys"
+    keys_file.write_text(auth.digest(key) + "\n")
+    return key, keys_file
+
+
+@pytest.fixture(scope="module")
+def server(model_store, tmp_path_factory, bare_keys):
     port = free_port()
     config, _ = local.local_profile(local.load_config(ROOT / "serve_config.yaml"), host="127.0.0.1", port=port,
                                     model_store=str(model_store), has_gpu=False, base_dir=ROOT)
@@ -58,7 +68,9 @@ def server(model_store, tmp_path_factory):
         if "user_config" in deployment:
             deployment["user_config"]["batch_wait_timeout_s"] = 0.2
     bare = {**full, "name": "bare", "route_prefix": "/bare",
-            "args": {**full["args"], "model_store": str(tmp_path_factory.mktemp("empty-store"))}}
+            "args": {**full["args"], "model_store": str(tmp_path_factory.mktemp("empty-store")),
+                     # Only /bare needs a key: the rest of the module calls the full graph without one.
+                     "ingress": {**full["args"]["ingress"], "api_keys_file": str(bare_keys[1])}}}
     config["applications"].append(bare)
     local.start(config, offline=True, num_cpus=4)  # two copies of the graph: 2 x 1.5 CPU shares
     try:
@@ -75,8 +87,8 @@ def _jpeg(width=848, height=480, seed=0) -> bytes:
     return buf.getvalue()
 
 
-def _post(url, data, content_type="image/jpeg", **params):
-    return httpx.post(f"{url}/v1/analyze", content=data, headers={"content-type": content_type},
+def _post(url, data, content_type="image/jpeg", headers=None, **params):
+    return httpx.post(f"{url}/v1/analyze", content=data, headers={"content-type": content_type, **(headers or {})},
                       params=params, timeout=120)
 
 
@@ -198,14 +210,92 @@ def test_check_gpu_reports_every_stage_on_the_cpu_with_its_runtime_and_threads(s
     assert report["require_gpu_failures"] == []
 
 
-def test_missing_weights_degrade_instead_of_failing(server):
-    models = {m["name"]: m for m in httpx.get(f"{server}/bare/v1/models", timeout=30).json()["models"]}
+def test_missing_safety_weights_are_a_503_with_retry_after_not_an_empty_200(server, bare_keys):
+    key = {"authorization": f"Bearer {bare_keys[0]}"}
+    models = {m["name"]: m for m in httpx.get(f"{server}/bare/v1/models", headers=key, timeout=30).json()["models"]}
     for stage in ("sign_detector", "hazard_cells", "scene_describer"):
         assert models[stage]["ready"] is False and models[stage]["unavailable_reason"]
     assert models["sign_reader"]["ready"] is True  # PP-OCR ships inside the rapidocr wheel
-    reply = _post(f"{server}/bare", SAMPLE_SCENE.read_bytes())
-    assert reply.status_code == 200
-    body = reply.json()
-    assert body["signs"] == [] and body["hazards"] == [] and body["description"] is None
-    assert {reason.split(":")[0] for reason in body["degraded"]} == {"sign_detector", "hazard_cells", "scene_describer"}
-    assert httpx.get(f"{server}/bare/readyz", timeout=30).status_code == 200
+    reply = _post(f"{server}/bare", SAMPLE_SCENE.read_bytes(), headers=key)
+    # Neither safety stage could look at the frame: "never looked" must not read as "nothing there".
+    assert reply.status_code == 503 and int(reply.headers["retry-after"]) >= 1
+    assert reply.json()["error"]["code"] == "safety_stages_unavailable"
+    assert httpx.get(f"{server}/bare/readyz", timeout=30).status_code == 503  # required stages have no weights
+
+
+def test_the_budget_header_is_checked_and_bounds_the_answer(server):
+    for bad in ("-1", "0", "soon"):  # -1 would also switch off the proxy's own timeout
+        reply = httpx.post(f"{server}/v1/analyze", content=SAMPLE_SCENE.read_bytes(), params={"describe": "false"},
+                           headers={"content-type": "image/jpeg", "x-request-timeout-seconds": bad}, timeout=60)
+        assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_budget", bad
+    # A budget too short for the describer (tiny here, but it waits for a batch): the answer still comes in time,
+    # with every stage that could not make it listed by code.
+    started = time.monotonic()
+    reply = httpx.post(f"{server}/v1/analyze", content=SAMPLE_SCENE.read_bytes(), params={"describe": "true"},
+                       headers={"content-type": "image/jpeg", "x-request-timeout-seconds": "0.05"}, timeout=60)
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.0, elapsed  # budget + answering + HTTP, never a stage's own timeout
+    if reply.status_code == 200:
+        codes = {d["code"] for d in reply.json()["degraded"]}
+        assert codes <= {"timeout", "skipped_over_budget", "partial"}, reply.json()["degraded"]
+    else:  # both safety stages missed 50 ms: refused, with when to come back
+        assert reply.status_code == 503 and "retry-after" in reply.headers
+
+
+def test_a_poisoned_frame_fails_alone_in_its_batch(server):
+    from ray import serve
+
+    from festival_serve.flow import StageError, Ticket
+
+    detector = serve.get_deployment_handle("SignDetector", app_name="festival")  # the "full" application
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (480, 848, 3), dtype=np.uint8) for _ in range(5)]
+    frames.insert(2, np.zeros((480, 848), np.uint8))  # 2-D: not an (H, W, 3) RGB frame
+    ticket = Ticket(sent_at=time.time(), deadline=time.time() + 120)
+    pending = [detector.detect.remote(frame, ticket) for frame in frames]  # at once: one batch window (0.2 s here)
+    answers = [response.result(timeout_s=120) for response in pending]
+    assert isinstance(answers[2], StageError) and answers[2].stage == "sign_detector"
+    assert "(480, 848)" not in answers[2].reason  # the exception text stays in the log
+    assert all(isinstance(answer, list) for i, answer in enumerate(answers) if i != 2), answers
+    assert _post(server, SAMPLE_SCENE.read_bytes(), describe="false").status_code == 200  # the replica still serves
+
+
+def test_an_application_with_a_keys_file_needs_a_key_on_v1_but_not_on_its_probes(server, bare_keys):
+    key, _ = bare_keys
+    for headers in ({}, {"authorization": f"Bearer {auth.new_key()}"}, {"authorization": key}):
+        reply = httpx.get(f"{server}/bare/v1/models", headers=headers, timeout=30)
+        assert reply.status_code == 401, headers
+        assert reply.json()["error"]["code"] == "unauthorized"
+        assert reply.headers["www-authenticate"].startswith("Bearer")
+        assert key not in reply.text
+    assert _post(f"{server}/bare", SAMPLE_SCENE.read_bytes()).status_code == 401
+    assert httpx.get(f"{server}/bare/v1/models", headers={"authorization": f"Bearer {key}"},
+                     timeout=30).status_code == 200
+    assert httpx.get(f"{server}/bare/healthz", timeout=30).status_code == 200
+    assert httpx.get(f"{server}/bare/readyz", timeout=30).status_code == 503  # open, and honest: no weights
+    assert httpx.get(f"{server}/v1/models", timeout=30).status_code == 200  # the full graph has no keys file
+
+
+def test_v1_models_shows_weights_relative_to_the_model_store(server, model_store):
+    reply = httpx.get(f"{server}/v1/models", timeout=30)
+    models = {m["name"]: m for m in reply.json()["models"]}
+    assert models["sign_detector"]["weights"] == "sign_detector/signs.pt"
+    assert models["sign_detector"]["classifier"] == "sign_classifier/sign_classes.pt"
+    assert models["hazard_cells"]["weights"] == "hazard_cells/yolic_m2.pth.tar"
+    assert models["scene_describer"]["weights"] == "scene_describer/SmolVLM-256M-Instruct"
+    assert str(model_store) not in reply.text
+
+
+def test_work_whose_deadline_passed_in_the_queue_is_dropped_unrun(server):
+    from ray import serve
+
+    from festival_serve.flow import StageError, Ticket
+
+    hazards = serve.get_deployment_handle("HazardCells", app_name="festival")
+    before = httpx.get(f"{server}/v1/models", timeout=30).json()["models"][1]["batch"]["expired_items"]
+    frame = np.zeros((480, 848, 3), np.uint8)
+    stale = Ticket(sent_at=time.time() - 5, deadline=time.time() - 1)  # nobody waits for this answer any more
+    answer = hazards.classify.remote(frame, stale).result(timeout_s=60)
+    assert isinstance(answer, StageError) and answer.code == "timeout"
+    after = httpx.get(f"{server}/v1/models", timeout=30).json()["models"][1]["batch"]["expired_items"]
+    assert after == before + 1

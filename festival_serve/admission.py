@@ -1,0 +1,100 @@
+"""Admission control: predict each stage's wait from what this ingress sees, and turn away or trim work
+that cannot finish inside its budget.
+
+Each ingress replica tracks, per stage, the items it has in flight there and an estimate of the time
+one item costs (``StageLoad``). A call of ``n`` items that found ``q`` items ahead of it and took
+``L`` seconds says one item costs about ``L / (q + n)`` seconds (items are served roughly in order,
+batching included); an exponentially weighted mean of those samples predicts the wait of the next
+call as ``(in_flight + n) × cost``. At low load that is the call's own latency; under a crowd it is
+the queue's drain time. With several ingress replicas each sees only its own share of the queue, and
+its cost samples scale by the same share, so the prediction stays right without coordination.
+
+``Admission.admit`` rejects a request up front when the safety stages (signs, hazards) alone would
+already miss its budget, with a ``Retry-After`` equal to how long the queue needs to drain that far;
+``reader_items`` and ``describer_fits`` let the flow read fewer signs or skip the description when
+only those would miss it. No Ray import: the baseline server uses it too.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from festival_serve.stages import SAFETY_STAGES, STAGE_NAMES
+
+#: Weight of the newest sample in the per-item cost average: ~10 calls of memory, enough to follow a
+#: surge within a second or two at festival rates without jumping on one slow batch.
+COST_SMOOTHING = 0.2
+
+
+@dataclass
+class StageLoad:
+    """One stage as this ingress sees it: items in flight, and the smoothed cost of one item (seconds)."""
+
+    in_flight: int = 0
+    item_seconds: float | None = None  # None until a call has come back
+
+    def begin(self, items: int) -> int:
+        """Count ``items`` in; returns how many were ahead of them."""
+        ahead = self.in_flight
+        self.in_flight += items
+        return ahead
+
+    def end(self, items: int, ahead: int, seconds: float, *, completed: bool) -> None:
+        """Count ``items`` out; a completed call updates the cost estimate (failures say nothing of it)."""
+        self.in_flight = max(0, self.in_flight - items)
+        if completed and items > 0:
+            sample = seconds / (ahead + items)
+            self.item_seconds = sample if self.item_seconds is None else (
+                COST_SMOOTHING * sample + (1 - COST_SMOOTHING) * self.item_seconds)
+
+    def predicted_wait(self, items: int = 1) -> float:
+        """Seconds until ``items`` more would come back (0 before any call has: nothing known, admit)."""
+        if self.item_seconds is None:
+            return 0.0
+        return (self.in_flight + items) * self.item_seconds
+
+
+@dataclass
+class Admission:
+    """The per-stage loads of one ingress, and the decisions taken from them."""
+
+    loads: dict[str, StageLoad] = field(default_factory=lambda: {name: StageLoad() for name in STAGE_NAMES})
+
+    def safety_wait(self) -> float:
+        """Predicted seconds until both safety stages would answer a new frame (they run concurrently)."""
+        return max(self.loads[name].predicted_wait(1) for name in SAFETY_STAGES)
+
+    def admit(self, remaining_s: float) -> float | None:
+        """None to admit; else the ``Retry-After`` (whole seconds, >= 1) for a request with ``remaining_s`` left."""
+        wait = self.safety_wait()
+        if wait <= remaining_s:
+            return None
+        return float(max(1, math.ceil(wait - remaining_s)))
+
+    def reader_items(self, wanted: int, remaining_s: float) -> int:
+        """How many of ``wanted`` crops the reader can return within ``remaining_s`` (most first)."""
+        load = self.loads["sign_reader"]
+        if wanted == 0 or load.item_seconds is None:
+            return wanted
+        fits = math.floor(remaining_s / load.item_seconds) - load.in_flight
+        return max(0, min(wanted, fits))
+
+    def describer_fits(self, remaining_s: float) -> bool:
+        return self.loads["scene_describer"].predicted_wait(1) <= remaining_s
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A request's time budget: seconds from its arrival (``time.monotonic`` in this process)."""
+
+    seconds: float
+    started: float = field(default_factory=time.monotonic)
+
+    def remaining(self) -> float:
+        return self.seconds - (time.monotonic() - self.started)
+
+    def deadline_unix(self) -> float:
+        """The deadline as wall-clock time, for other processes (model replicas) to compare against."""
+        return time.time() + self.remaining()

@@ -1,0 +1,206 @@
+"""A bad item fails alone (``festival_serve.batching``), the deployments' batches keep that promise and count
+whole-batch failures for ``check_health``, the reader's ``batch_size_fn`` never raises, and ``/readyz``'s
+required stages are names from the stage table. No Ray cluster: the deployments' classes run as plain objects."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from deployments.base import ModelDeployment
+from deployments.sign_reader import SignReader, _crop_count
+from festival_serve.batching import is_out_of_memory, run_isolating
+from festival_serve.flow import StageError, Ticket
+from festival_serve.settings import BatchConfig, IngressSettings
+from festival_serve.stages import STAGE_NAMES
+
+POISON = "poison"
+
+
+class Work:
+    """Doubles each item in one call; a batch holding the poison raises, as a model does on a bad input."""
+
+    def __init__(self, fail=lambda items: POISON in items) -> None:
+        self.fail = fail
+        self.calls: list[list] = []
+
+    def __call__(self, items: list) -> list:
+        self.calls.append(list(items))
+        if self.fail(items):
+            raise ValueError("/models/secret/path.onnx: bad input")
+        return [2 * item for item in items]
+
+
+def error(exc: Exception) -> tuple:
+    return ("error", type(exc).__name__)
+
+
+class OutOfMemory(RuntimeError):
+    pass
+
+
+@pytest.fixture
+def fake_torch(monkeypatch):
+    """An imported ``torch`` whose CUDA allocator counts ``empty_cache`` calls."""
+    cleared = []
+    cuda = types.SimpleNamespace(OutOfMemoryError=OutOfMemory, empty_cache=lambda: cleared.append(True))
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    return cleared
+
+
+def test_one_poisoned_item_among_eight_fails_alone_in_2_log2_n_plus_1_passes():
+    items = [1, 2, 3, 4, 5, POISON, 7, 8]
+    work = Work()
+    results = run_isolating(work, items, make_error=error)
+    assert results == [2, 4, 6, 8, 10, ("error", "ValueError"), 14, 16]
+    assert len(work.calls) == 7  # the batch, then two halves at each of the 3 levels down to the poison
+    assert work.calls[0] == items
+
+
+@pytest.mark.parametrize("poisoned", [{0}, {3}, {6}, {0, 6}, {1, 2, 4}])
+def test_results_keep_order_and_length(poisoned):
+    items = [POISON if i in poisoned else i for i in range(7)]
+    results = run_isolating(Work(), items, make_error=error)
+    assert results == [("error", "ValueError") if i in poisoned else 2 * i for i in range(7)]
+
+
+def test_when_every_item_fails_each_gets_an_error():
+    work = Work(fail=lambda items: True)
+    assert run_isolating(work, list(range(8)), make_error=error) == [("error", "ValueError")] * 8
+    assert len(work.calls) == 15  # every node of the bisection tree
+
+
+def test_a_wrong_number_of_results_is_a_failure_not_a_misaligned_answer():
+    assert run_isolating(lambda items: items[1:], [1, 2], make_error=error) == [("error", "ValueError")] * 2
+
+
+def test_out_of_memory_halves_the_batch_until_it_fits_and_marks_nothing_failed(fake_torch):
+    def work(items):
+        work.sizes.append(len(items))
+        if len(items) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [2 * item for item in items]
+
+    work.sizes = []
+    assert run_isolating(work, list(range(8)), make_error=error) == [2 * i for i in range(8)]
+    assert work.sizes == [8, 4, 2, 2, 4, 2, 2]
+    assert len(fake_torch) == 3  # the allocator's cache released after each out-of-memory pass
+
+
+def test_a_single_item_that_still_runs_out_of_memory_is_an_error(fake_torch):
+    def work(items):
+        raise OutOfMemory("CUDA error")  # torch.cuda.OutOfMemoryError, whatever its message
+
+    assert run_isolating(work, [1, 2], make_error=error) == [("error", "OutOfMemory")] * 2
+    assert is_out_of_memory(OutOfMemory("no words")) and len(fake_torch) == 3
+
+
+def test_out_of_memory_is_recognised_by_type_or_message_without_importing_torch(monkeypatch):
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    assert is_out_of_memory(RuntimeError("[ONNXRuntimeError] : 6 : Out of memory"))
+    assert not is_out_of_memory(ValueError("bad shape"))
+    assert "torch" not in sys.modules
+
+
+# -- the deployments' batches ------------------------------------------------------------------------
+
+
+class Reader:
+    """Reads an (h, w, 3) crop as its mean; any other shape makes the whole call raise."""
+
+    def read(self, crops: list[np.ndarray]) -> list[str]:
+        if any(crop.ndim != 3 for crop in crops):
+            raise ValueError("/models/sign_reader/rec.onnx: expected rank 3")
+        return [f"{crop.mean():.0f}" for crop in crops]
+
+
+def replica(model, cls=SignReader.func_or_class, max_failed: int = 3) -> ModelDeployment:
+    """A deployment object as ``_load`` leaves it, without a Ray runtime."""
+    deployment = object.__new__(cls)
+    deployment.model, deployment.unavailable = model, None if model else "weights missing: /models/x.pt"
+    deployment.batch_sizes = collections.Counter()
+    deployment.consecutive_failed_batches = 0
+    deployment.expired_items = 0
+    deployment.batch_config = BatchConfig(max_consecutive_failed_batches=max_failed)
+    return deployment
+
+
+def crop(value: int, ndim: int = 3) -> np.ndarray:
+    return np.full((4, 4, 3) if ndim == 3 else (4, 4), value, np.uint8)
+
+
+def read(deployment, requests: list, tickets: list | None = None) -> list:
+    live = Ticket(sent_at=time.time(), deadline=time.time() + 60)
+    return asyncio.run(type(deployment).read.__wrapped__(deployment, requests, tickets or [live] * len(requests)))
+
+
+def test_a_bad_crop_fails_alone_and_its_error_carries_no_exception_text():
+    answers = read(replica(Reader()), [[crop(1), crop(2)], [crop(3), crop(0, ndim=2), crop(5)], [crop(6)]])
+    assert answers[0] == ["1", "2"] and answers[2] == ["6"]
+    assert answers[1][0] == "3" and answers[1][2] == "5"
+    failed = answers[1][1]
+    assert isinstance(failed, StageError) and failed.stage == "sign_reader" and failed.code == "error"
+    assert "/" not in failed.reason and "ValueError" not in failed.reason
+
+
+def test_a_request_that_is_not_a_list_of_crops_is_answered_with_an_error():
+    answers = read(replica(Reader()), [[crop(1)], "not crops", None, [crop(2), "x"]])
+    assert answers[0] == ["1"]
+    assert all(isinstance(answer, StageError) for answer in answers[1:])
+
+
+def test_crop_count_never_raises_and_weighs_anything_else_as_one():
+    assert _crop_count([[crop(1), crop(2)], []]) == 2
+    assert _crop_count([[crop(1)], "garbage", None, 3, [crop(1), "x"], (crop(1),)]) == 6
+    assert _crop_count(None) == 1  # not even a list of requests
+
+
+def test_check_health_fails_after_n_batches_in_a_row_fail_on_every_item_and_a_success_resets():
+    deployment = replica(Reader(), max_failed=2)
+    read(deployment, [[crop(0, ndim=2)]])
+    deployment.check_health()
+    read(deployment, [[crop(1)]])  # a success resets the count
+    read(deployment, [[crop(0, ndim=2)]])
+    deployment.check_health()
+    read(deployment, [[crop(1), crop(0, ndim=2)]])  # one item succeeded: not a failed batch
+    deployment.check_health()
+    read(deployment, [[crop(0, ndim=2)], [crop(0, ndim=2)]])
+    read(deployment, [[crop(0, ndim=2)]])
+    with pytest.raises(RuntimeError, match="sign_reader: the last 2 batches failed"):
+        deployment.check_health()
+
+
+def test_missing_weights_answer_every_item_without_the_path_and_stay_healthy():
+    deployment = replica(None, max_failed=1)
+    for _ in range(3):
+        answers = read(deployment, [[crop(1), crop(2)]])
+    assert answers == [[StageError("sign_reader", "model not loaded", "unavailable")] * 2]
+    deployment.check_health()
+
+
+# -- settings ------------------------------------------------------------------------------------------
+
+
+def test_required_stages_default_to_the_safety_stages_and_must_be_stage_names():
+    assert IngressSettings().required_stages == ["sign_detector", "hazard_cells", "sign_reader"]
+    assert IngressSettings(required_stages=[]).required_stages == []
+    with pytest.raises(ValidationError) as raised:
+        IngressSettings(required_stages=["sign_detector", "lane_keeper"])
+    assert "lane_keeper" in str(raised.value) and ", ".join(STAGE_NAMES) in str(raised.value)
+
+
+def test_crops_whose_deadline_passed_in_the_queue_are_answered_unread():
+    reader = Reader()
+    stale = Ticket(sent_at=time.time() - 5, deadline=time.time() - 1)
+    live = Ticket(sent_at=time.time(), deadline=time.time() + 60)
+    deployment = replica(reader)
+    answers = read(deployment, [[crop(1), crop(2)], [crop(3)]], [stale, live])
+    assert [a.code for a in answers[0]] == ["timeout", "timeout"] and answers[1] == ["3"]
+    assert deployment.expired_items == 2
