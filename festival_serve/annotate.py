@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from festival_serve.flow import degraded_line
 from festival_serve.yolic import CellLayout, load_layout
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def annotate(image: np.ndarray, result: dict[str, Any], *, layout: CellLayout | 
 def _banner_text(result: dict[str, Any]) -> str:
     if result.get("description"):
         return result["description"]
-    reasons = result.get("degraded") or []
+    reasons = [degraded_line(entry) for entry in result.get("degraded") or []]
     describer = [r for r in reasons if r.startswith("scene_describer")]
     if describer or reasons:
         return f"(no description: {'; '.join(describer or reasons)})"

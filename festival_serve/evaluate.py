@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from festival_serve.flow import degraded_line
 from festival_serve.imaging import encode_jpeg
 from festival_serve.ocr import strip_tones
 
@@ -416,7 +417,7 @@ def _post(client, url: str, outcome: Outcome, jpeg: bytes, classes: Sequence[str
         return outcome
     outcome.client_ms = elapsed
     outcome.timings_ms = {k: float(v) for k, v in (body.get("timings_ms") or {}).items()}
-    outcome.degraded = list(body.get("degraded") or [])
+    outcome.degraded = [degraded_line(entry) for entry in body.get("degraded") or []]
     return outcome
 
 

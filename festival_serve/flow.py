@@ -68,6 +68,13 @@ class Ticket:
         return now >= self.deadline
 
 
+def degraded_line(entry: dict | str) -> str:
+    """One ``degraded`` entry as a line of text (``stage (code): message``), for reports and banners."""
+    if isinstance(entry, dict):
+        return f"{entry.get('stage')} ({entry.get('code')}): {entry.get('message')}"
+    return str(entry)
+
+
 class Rejected(Exception):
     """The request cannot be answered usefully now; the client should retry after ``retry_after_s``."""
 

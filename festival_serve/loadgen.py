@@ -139,3 +139,112 @@ async def open_loop(url: str, bodies: list[bytes], *, rate: float, duration_s: f
             await asyncio.gather(*pending)
         result.duration_s = time.perf_counter() - begin
     return result
+
+
+# -- overload: open-loop arrivals beyond capacity, each request with a time budget -------------------------
+
+#: An answer "within budget" may arrive this much after the budget (the issue's target: budget + 0.25 s).
+BUDGET_SLACK_S = 0.25
+#: A refusal counts as fast under this many seconds.
+FAST_SHED_S = 0.25
+#: Statuses that tell the client to back off (the graph sends Retry-After with them).
+SHED_STATUSES = (429, 503)
+
+
+@dataclass
+class OverloadResult:
+    """One open-loop point with a budget per request: what came back, how fast, and whether it was useful."""
+
+    rate: float
+    budget_s: float
+    describe: bool
+    duration_s: float = 0.0
+    answered_ms: list[float] = field(default_factory=list)  # 200s
+    good: int = 0  # 200s within budget + slack that both safety stages contributed to
+    within_budget: int = 0  # responses of any status within budget + slack
+    shed_ms: list[float] = field(default_factory=list)  # 429/503
+    shed_with_retry_after: int = 0
+    errors: int = 0  # other statuses and transport errors
+    hung: int = 0  # nothing back within the client's timeout
+    error_examples: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        responses = len(self.answered_ms) + len(self.shed_ms) + self.errors
+        sheds = len(self.shed_ms)
+        fast = sum(1 for ms in self.shed_ms if ms < FAST_SHED_S * 1000)
+        lat = np.asarray(self.answered_ms) if self.answered_ms else np.asarray([np.nan])
+        return {
+            "rate": self.rate, "budget_s": self.budget_s, "describe": self.describe,
+            "duration_s": round(self.duration_s, 2), "sent": responses + self.hung,
+            "answered": len(self.answered_ms), "shed": sheds, "errors": self.errors, "hung": self.hung,
+            "goodput_rps": round(self.good / self.duration_s, 3) if self.duration_s > 0 else 0.0,
+            "within_budget": round(self.within_budget / responses, 4) if responses else None,
+            "shed_with_retry_after": round(self.shed_with_retry_after / sheds, 4) if sheds else None,
+            "shed_fast": round(min(fast, self.shed_with_retry_after) / sheds, 4) if sheds else None,
+            "shed_p50_ms": _round(np.percentile(self.shed_ms, 50)) if sheds else None,
+            **{f"p{q}_ms": _round(np.percentile(lat, q)) for q in (50, 99)},
+            "error_examples": self.error_examples,
+        }
+
+
+def _useful(body: dict) -> bool:
+    """An answer both safety stages contributed to (a degraded reader or describer still counts)."""
+    from festival_serve.stages import SAFETY_STAGES
+
+    return not any(isinstance(d, dict) and d.get("stage") in SAFETY_STAGES for d in body.get("degraded", []))
+
+
+async def _post_with_budget(client, url: str, body: bytes, result: OverloadResult, started: float) -> None:
+    try:
+        reply = await client.post(url, content=body, params={"describe": "true" if result.describe else "false"},
+                                  headers={"content-type": "image/jpeg",
+                                           "x-request-timeout-seconds": f"{result.budget_s:g}"})
+    except Exception as e:  # noqa: BLE001 - every failure is counted, none stops the run
+        import httpx
+
+        if isinstance(e, httpx.TimeoutException):
+            result.hung += 1
+        else:
+            result.errors += 1
+            if len(result.error_examples) < 3:
+                result.error_examples.append(f"{type(e).__name__}: {e}"[:200])
+        return
+    seconds = time.perf_counter() - started
+    in_time = seconds <= result.budget_s + BUDGET_SLACK_S
+    result.within_budget += in_time
+    if reply.status_code == 200:
+        result.answered_ms.append(seconds * 1000)
+        result.good += in_time and _useful(reply.json())
+    elif reply.status_code in SHED_STATUSES:
+        result.shed_ms.append(seconds * 1000)
+        result.shed_with_retry_after += "retry-after" in reply.headers
+    else:
+        result.errors += 1
+        if len(result.error_examples) < 3:
+            result.error_examples.append(f"HTTP {reply.status_code}: {reply.text}"[:200])
+
+
+async def overload(url: str, bodies: list[bytes], *, rate: float, duration_s: float, budget_s: float,
+                   describe: bool = False, hang_after_s: float = 30.0, seed: int = 0) -> OverloadResult:
+    """Poisson arrivals at ``rate`` per second for ``duration_s``, each request carrying ``budget_s`` in
+    Ray Serve's ``x-request-timeout-seconds``; latency counts from the scheduled arrival. A request with no
+    reply ``hang_after_s`` past its budget counts as hung."""
+    result = OverloadResult(rate, budget_s, describe)
+    rng = random.Random(seed)
+    async with _client(OPEN_LOOP_MAX_IN_FLIGHT, budget_s + hang_after_s) as client:
+        begin = time.perf_counter()
+        pending: set[asyncio.Task] = set()
+        scheduled, i = begin, 0
+        while scheduled < begin + duration_s:
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(_post_with_budget(client, url, bodies[i % len(bodies)], result, scheduled))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            i += 1
+            scheduled += rng.expovariate(rate)
+        if pending:
+            await asyncio.gather(*pending)
+        result.duration_s = time.perf_counter() - begin
+    return result

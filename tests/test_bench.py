@@ -279,7 +279,8 @@ def test_bench_quick_plumbing_end_to_end(tiny_store, tmp_path, capsys):
                  "--graph-port", str(free_port()), "--baseline-port", str(free_port()),
                  "--concurrency", "1,2", "--describe-concurrency", "2", "--rate-fractions", "1",
                  "--duration", "2", "--describe-duration", "2", "--warmup", "0.5", "--scenes", "2",
-                 "--new-tokens", "2", "--micro-batches", "1,2", "--vlm-batches", "2"])
+                 "--new-tokens", "2", "--micro-batches", "1,2", "--vlm-batches", "2",
+                 "--overload-multiples", "1,5", "--overload-duration", "2", "--overload-budget", "2"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert json.loads(printed.strip().splitlines()[-1])["mode"] == "quick"  # ratios printed last, as JSON
@@ -289,6 +290,10 @@ def test_bench_quick_plumbing_end_to_end(tiny_store, tmp_path, capsys):
     for key in ("overhead_ms_p50", "throughput_ratio_nodescribe", "throughput_ratio_describe", "graph_rss_gb"):
         assert isinstance(latest[key], (int, float)), key
     assert latest["graph_rss_gb"] > 0.5  # Ray's processes and four replicas, measured
+    # Overload at 5x each system's capacity, a 2 s budget per request: every answer counted, none hung.
+    assert 0 <= latest["overload_within_budget_5x"] <= 1 and latest["overload_hung_5x"] == 0
+    assert "overload_goodput_ratio_5x" in latest and "overload_shed_fast_5x" in latest
+    assert "baseline_overload_within_budget_5x" in latest
 
     result = json.loads((out / "quick.json").read_text())
     for name in ("baseline", "graph"):
@@ -304,7 +309,11 @@ def test_bench_quick_plumbing_end_to_end(tiny_store, tmp_path, capsys):
     assert {("sign_detector", "onnxruntime", 2), ("hazard_cells", "torch", 1), ("sign_reader", "onnxruntime", 2),
             ("scene_describer", "torch", 2)} <= models
     assert all(r["items_per_s"] > 0 for r in result["micro"])
-    for name in ("quick.md", "quick-latency.png", "quick-micro.png"):
+    for name in ("baseline", "graph"):
+        rows = result["systems"][name]["overload"]
+        assert [r["multiple"] for r in rows] == [1.0, 5.0] and all(r["sent"] > 0 for r in rows)
+        assert all(r["sent"] == r["answered"] + r["shed"] + r["errors"] + r["hung"] for r in rows)
+    for name in ("quick.md", "quick-latency.png", "quick-micro.png", "quick-overload.png"):
         assert (out / name).stat().st_size > 0
     assert "| metric | value | target | met |" in (out / "quick.md").read_text()
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from festival_serve.stages import STAGE_NAMES
 
-HEADLINE = ("overhead_ms_p50", "throughput_ratio_nodescribe", "throughput_ratio_describe", "graph_rss_gb")
+HEADLINE = ("overhead_ms_p50", "throughput_ratio_nodescribe", "throughput_ratio_describe", "graph_rss_gb",
+            "overload_within_budget_5x", "overload_shed_fast_5x", "overload_goodput_ratio_5x")
 
 
 def write(result: dict, out: Path) -> dict[str, Path]:
@@ -57,7 +58,7 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
     for key in HEADLINE:
         met = s["targets_met"].get(key)
         op = "≤" if key in ("overhead_ms_p50", "graph_rss_gb") else "≥"
-        lines.append(f"| {key} | {_fmt(s.get(key), 3)} | {op} {s['targets'][key]} | "
+        lines.append(f"| {key} | {_fmt(s.get(key), 3)} | {op} {s['targets'].get(key)} | "
                      f"{'–' if met is None else ('yes' if met else '**no**')} |")
     lines += ["", f"p50 at concurrency 1, describe=false: graph {_fmt(s['graph_p50_ms_c1'])} ms, baseline "
                   f"{_fmt(s['baseline_p50_ms_c1'])} ms. Peak goodput (answers without a degraded stage, per s): "
@@ -69,6 +70,7 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
     if "latency" in plots:
         lines += [f"![latency against throughput]({plots['latency']})", ""]
 
+    lines += _overload_lines(result, plots)
     lines += ["## Load points", "",
               "| system | describe | load | goodput req/s | p50 ms | p95 ms | p99 ms | errors | degraded | "
               "CPU cores | peak RSS GB | mean batch (signs / hazards / OCR crops / VLM) |",
@@ -101,6 +103,54 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _overload_lines(result: dict, plots: dict[str, str]) -> list[str]:
+    rows = [(name, row) for name, system in result["systems"].items() for row in system.get("overload", [])]
+    if not rows:
+        return []
+    lines = ["## Overload (open loop at multiples of each system's own capacity, a budget per request)", ""]
+    if "overload" in plots:
+        lines += [f"![goodput and latency against offered load]({plots['overload']})", ""]
+    lines += ["| system | load | offered req/s | budget s | goodput req/s | within budget + 0.25 s | answered | "
+              "shed | shed fast + Retry-After | shed p50 ms | p50 ms | p99 ms | errors | hung |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['multiple']:g}x | {_fmt(r['rate'], 2)} | {r['budget_s']:g} | "
+                     f"{_fmt(r['goodput_rps'], 2)} | {_fmt(r['within_budget'], 3)} | {r['answered']} | {r['shed']} | "
+                     f"{_fmt(r['shed_fast'], 3)} | {_fmt(r['shed_p50_ms'])} | {_fmt(r['p50_ms'])} | "
+                     f"{_fmt(r['p99_ms'])} | {r['errors']} | {r['hung']} |")
+    return lines + [""]
+
+
+def _overload_plot(result: dict, out: Path, plt) -> Path | None:
+    systems = {name: system.get("overload", []) for name, system in result["systems"].items()}
+    if not any(systems.values()):
+        return None
+    fig, (goodput, latency) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, rows in systems.items():
+        if not rows:
+            continue
+        offered = [r["rate"] for r in rows]
+        goodput.plot(offered, [r["goodput_rps"] for r in rows], "o-", label=name)
+        line = latency.plot(offered, [r["p50_ms"] for r in rows], "o-", label=f"{name} p50 (answers)")[0]
+        latency.plot(offered, [r["p99_ms"] for r in rows], "s--", color=line.get_color(), alpha=0.6,
+                     label=f"{name} p99 (answers)")
+    budget_ms = rows[0]["budget_s"] * 1000
+    latency.axhline(budget_ms, color="grey", linestyle=":", label="budget")
+    for ax, title, ylabel in ((goodput, "goodput against offered load", "goodput (useful answers/s in budget)"),
+                              (latency, "latency of answers against offered load", "latency (ms)")):
+        ax.set_title(title)
+        ax.set_xlabel("offered load (requests/s)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    latency.set_yscale("log")
+    fig.tight_layout()
+    path = out / f"{result['mode']}-overload.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def _plots(result: dict, out: Path) -> dict[str, Path]:
     import matplotlib
 
@@ -131,6 +181,9 @@ def _plots(result: dict, out: Path) -> dict[str, Path]:
         paths["latency"] = out / f"{mode}-latency.png"
         fig.savefig(paths["latency"], dpi=90)
         plt.close(fig)
+        overload = _overload_plot(result, out, plt)
+        if overload is not None:
+            paths["overload"] = overload
     if result["micro"]:
         models = list(dict.fromkeys(r["model"] for r in result["micro"]))
         fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.6), squeeze=False)
