@@ -19,7 +19,7 @@ class HazardCells(ModelDeployment):
     def __init__(self, settings: HazardCellsSettings, model_store: str, gpu_only: bool = False) -> None:
         self._load(settings, model_store, gpu_only)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch  # sizes and waits: user_config in serve_config.yaml (reconfigure)
     async def classify(self, images: list[np.ndarray], tickets: list[Ticket]) -> list[list[yolic.HazardCell]]:
         """(H, W, 3) uint8 RGB frames → the cells flagged with hazards in each."""
         return await self._run_batch(images, lambda batch: self.model.classify(batch), tickets)

@@ -19,7 +19,7 @@ class SceneDescriber(ModelDeployment):
     def __init__(self, settings: SceneDescriberSettings, model_store: str, gpu_only: bool = False) -> None:
         self._load(settings, model_store, gpu_only)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    @serve.batch  # sizes and waits: user_config in serve_config.yaml (reconfigure)
     async def describe(self, images: list[np.ndarray], findings: list[vlm.Findings],
                        tickets: list[Ticket]) -> list[str]:
         """Frames and what was found in them → one short description each (one generate call)."""

@@ -19,7 +19,7 @@ class SignDetector(ModelDeployment):
     def __init__(self, settings: SignDetectorSettings, model_store: str, gpu_only: bool = False) -> None:
         self._load(settings, model_store, gpu_only)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch  # sizes and waits: user_config in serve_config.yaml (reconfigure)
     async def detect(self, images: list[np.ndarray], tickets: list[Ticket]) -> list[list[signs.SignDetection]]:
         """(H, W, 3) uint8 RGB frames → the signs found in each, boxes in frame pixels."""
         return await self._run_batch(images, lambda batch: self.model.detect(batch), tickets)

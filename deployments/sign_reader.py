@@ -48,7 +48,7 @@ class SignReader(ModelDeployment):
     def __init__(self, settings: SignReaderSettings, model_store: str, gpu_only: bool = False) -> None:
         self._load(settings, model_store, gpu_only)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_crop_count)
+    @serve.batch(batch_size_fn=_crop_count)  # sizes and waits: user_config in serve_config.yaml (reconfigure)
     async def read(self, requests: list[list[np.ndarray]],
                    tickets: list[Ticket]) -> list[list[ocr.SignText] | StageError]:
         """Each request: the (h, w, 3) uint8 RGB crops of one frame's signs → their text, in order (a crop

@@ -68,6 +68,9 @@ class Stage:
     #: "module:function" comparing two runs' answers on the same scenes (reference, candidate, numerics)
     #: → a verdict, for ``validate``'s task-level parity; None where validate compares the stage its own way.
     agreement: str | None = None
+    #: What one item of the stage's batches is: "frames", or "crops" for a stage batched by crop count; names
+    #: its batch-size histogram (``festival_serve.metrics``).
+    batch_unit: str = "frames"
 
     def settings(self, args: PipelineArgs) -> Any:
         return getattr(args, self.name)
@@ -148,7 +151,7 @@ STAGES: tuple[Stage, ...] = (
         name="sign_reader", deployment="SignReader", method="read",
         loader="festival_serve.ocr:create_reader", missing=("builtins:FileNotFoundError",),
         weights=lambda s: s.rec_model, runtime=lambda s: {"onnx": "onnxruntime"}.get(s.engine, s.engine),
-        required=True,
+        required=True, batch_unit="crops",
     ),
     Stage(
         name="scene_describer", deployment="SceneDescriber", method="describe",
