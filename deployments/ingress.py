@@ -29,6 +29,7 @@ from festival_serve.api import BUDGET_HEADER, ApiHandlers, build_http_app, ms_si
 from festival_serve.auth import KeyRing
 from festival_serve.flow import admit, analyze_frame
 from festival_serve.imaging import Decoder
+from festival_serve.metrics import counting_refusals, record_answer
 from festival_serve.settings import IngressSettings
 from festival_serve.stages import STAGES
 
@@ -58,7 +59,8 @@ class PipelineIngress:
 
     def __serve_build_asgi_app__(self) -> Starlette:
         # Routes, API keys, /openapi.json and the one error mapper are the baseline's too (festival_serve.api).
-        handlers = ApiHandlers(analyze=self.analyze, models=self.list_models, healthz=self.healthz, readyz=self.readyz)
+        handlers = ApiHandlers(analyze=counting_refusals(self.analyze, logger), models=self.list_models,
+                               healthz=self.healthz, readyz=self.readyz)
         return build_http_app(handlers, keys=self.keys, log=logger)
 
     # -- routes (each raises what it cannot answer: build_http_app maps it to a status) ---------
@@ -76,6 +78,7 @@ class PipelineIngress:
         result = await analyze_frame(image, frame, describe, self.stages, self.settings, timings, budget=budget,
                                      admission=self.admission, request_id=request_id)
         timings["total"] = ms_since(started)
+        record_answer(result, timings)  # refusals are counted by counting_refusals (festival_serve.metrics)
         # Serve's proxy puts the same id in the x-request-id response header.
         return JSONResponse({"request_id": request_id, **result, "timings_ms": timings})
 

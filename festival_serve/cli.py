@@ -46,11 +46,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     except auth.KeysFileError as e:
         print(f"festival-serve: {e}", file=sys.stderr)
         return 2
+    if args.metrics_port and local.port_in_use(args.metrics_port):
+        print(f"festival-serve: --metrics-port {args.metrics_port} is in use; pass a free port (0: any free one)",
+              file=sys.stderr)
+        return 2
     print(f"festival-serve: deploying {args.config} locally")
     for change in changes:
         print(f"  {change}")
     local.prepare_models(config, has_gpu=has_gpu)
-    local.start(config, offline=not args.allow_network, dashboard=not args.no_dashboard)
+    local.start(config, offline=not args.allow_network, dashboard=not args.no_dashboard,
+                metrics_port=args.metrics_port or None)
+    print(f"festival-serve: Prometheus metrics at http://127.0.0.1:{local.metrics_port()}/metrics (on every "
+          "interface; scrape config: cluster/prometheus.yml, dashboard: cluster/grafana-dashboard.json)")
     stopping = False
 
     def stop(*_):
@@ -202,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dry-run", action="store_true",
                     help="print the config this machine would run (feed it to `serve run`) and exit")
     up.add_argument("--timeout", type=float, default=600, help="seconds to wait for the graph to start")
+    up.add_argument("--metrics-port", type=int, default=8080,
+                    help="port of this node's Prometheus /metrics (Ray's, Serve's and the pipeline's; on every "
+                         "interface; 0: any free port); default: %(default)s")
     up.add_argument("--api-keys-file", help="require an API key on /v1: the file of key digests "
                                             "(`festival-serve keys new`); default: the config's, else /v1 is open")
     up.set_defaults(func=cmd_up)

@@ -179,7 +179,9 @@ async def _stage(run: _Frame, stages: Mapping[str, StageCall], name: str, items:
     ticket = Ticket(sent_at=time.time(), deadline=run.budget.deadline_unix() - run.settings.answer_margin_s)
     try:
         result = await _bounded(run, name, stages[name](*args, ticket))
-        completed = not isinstance(result, StageError)
+        # A call cut off by the budget still says what an item costs at least: under a surge those are the
+        # samples that matter, so they count (as lower bounds) in the estimate; other failures do not.
+        completed = not isinstance(result, StageError) or result.code == "timeout"
     finally:
         elapsed = time.perf_counter() - started
         load.end(items, ahead, elapsed, completed=completed)

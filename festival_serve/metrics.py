@@ -39,7 +39,6 @@ from festival_serve.api import error_reply
 from festival_serve.stages import STAGE_NAMES, Stage
 
 Outcome = Literal["ok", "degraded", "shed", "rejected", "error"]
-OUTCOMES: tuple[Outcome, ...] = ("ok", "degraded", "shed", "rejected", "error")
 
 #: The steps of an answer's ``timings_ms`` that are recorded as stages: decoding, then the model stages.
 #: (``total`` is the whole answer: its own histogram, so that summing over stages never counts it twice.)
@@ -48,18 +47,22 @@ TIMED_STEPS: tuple[str, ...] = ("decode", *STAGE_NAMES)
 #: Latency and queue-wait buckets, seconds. Dense from 0.5 ms (a batch window of 1 ms is common, and GPU
 #: stages take a few ms) through 100 ms–1 s, where the crowd's budgets and the CPU stages live, up to 30 s,
 #: the largest budget a client may ask for (``ingress.max_budget_s``): whatever the ingress waited for
-#: within any allowed budget falls in a finite bucket, so p99 is an interpolation, never ``+Inf``.
+#: within any allowed budget falls in a finite bucket, so p99 is an interpolation, never ``+Inf``. (Quantiles
+#: come from the buckets; Ray approximates these histograms' ``_sum`` from bucket midpoints, see below.)
 SECONDS_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
     1.0, 1.5, 2.5, 5.0, 10.0, 20.0, 30.0,
 )
 
-#: Batch-size buckets per unit of a stage's items (``Stage.batch_unit``). Every size up to 4, then the
-#: batch caps ``serve_config.yaml`` uses (16 frames, 8 for the describer; 32 crops) and their halves, so
-#: full batches have a bucket of their own edge; crops go to 64, above any cap a reader is given.
+#: Batch-size buckets per unit of a stage's items (``Stage.batch_unit``), on half-integer edges: a batch of 3
+#: is counted under ``le="3.5"``. Ray exports a histogram's ``_sum`` rebuilt from bucket midpoints, not from
+#: the observed values (``ray/_private/telemetry/open_telemetry_metric_recorder.py``), so with these edges
+#: every size up to 4 comes back exactly and the mean batch size (``_sum / _count``) stays close; integer
+#: edges would read each batch of 1 as 0.5. The largest edges hold the batch caps ``serve_config.yaml``
+#: sets (16 frames, 8 for the describer; 32 crops) with room for a raised one.
 BATCH_BUCKETS: dict[str, tuple[float, ...]] = {
-    "frames": (1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
-    "crops": (1, 2, 3, 4, 8, 12, 16, 24, 32, 48, 64),
+    "frames": (0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 12.5, 16.5, 24.5, 32.5),
+    "crops": (0.5, 1.5, 2.5, 3.5, 4.5, 8.5, 12.5, 16.5, 24.5, 32.5, 48.5, 64.5),
 }
 
 

@@ -46,6 +46,12 @@ class BatchConfig(_Section):
         description="check_health fails (Serve replaces the replica) after this many batches in a row in which "
         "every item failed; any batch with one success resets the count. Missing weights never count.",
     )
+    niceness: int = Field(
+        0, ge=0, le=19,
+        description="CPU scheduling niceness of the replica's process (0: normal). Where models share CPU cores "
+        "with Serve's proxy and the ingress (a CPU-only node), a positive value lets the request path run first, "
+        "so excess load is still turned away in milliseconds while the models are saturated.",
+    )
 
 
 class _NetworkSettings(_Section):
@@ -173,7 +179,8 @@ class IngressSettings(_Section):
         "seconds; keep it under http_options.request_timeout_s so the ingress, not the proxy, answers.",
     )
     answer_margin_s: float = Field(
-        0.05, ge=0, description="Time kept back from the budget to build and send the answer, seconds."
+        0.15, ge=0, description="Time kept back from the budget to build and send the answer (and for the hop from "
+        "Serve's proxy, which starts the client's clock first), seconds.",
     )
     retry_after_s: float = Field(
         1.0, gt=0, description="Retry-After when no queue estimate says better (e.g. both safety stages failed), s."

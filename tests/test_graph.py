@@ -2,23 +2,30 @@
 `festival-serve up`, with small models built by the tests: the HTTP contract end to end.
 
 Two applications share the Serve instance: ``full`` (every model present, route /) and ``bare`` (an
-empty model store, route /bare), which shows the honest-degradation path.
+empty model store, route /bare), which shows the honest-degradation path. The node's Prometheus
+endpoint is scraped at the end: every answer counted under its outcome, every stage timed.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import io
+import json
+import re
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from festival_serve import auth, local
 from festival_serve.cli import SAMPLE_SCENE
+from festival_serve.metrics import TIMED_STEPS
 from festival_serve.sign_classes import BACKGROUND
 from festival_serve.standins.hazards import build_yolic_checkpoint
 from festival_serve.standins.signs import build_yolo_checkpoint, build_yolo_classifier
@@ -54,7 +61,13 @@ def bare_keys(tmp_path_factory) -> tuple[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def server(model_store, tmp_path_factory, bare_keys):
+def metrics_port() -> int:
+    """The node's Prometheus port (``/metrics``), as ``festival-serve up --metrics-port`` sets it."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(model_store, tmp_path_factory, bare_keys, metrics_port):
     port = free_port()
     config, _ = local.local_profile(local.load_config(ROOT / "serve_config.yaml"), host="127.0.0.1", port=port,
                                     model_store=str(model_store), has_gpu=False, base_dir=ROOT)
@@ -72,7 +85,9 @@ def server(model_store, tmp_path_factory, bare_keys):
                      # Only /bare needs a key: the rest of the module calls the full graph without one.
                      "ingress": {**full["args"]["ingress"], "api_keys_file": str(bare_keys[1])}}}
     config["applications"].append(bare)
-    local.start(config, offline=True, num_cpus=4)  # two copies of the graph: 2 x 1.5 CPU shares
+    with pytest.MonkeyPatch.context() as env:  # Ray's processes read it once, at start: report every 1 s, not 10
+        env.setenv("RAY_metrics_report_interval_ms", "1000")
+        local.start(config, offline=True, num_cpus=4, metrics_port=metrics_port)  # two graphs: 2 x 1.5 CPU shares
     try:
         local.wait_until_running(timeout_s=420, progress=lambda line: None)
         yield f"http://127.0.0.1:{port}"
@@ -299,3 +314,206 @@ def test_work_whose_deadline_passed_in_the_queue_is_dropped_unrun(server):
     assert isinstance(answer, StageError) and answer.code == "timeout"
     after = httpx.get(f"{server}/v1/models", timeout=30).json()["models"][1]["batch"]["expired_items"]
     assert after == before + 1
+
+
+# -- metrics: what an ops team scrapes from the node's /metrics (festival_serve.metrics, Ray Serve's own) ---------
+
+FULL_APP = "festival"  # the full graph's application name in serve_config.yaml
+
+
+def _scrape(metrics_port) -> dict[str, list]:
+    """Every sample on the node's /metrics: name → [(labels, value)]."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).text
+    samples: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def _counts(samples, name, keys, **match) -> dict[tuple, float]:
+    """``name``'s values summed by the label ``keys``, over the samples whose labels match ``match``."""
+    out: dict[tuple, float] = {}
+    for labels, value in samples.get(name, []):
+        if all(labels.get(k) == v for k, v in match.items()):
+            key = tuple(labels.get(k) for k in keys)
+            out[key] = out.get(key, 0.0) + value
+    return out
+
+
+WATCHED = [  # (metric, labels it is counted by, labels it must match)
+    ("ray_festival_answers_total", ("application", "outcome", "code"), {}),
+    ("ray_festival_degraded_stages_total", ("stage", "code"), {"application": FULL_APP}),
+    ("ray_festival_stage_latency_seconds_count", ("stage",), {"application": FULL_APP}),
+    ("ray_festival_expired_items_total", ("stage",), {"application": FULL_APP}),
+]
+
+
+def _watched(metrics_port) -> dict[str, dict]:
+    samples = _scrape(metrics_port)
+    return {name: _counts(samples, name, keys, **match) for name, keys, match in WATCHED}
+
+
+def _settled(metrics_port, timeout_s=60) -> dict[str, dict]:
+    """The watched counts once two scrapes 2.5 s apart agree (the replicas report every second here)."""
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        now = _watched(metrics_port)
+        if now == last:
+            return now
+        last = now
+        time.sleep(2.5)
+    raise AssertionError(f"the metrics did not settle within {timeout_s} s")
+
+
+def _delta(after: dict, before: dict) -> dict:
+    return {name: {k: v - before[name].get(k, 0.0) for k, v in counts.items() if v != before[name].get(k, 0.0)}
+            for name, counts in after.items()}
+
+
+def _expired_items(url) -> dict[str, int]:
+    models = httpx.get(f"{url}/v1/models", timeout=30).json()["models"]
+    return {m["name"]: m["batch"]["expired_items"] for m in models}
+
+
+def _expected_outcome(reply) -> tuple[str, str]:
+    """The (outcome, code) the contract says a reply is counted under."""
+    if reply.status_code == 200:
+        return ("degraded" if reply.json()["degraded"] else "ok"), ""
+    code = reply.json()["error"]["code"]
+    if code == "overloaded":
+        return "shed", code
+    return ("rejected" if reply.status_code < 500 else "error"), code
+
+
+def test_metrics_count_every_answer_by_outcome_and_time_every_stage(server, metrics_port, bare_keys):
+    from ray import serve
+
+    from festival_serve.flow import Ticket
+
+    before, expired_before = _settled(metrics_port), _expired_items(server)
+    scene, key = SAMPLE_SCENE.read_bytes(), {"authorization": f"Bearer {bare_keys[0]}"}
+    replies = [
+        *(_post(server, scene, describe="false") for _ in range(2)),  # ok
+        # Short budgets: the describer (0.2 s batch window here) or the reader cannot make it: degraded.
+        *(_post(server, scene, headers={"x-request-timeout-seconds": budget}, describe="true")
+          for budget in ("0.5", "0.7", "0.9")),
+        _post(server, scene, headers={"x-request-timeout-seconds": "0.05"}),  # shed before decoding: 503 overloaded
+        _post(server, b""),  # 400 empty_body
+        _post(server, scene, headers={"x-request-timeout-seconds": "soon"}),  # 400 invalid_budget
+        _post(server, b"{}", "application/json"),  # 415
+    ]
+    bare = _post(f"{server}/bare", scene, headers=key)  # 503 safety_stages_unavailable: an error, in /bare's series
+    hazards = serve.get_deployment_handle("HazardCells", app_name=FULL_APP)
+    stale = Ticket(sent_at=time.time() - 5, deadline=time.time() - 1)
+    hazards.classify.remote(np.zeros((480, 848, 3), np.uint8), stale).result(timeout_s=60)  # expires in the queue
+
+    expected: dict[tuple, float] = {}
+    for reply in replies:
+        outcome, code = _expected_outcome(reply)
+        expected[(FULL_APP, outcome, code)] = expected.get((FULL_APP, outcome, code), 0) + 1
+    expected[("bare", *_expected_outcome(bare))] = 1
+    answered = [r.json() for r in replies if r.status_code == 200]
+    degraded: dict[tuple, float] = {}
+    for body in answered:
+        for entry in body["degraded"]:
+            degraded[(entry["stage"], entry["code"])] = degraded.get((entry["stage"], entry["code"]), 0) + 1
+    assert {k[1] for k in expected} >= {"ok", "degraded", "shed", "rejected", "error"}, expected
+    assert bare.status_code == 503 and bare.json()["error"]["code"] == "safety_stages_unavailable"
+
+    deadline, delta = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        delta = _delta(_watched(metrics_port), before)
+        if delta["ray_festival_answers_total"] == expected and delta["ray_festival_expired_items_total"]:
+            break
+        time.sleep(1)
+    time.sleep(2.5)  # and nothing more arrives
+    delta = _delta(_watched(metrics_port), before)
+
+    assert delta["ray_festival_answers_total"] == expected
+    assert delta["ray_festival_degraded_stages_total"] == degraded
+    # The replicas' own count (/v1/models) moved as the exported one did: the stale frame, and any item of the
+    # short budgets above that expired in a queue.
+    expired = {(stage,): after - expired_before[stage] for stage, after in _expired_items(server).items()
+               if after != expired_before[stage]}
+    assert delta["ray_festival_expired_items_total"] == expired and expired[("hazard_cells",)] >= 1
+    # Every 200 answer decoded its frame once; each stage it waited for has a timing, and the histogram has it.
+    latency = delta["ray_festival_stage_latency_seconds_count"]
+    assert latency[("decode",)] == len(answered)
+    for step in TIMED_STEPS:
+        assert latency.get((step,), 0) == sum(step in body_timings for body_timings in
+                                              (r.json()["timings_ms"] for r in replies if r.status_code == 200)), step
+
+
+def test_metrics_include_queue_waits_batch_sizes_and_ray_serves_own_series(server, metrics_port):
+    from festival_serve.stages import STAGES
+
+    samples = _scrape(metrics_port)
+    for model in STAGES:
+        batches = _counts(samples, f"ray_festival_batch_size_{model.batch_unit}_count", (), application=FULL_APP,
+                          stage=model.name)
+        waits = _counts(samples, "ray_festival_queue_wait_seconds_count", (), application=FULL_APP, stage=model.name)
+        assert batches.get((), 0) >= 1 and waits.get((), 0) >= batches[()], model.name
+        replica = {labels["deployment"] for labels, _ in samples["ray_festival_queue_wait_seconds_count"]
+                   if labels.get("stage") == model.name}
+        assert replica == {model.deployment}  # measured in the model's own replica
+    assert _counts(samples, "ray_serve_num_http_requests_total", ("status_code",), application=FULL_APP)
+    dashboard = json.loads((ROOT / "cluster" / "grafana-dashboard.json").read_text())
+    plotted = {name for panel in dashboard["panels"] for target in panel.get("targets", [])
+               for name in re.findall(r"ray_\w+", target["expr"])}
+    assert plotted <= set(samples), f"the dashboard plots series Ray does not export: {plotted - set(samples)}"
+
+
+def _dashboard_queries(job: str, application: str) -> list[str]:
+    dashboard = json.loads((ROOT / "cluster" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    return [e.replace("$job", job).replace("$application", application).replace("$__rate_interval", "1m")
+            for e in exprs]
+
+
+def test_the_shipped_prometheus_config_scrapes_the_graph_and_answers_the_dashboards_queries(
+        server, metrics_port, tmp_path):
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("no `prometheus` binary (Debian: apt-get install prometheus; .ci/run installs it when it can)")
+    config = yaml.safe_load((ROOT / "cluster" / "prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = "1s"
+    local_job = next(job for job in config["scrape_configs"] if job["job_name"] == "festival-local")
+    local_job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
+    config["scrape_configs"] = [local_job]  # no cluster here: the discovery file may be another run's
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api/v1"
+    log = tmp_path / "prometheus.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                    f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        quantile = ('histogram_quantile(0.5, sum by (le, stage) '
+                    f'(ray_festival_stage_latency_seconds_bucket{{job="festival-local",application="{FULL_APP}"}}))')
+        deadline, stages = time.monotonic() + 60, {}
+        while time.monotonic() < deadline:
+            try:
+                result = httpx.get(f"{api}/query", params={"query": quantile}, timeout=10).json()["data"]["result"]
+                stages = {r["metric"]["stage"]: float(r["value"][1]) for r in result}
+            except (httpx.HTTPError, KeyError, ValueError):  # not up yet, or not ready to answer
+                pass
+            if set(stages) >= set(TIMED_STEPS):
+                break
+            time.sleep(1)
+        assert set(stages) >= set(TIMED_STEPS), (stages, log.read_text()[-2000:])
+        assert all(0 < seconds <= 30 for seconds in stages.values()), stages  # a finite bucket, in seconds
+        for query in _dashboard_queries("festival-local", FULL_APP):
+            reply = httpx.get(f"{api}/query", params={"query": query}, timeout=10).json()
+            assert reply["status"] == "success", (query, reply)
+        # The dashboard's job and application selectors read their values from this series.
+        selectors = httpx.get(f"{api}/query", params={"query": "count by (job, application) "
+                                                      "(ray_serve_deployment_replica_healthy)"}, timeout=10).json()
+        assert {(r["metric"]["job"], r["metric"]["application"]) for r in selectors["data"]["result"]} >= \
+            {("festival-local", FULL_APP), ("festival-local", "bare")}
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -85,9 +85,12 @@ class OnnxRuntimeBackend(Backend):
             path = str(fp16_onnx(path)[0])
         options = ort.SessionOptions()
         if threads:
-            # Ray and other replicas share the machine's cores; a session that grabs them all thrashes.
+            # Ray and other replicas share the machine's cores; a session that grabs them all thrashes. Its
+            # threads also stop spinning between batches: spinning buys microseconds on an idle core and costs
+            # whole cores that the proxy, the ingress and the other replicas need under load.
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list = [wanted]
         cap = None
         if kind == "cuda":

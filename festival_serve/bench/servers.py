@@ -87,7 +87,7 @@ def graph_server(config: dict, args: PipelineArgs, *, port: int, workdir: Path, 
     path = workdir / "graph_serve_config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     command = [sys.executable, "-m", "festival_serve.cli", "up", "--config", str(path), "--no-dashboard",
-               "--host", "127.0.0.1", "--port", str(port)]
+               "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]  # 0: any free port, not 8080
     return Server("graph", command, port, workdir / "graph.log", env)
 
 
