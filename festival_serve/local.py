@@ -122,6 +122,10 @@ LOCAL_RAY_ENV = {
     # Ray gives a new HTTP proxy 5 s to answer its readiness check, three times, then kills it; a busy
     # 2-core machine (training, tests) can need longer just to start the proxy's worker process.
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
+    # Ray starts every worker at niceness 15, so the proxy and the ingress would compete with the models as
+    # equals; at 0 they run first and the model replicas yield (user_config.niceness), which keeps refusals
+    # fast while the models are saturated.
+    "RAY_worker_niceness": "0",
 }
 
 
