@@ -118,27 +118,39 @@ async def open_loop(url: str, bodies: list[bytes], *, rate: float, duration_s: f
                     timeout_s: float = 120.0, seed: int = 0) -> LoadResult:
     """Poisson arrivals at ``rate`` per second for ``duration_s``; waits for every request to finish."""
     result = LoadResult("open", rate, describe)
-    rng = random.Random(seed)
     async with _client(OPEN_LOOP_MAX_IN_FLIGHT, timeout_s) as client:
-        begin = time.perf_counter()
-        pending: set[asyncio.Task] = set()
-        scheduled, i = begin, 0
-        while scheduled < begin + duration_s:
-            delay = scheduled - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if len(pending) >= OPEN_LOOP_MAX_IN_FLIGHT:
+
+        def launch(i: int, scheduled: float, in_flight: int):
+            if in_flight >= OPEN_LOOP_MAX_IN_FLIGHT:
                 result.note_error(f"overloaded: {OPEN_LOOP_MAX_IN_FLIGHT} requests already in flight")
-            else:
-                task = asyncio.create_task(_post(client, url, bodies[i % len(bodies)], describe, result, scheduled))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            i += 1
-            scheduled += rng.expovariate(rate)
-        if pending:
-            await asyncio.gather(*pending)
-        result.duration_s = time.perf_counter() - begin
+                return None
+            return _post(client, url, bodies[i % len(bodies)], describe, result, scheduled)
+
+        result.duration_s = await _poisson_arrivals(rate, duration_s, seed, launch)
     return result
+
+
+async def _poisson_arrivals(rate: float, duration_s: float, seed: int, launch) -> float:
+    """Call ``launch(i, scheduled_time, in_flight)`` at Poisson arrival times for ``duration_s`` and run each
+    coroutine it returns (None: skip that arrival) concurrently; returns the seconds until the last finished."""
+    rng = random.Random(seed)
+    begin = time.perf_counter()
+    pending: set[asyncio.Task] = set()
+    scheduled, i = begin, 0
+    while scheduled < begin + duration_s:
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        request = launch(i, scheduled, len(pending))
+        if request is not None:
+            task = asyncio.create_task(request)
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        i += 1
+        scheduled += rng.expovariate(rate)
+    if pending:
+        await asyncio.gather(*pending)
+    return time.perf_counter() - begin
 
 
 # -- overload: open-loop arrivals beyond capacity, each request with a time budget -------------------------
@@ -230,21 +242,10 @@ async def overload(url: str, bodies: list[bytes], *, rate: float, duration_s: fl
     Ray Serve's ``x-request-timeout-seconds``; latency counts from the scheduled arrival. A request with no
     reply ``hang_after_s`` past its budget counts as hung."""
     result = OverloadResult(rate, budget_s, describe)
-    rng = random.Random(seed)
     async with _client(OPEN_LOOP_MAX_IN_FLIGHT, budget_s + hang_after_s) as client:
-        begin = time.perf_counter()
-        pending: set[asyncio.Task] = set()
-        scheduled, i = begin, 0
-        while scheduled < begin + duration_s:
-            delay = scheduled - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            task = asyncio.create_task(_post_with_budget(client, url, bodies[i % len(bodies)], result, scheduled))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-            i += 1
-            scheduled += rng.expovariate(rate)
-        if pending:
-            await asyncio.gather(*pending)
-        result.duration_s = time.perf_counter() - begin
+
+        def launch(i: int, scheduled: float, in_flight: int):
+            return _post_with_budget(client, url, bodies[i % len(bodies)], result, scheduled)
+
+        result.duration_s = await _poisson_arrivals(rate, duration_s, seed, launch)
     return result
