@@ -463,7 +463,26 @@ def test_metrics_include_queue_waits_batch_sizes_and_ray_serves_own_series(serve
     dashboard = json.loads((ROOT / "cluster" / "grafana-dashboard.json").read_text())
     plotted = {name for panel in dashboard["panels"] for target in panel.get("targets", [])
                for name in re.findall(r"ray_\w+", target["expr"])}
-    assert plotted <= set(samples), f"the dashboard plots series Ray does not export: {plotted - set(samples)}"
+
+    def every_plotted_series_exported():
+        missing = plotted - set(_scrape(metrics_port))
+        assert not missing, f"the dashboard plots series Ray does not export: {missing}"
+
+    # Ray's own gauges (replica health) are reported on their own period: give them a few report rounds.
+    _eventually(every_plotted_series_exported, timeout_s=60)
+
+
+def _eventually(check, *, timeout_s: float, every_s: float = 1.0) -> None:
+    """Run ``check`` until it stops raising AssertionError, or fail with its last error after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            check()
+            return
+        except AssertionError:
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(every_s)
 
 
 def _dashboard_queries(job: str, application: str) -> list[str]:
@@ -510,10 +529,16 @@ def test_the_shipped_prometheus_config_scrapes_the_graph_and_answers_the_dashboa
             reply = httpx.get(f"{api}/query", params={"query": query}, timeout=10).json()
             assert reply["status"] == "success", (query, reply)
         # The dashboard's job and application selectors read their values from this series.
-        selectors = httpx.get(f"{api}/query", params={"query": "count by (job, application) "
-                                                      "(ray_serve_deployment_replica_healthy)"}, timeout=10).json()
-        assert {(r["metric"]["job"], r["metric"]["application"]) for r in selectors["data"]["result"]} >= \
-            {("festival-local", FULL_APP), ("festival-local", "bare")}
+        def both_applications_selectable():
+            # Ray re-reports this gauge per replica on its own period, so an instant query may miss one application:
+            # look back over the window, as a dashboard variable does.
+            selectors = httpx.get(f"{api}/query", params={"query": "count by (job, application) (last_over_time("
+                                                          "ray_serve_deployment_replica_healthy[5m]))"},
+                                  timeout=10).json()
+            assert {(r["metric"]["job"], r["metric"]["application"]) for r in selectors["data"]["result"]} >= \
+                {("festival-local", FULL_APP), ("festival-local", "bare")}
+
+        _eventually(both_applications_selectable, timeout_s=60)
     finally:
         process.terminate()
         process.wait(timeout=30)
