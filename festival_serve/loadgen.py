@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from festival_serve.stages import SAFETY_STAGES
+
 #: Requests in flight at once in open loop, at most; arrivals beyond it count as errors ("overloaded").
 OPEN_LOOP_MAX_IN_FLIGHT = 512
 
@@ -201,8 +203,6 @@ class OverloadResult:
 
 def _useful(body: dict) -> bool:
     """An answer both safety stages contributed to (a degraded reader or describer still counts)."""
-    from festival_serve.stages import SAFETY_STAGES
-
     return not any(isinstance(d, dict) and d.get("stage") in SAFETY_STAGES for d in body.get("degraded", []))
 
 

@@ -23,11 +23,11 @@ def in_store(value: str, model_store: str | Path) -> Path:
     return path if path.is_absolute() else Path(model_store).expanduser() / path
 
 
-def _stage_names(*, required: bool) -> list[str]:
-    """Stage names from the stage table (imported here: ``festival_serve.stages`` imports this module)."""
+def _required_stage_names() -> list[str]:
+    """The stages the stage table marks required (imported here: ``festival_serve.stages`` imports this module)."""
     from festival_serve.stages import STAGES
 
-    return [stage.name for stage in STAGES if stage.required or not required]
+    return [stage.name for stage in STAGES if stage.required]
 
 
 class _Section(BaseModel):
@@ -164,7 +164,7 @@ class IngressSettings(_Section):
     crop_padding: float = Field(0.05, ge=0, le=1, description="Sign crops grow by this fraction of the box per side.")
     max_signs_read: int = Field(16, ge=0, description="Most sign crops per image sent to the reader.")
     required_stages: list[str] = Field(
-        default_factory=lambda: _stage_names(required=True),
+        default_factory=_required_stage_names,
         description="Stages whose model must be loaded for /readyz to answer 200 (default: the stages the stage "
         "table marks required: detector, hazard cells, reader; the scene describer is optional).",
     )
