@@ -10,7 +10,8 @@ the queue's drain time. With several ingress replicas each sees only its own sha
 its cost samples scale by the same share, so the prediction stays right without coordination.
 
 ``Admission.admit`` rejects a request up front when the safety stages (signs, hazards) alone would
-already miss its budget, with a ``Retry-After`` equal to how long the queue needs to drain that far;
+already take more than the wait it is given (``flow.admit``: a fraction of what is left of the budget),
+with a ``Retry-After`` equal to how long the queue needs to drain that far;
 ``reader_items`` and ``describer_fits`` let the flow read fewer signs or skip the description when
 only those would miss it. No Ray import: the baseline server uses it too.
 """
@@ -66,12 +67,12 @@ class Admission:
         """Predicted seconds until both safety stages would answer a new frame (they run concurrently)."""
         return max(self.loads[name].predicted_wait(1) for name in SAFETY_STAGES)
 
-    def admit(self, remaining_s: float) -> float | None:
-        """None to admit; else the ``Retry-After`` (whole seconds, >= 1) for a request with ``remaining_s`` left."""
+    def admit(self, allowed_wait_s: float) -> float | None:
+        """None to admit a request that may wait ``allowed_wait_s``; else its ``Retry-After`` (whole seconds, >= 1)."""
         wait = self.safety_wait()
-        if wait <= remaining_s:
+        if wait <= allowed_wait_s:
             return None
-        return float(max(1, math.ceil(wait - remaining_s)))
+        return float(max(1, math.ceil(wait - allowed_wait_s)))
 
     def reader_items(self, wanted: int, remaining_s: float) -> int:
         """How many of ``wanted`` crops the reader can return within ``remaining_s`` (most first)."""

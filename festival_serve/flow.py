@@ -98,8 +98,9 @@ class _Frame:
 
 def admit(admission: Admission, budget: Budget, settings: IngressSettings) -> None:
     """Turn a request away in milliseconds, before its image is even decoded, when the safety stages'
-    queues already would not answer within its budget (``Rejected`` with the drain time as Retry-After)."""
-    retry_after = admission.admit(budget.remaining() - settings.answer_margin_s)
+    queues already would not answer within ``admit_wait_fraction`` of its budget (``Rejected`` with the
+    drain time as Retry-After)."""
+    retry_after = admission.admit((budget.remaining() - settings.answer_margin_s) * settings.admit_wait_fraction)
     if retry_after is not None:
         raise Rejected(503, "overloaded", "the sign and hazard queues would not answer within the request's budget",
                        retry_after)

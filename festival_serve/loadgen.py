@@ -5,9 +5,12 @@ its queue). The same client drives the graph and the baseline."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import json
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 
@@ -55,10 +58,9 @@ def _round(value: float) -> float | None:
     return None if np.isnan(value) else round(float(value), 2)
 
 
-async def _post(client, url: str, body: bytes, describe: bool, result: LoadResult, started: float) -> None:
+async def _post(client: "Client", url: str, body: bytes, describe: bool, result: LoadResult, started: float) -> None:
     try:
-        reply = await client.post(url, content=body, params={"describe": "true" if describe else "false"},
-                                  headers={"content-type": "image/jpeg"})
+        reply = await client.post(url, body, describe)
     except Exception as e:  # noqa: BLE001 - every failure is counted, none stops the run
         result.note_error(f"{type(e).__name__}: {e}")
         return
@@ -70,10 +72,46 @@ async def _post(client, url: str, body: bytes, describe: bool, result: LoadResul
         result.degraded += 1
 
 
-def _client(limit: int, timeout_s: float):
-    import httpx
+@dataclass(frozen=True)
+class Reply:
+    status_code: int
+    headers: Mapping[str, str]  # case-insensitive (aiohttp's CIMultiDict)
+    body: bytes
 
-    return httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit))
+    @property
+    def text(self) -> str:
+        return self.body.decode(errors="replace")
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class Client:
+    """POSTs frames over a pool of at most ``limit`` keep-alive connections. aiohttp, not httpx: at the
+    overload points (~100 req/s) httpx cost this 2-core machine ~0.7 of a core and fell behind its own
+    arrival schedule, so the client's lag showed up as the server's latency; aiohttp costs a fraction."""
+
+    def __init__(self, limit: int, timeout_s: float) -> None:
+        self.limit, self.timeout_s = limit, timeout_s
+
+    async def __aenter__(self) -> "Client":
+        import aiohttp
+
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.limit),
+                                             timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.session.close()
+
+    async def post(self, url: str, body: bytes, describe: bool, headers: Mapping[str, str] | None = None) -> Reply:
+        async with self.session.post(url, data=body, params={"describe": "true" if describe else "false"},
+                                     headers={"content-type": "image/jpeg", **(headers or {})}) as reply:
+            return Reply(reply.status, reply.headers, await reply.read())
+
+
+def _client(limit: int, timeout_s: float) -> Client:
+    return Client(limit, timeout_s)
 
 
 async def closed_loop(url: str, bodies: list[bytes], *, concurrency: int, duration_s: float, describe: bool,
@@ -178,14 +216,27 @@ class OverloadResult:
     within_budget: int = 0  # responses of any status within budget + slack
     shed_ms: list[float] = field(default_factory=list)  # 429/503
     shed_with_retry_after: int = 0
+    shed_fast_with_retry_after: int = 0  # what the target counts: back within FAST_SHED_S *and* saying when to retry
+    shed_codes: dict[str, list[int]] = field(default_factory=dict)  # error code → [refusals, of them slow]
     errors: int = 0  # other statuses and transport errors
     hung: int = 0  # nothing back within the client's timeout
     error_examples: list[str] = field(default_factory=list)
+    began: float = 0.0  # perf_counter at the first arrival
+    per_second: dict[int, collections.Counter] = field(default_factory=dict)  # arrival second → outcome → count
+
+    def note(self, scheduled: float, outcome: str) -> None:
+        """Count one request's outcome in the second it was sent (the timeline of the point)."""
+        self.per_second.setdefault(int(scheduled - self.began), collections.Counter())[outcome] += 1
+
+    def timeline(self) -> list[dict]:
+        """Per second of arrivals: how many were sent and what became of them (good, answered late or degraded,
+        shed fast, shed slow, error, hung)."""
+        return [{"second": second, "sent": sum(counts.values()), **dict(sorted(counts.items()))}
+                for second, counts in sorted(self.per_second.items())]
 
     def summary(self) -> dict:
         responses = len(self.answered_ms) + len(self.shed_ms) + self.errors
         sheds = len(self.shed_ms)
-        fast = sum(1 for ms in self.shed_ms if ms < FAST_SHED_S * 1000)
         lat = np.asarray(self.answered_ms) if self.answered_ms else np.asarray([np.nan])
         return {
             "rate": self.rate, "budget_s": self.budget_s, "describe": self.describe,
@@ -194,10 +245,12 @@ class OverloadResult:
             "goodput_rps": round(self.good / self.duration_s, 3) if self.duration_s > 0 else 0.0,
             "within_budget": round(self.within_budget / responses, 4) if responses else None,
             "shed_with_retry_after": round(self.shed_with_retry_after / sheds, 4) if sheds else None,
-            "shed_fast": round(min(fast, self.shed_with_retry_after) / sheds, 4) if sheds else None,
+            "shed_fast": round(self.shed_fast_with_retry_after / sheds, 4) if sheds else None,
             "shed_p50_ms": _round(np.percentile(self.shed_ms, 50)) if sheds else None,
+            "shed_codes": {code: {"count": n, "slow": slow} for code, (n, slow) in sorted(self.shed_codes.items())},
             **{f"p{q}_ms": _round(np.percentile(lat, q)) for q in (50, 99)},
             "error_examples": self.error_examples,
+            "timeline": self.timeline(),
         }
 
 
@@ -206,18 +259,16 @@ def _useful(body: dict) -> bool:
     return not any(isinstance(d, dict) and d.get("stage") in SAFETY_STAGES for d in body.get("degraded", []))
 
 
-async def _post_with_budget(client, url: str, body: bytes, result: OverloadResult, started: float) -> None:
+async def _post_with_budget(client: Client, url: str, body: bytes, result: OverloadResult, started: float) -> None:
     try:
-        reply = await client.post(url, content=body, params={"describe": "true" if result.describe else "false"},
-                                  headers={"content-type": "image/jpeg",
-                                           "x-request-timeout-seconds": f"{result.budget_s:g}"})
+        reply = await client.post(url, body, result.describe, {"x-request-timeout-seconds": f"{result.budget_s:g}"})
     except Exception as e:  # noqa: BLE001 - every failure is counted, none stops the run
-        import httpx
-
-        if isinstance(e, httpx.TimeoutException):
+        if isinstance(e, asyncio.TimeoutError):
             result.hung += 1
+            result.note(started, "hung")
         else:
             result.errors += 1
+            result.note(started, "error")
             if len(result.error_examples) < 3:
                 result.error_examples.append(f"{type(e).__name__}: {e}"[:200])
         return
@@ -226,14 +277,31 @@ async def _post_with_budget(client, url: str, body: bytes, result: OverloadResul
     result.within_budget += in_time
     if reply.status_code == 200:
         result.answered_ms.append(seconds * 1000)
-        result.good += in_time and _useful(reply.json())
+        good = in_time and _useful(reply.json())
+        result.good += good
+        result.note(started, "good" if good else "answered_not_good")
     elif reply.status_code in SHED_STATUSES:
         result.shed_ms.append(seconds * 1000)
-        result.shed_with_retry_after += "retry-after" in reply.headers
+        retry_after = "retry-after" in reply.headers
+        result.shed_with_retry_after += retry_after
+        result.shed_fast_with_retry_after += retry_after and seconds < FAST_SHED_S
+        counts = result.shed_codes.setdefault(_error_code(reply), [0, 0])
+        counts[0] += 1
+        counts[1] += seconds >= FAST_SHED_S
+        result.note(started, "shed_slow" if seconds >= FAST_SHED_S else "shed_fast")
     else:
         result.errors += 1
+        result.note(started, "error")
         if len(result.error_examples) < 3:
             result.error_examples.append(f"HTTP {reply.status_code}: {reply.text}"[:200])
+
+
+def _error_code(reply: Reply) -> str:
+    """The ``error.code`` of a refusal's JSON body; ``proxy`` for one without (Ray's proxy answers in text)."""
+    try:
+        return str(reply.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return "proxy"
 
 
 async def overload(url: str, bodies: list[bytes], *, rate: float, duration_s: float, budget_s: float,
@@ -245,6 +313,8 @@ async def overload(url: str, bodies: list[bytes], *, rate: float, duration_s: fl
     async with _client(OPEN_LOOP_MAX_IN_FLIGHT, budget_s + hang_after_s) as client:
 
         def launch(i: int, scheduled: float, in_flight: int):
+            if i == 0:
+                result.began = scheduled
             return _post_with_budget(client, url, bodies[i % len(bodies)], result, scheduled)
 
         result.duration_s = await _poisson_arrivals(rate, duration_s, seed, launch)

@@ -178,8 +178,14 @@ class IngressSettings(_Section):
         description="Largest budget a client may ask for with x-request-timeout-seconds (larger values are clamped), "
         "seconds; keep it under http_options.request_timeout_s so the ingress, not the proxy, answers.",
     )
+    admit_wait_fraction: float = Field(
+        0.5, gt=0, le=1,
+        description="A request is admitted when its safety stages' predicted queue wait is at most this fraction of "
+        "what is left of its budget. The rest absorbs mispredictions under a surge and leaves time for the reader "
+        "after the detector; at 1.0 admitted answers run right up to the budget and many come back degraded.",
+    )
     answer_margin_s: float = Field(
-        0.15, ge=0, description="Time kept back from the budget to build and send the answer (and for the hop from "
+        0.25, ge=0, description="Time kept back from the budget to build and send the answer (and for the hop from "
         "Serve's proxy, which starts the client's clock first), seconds.",
     )
     retry_after_s: float = Field(

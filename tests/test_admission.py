@@ -62,11 +62,24 @@ def test_reader_reads_what_fits_and_the_describer_is_asked_only_if_it_fits():
 def test_rejection_before_decoding_says_when_to_retry():
     admission = Admission()
     admission.loads["hazard_cells"] = StageLoad(in_flight=100, item_seconds=0.1)
-    settings = IngressSettings(default_budget_s=2, answer_margin_s=0.05)
+    settings = IngressSettings(default_budget_s=2, answer_margin_s=0.05, admit_wait_fraction=0.5)
     with pytest.raises(Rejected) as raised:
         admit(admission, Budget(2.0), settings)
     rejected = raised.value
     assert rejected.status == 503 and rejected.code == "overloaded"
     response = error_response(rejected.status, rejected.code, rejected.message, "r1", rejected.retry_after_s)
     assert response.status_code == 503
-    assert int(response.headers["retry-after"]) == math.ceil(10.1 - (2.0 - 0.05))
+    # Retry when the queue has drained to what half the budget allows: 10.1 s predicted, 0.975 s allowed.
+    assert int(response.headers["retry-after"]) == math.ceil(10.1 - (2.0 - 0.05) * 0.5)
+
+
+def test_admission_keeps_headroom_inside_the_budget():
+    """A wait that would fit the whole budget but not admit_wait_fraction of it is turned away: under a surge
+    the estimate lags, and an answer admitted at the edge of its budget comes back late or degraded."""
+    settings = IngressSettings(default_budget_s=2, answer_margin_s=0.0, admit_wait_fraction=0.5)
+    admission = Admission()
+    admission.loads["sign_detector"] = StageLoad(in_flight=14, item_seconds=0.1)  # 1.5 s: inside 2 s, over 1 s
+    with pytest.raises(Rejected):
+        admit(admission, Budget(2.0), settings)
+    admission.loads["sign_detector"] = StageLoad(in_flight=8, item_seconds=0.1)  # 0.9 s
+    admit(admission, Budget(2.0), settings)

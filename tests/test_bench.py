@@ -64,7 +64,15 @@ def fake_server():
         body = await request.body()
         if body == b"fail":
             return PlainTextResponse("boom", status_code=500)
+        if body in (b"shed", b"slow-shed"):
+            await asyncio.sleep(0.3 if body == b"slow-shed" else 0)
+            return JSONResponse({"error": {"code": "overloaded", "message": "full"}}, status_code=503,
+                                headers={"Retry-After": "1"})
+        if body == b"proxy-shed":  # Ray's proxy answers its own backpressure in plain text
+            return PlainTextResponse("dropped", status_code=503)
         await asyncio.sleep(0.01)
+        if body == b"unsafe":
+            return JSONResponse({"degraded": [{"stage": "hazard_cells", "code": "timeout", "message": "late"}]})
         return JSONResponse({"degraded": ["x: slow"] if body == b"degraded" else []})
 
     port = free_port()
@@ -96,6 +104,27 @@ def test_open_loop_sends_about_the_rate(fake_server):
     assert result.errors == 0
     assert 15 <= len(result.latencies_ms) <= 80  # Poisson: 40 expected
     assert result.summary()["mode"] == "open" and result.summary()["describe"] is True
+
+
+def test_overload_point_sorts_answers_and_refusals_and_keeps_a_timeline(fake_server):
+    bodies = [b"ok", b"shed", b"slow-shed", b"proxy-shed", b"unsafe", b"fail"]
+    result = asyncio.run(loadgen.overload(fake_server, bodies, rate=60, duration_s=1.0, budget_s=2.0))
+    summary = result.summary()
+    assert summary["sent"] == summary["answered"] + summary["shed"] + summary["errors"] + summary["hung"]
+    assert summary["hung"] == 0 and summary["errors"] > 0  # the 500s
+    codes = summary["shed_codes"]
+    assert codes["overloaded"]["count"] > codes["overloaded"]["slow"] > 0  # the 0.3 s refusals are slow
+    assert codes["proxy"]["count"] > 0 and codes["proxy"]["slow"] == 0
+    # Fast needs Retry-After too: the proxy's plain 503s have none, the slow ones are slow.
+    fast_with_retry = codes["overloaded"]["count"] - codes["overloaded"]["slow"]
+    assert summary["shed_fast"] == pytest.approx(fast_with_retry / summary["shed"], abs=1e-4)
+    # Only "ok" answers are good: "unsafe" lost a safety stage.
+    assert summary["goodput_rps"] * result.duration_s == pytest.approx(
+        sum(row.get("good", 0) for row in summary["timeline"]), abs=0.01)
+    assert sum(row.get("answered_not_good", 0) for row in summary["timeline"]) > 0
+    timeline = summary["timeline"]
+    assert sum(row["sent"] for row in timeline) == summary["sent"]
+    assert [row["second"] for row in timeline] == sorted(row["second"] for row in timeline)
 
 
 def test_unreachable_server_is_an_error_not_a_crash():
