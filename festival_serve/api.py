@@ -331,7 +331,9 @@ def error_reply(request: Request, exc: Exception, log: logging.Logger = logger) 
         return response
     request_id = request_id_of(request)
     if isinstance(exc, Rejected):
-        log.info("request %s: %d %s", request_id, exc.status, exc.code)
+        # Debug, not info: in a surge refusals come by the hundred per second, the access log already has each
+        # one's status, and festival_answers_total counts them by code.
+        log.debug("request %s: %d %s", request_id, exc.status, exc.code)
         return rejected_response(exc, request_id)
     if isinstance(exc, ApiError):
         status, code, message = exc.status, exc.code, exc.message
