@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     new_key.set_defaults(func=cmd_keys_new)
 
     # Its own parser lives in festival_serve.cluster; main() hands it the rest of the command line.
-    sub.add_parser("cluster", help="render cluster manifests from serve_config.yaml (see cluster/README.md)")
+    sub.add_parser("cluster", help="render cluster manifests from serve_config.yaml, or run a multi-node cluster on "
+                   "this machine (`cluster local up`; see cluster/README.md)")
 
     train = sub.add_parser("train", help="retrain an embedded model from scratch on generated scenes")
     train_sub = train.add_subparsers(dest="train_command", required=True)

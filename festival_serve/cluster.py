@@ -258,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-store", required=True, help="absolute path of the model store on every node")
     serve.add_argument("--out", type=Path, required=True)
     serve.set_defaults(func=_cmd_serve_config)
+
+    from festival_serve import local_cluster  # `cluster local up|status|down`
+
+    local_cluster.add_parser(sub)
     return parser
 
 

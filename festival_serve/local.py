@@ -42,9 +42,13 @@ LOCAL_MODEL_NICENESS = 10
 
 
 def local_profile(config: dict, *, host: str, port: int, model_store: str | None, has_gpu: bool,
-                  base_dir: Path, cpus: int | None = None, api_keys_file: str | None = None) -> tuple[dict, list[str]]:
+                  base_dir: Path, cpus: int | None = None, api_keys_file: str | None = None,
+                  fake_gpus: bool = False, max_replicas: int | None = None) -> tuple[dict, list[str]]:
     """The config adapted to this machine, and one line per change made (printed to the user).
-    ``api_keys_file`` (else the config's ``ingress.api_keys_file``): /v1 needs one of its keys."""
+    ``api_keys_file`` (else the config's ``ingress.api_keys_file``): /v1 needs one of its keys.
+    ``fake_gpus`` (no real GPU; ``festival_serve.local_cluster``): keep every ``num_gpus`` so Ray schedules
+    replicas by GPU share on nodes that advertise fake GPUs, and run every model on the CPU. ``max_replicas``:
+    the replica cap (default ``max(1, cores // 4)``)."""
     config = copy.deepcopy(config)
     changes: list[str] = []
     config.setdefault("http_options", {}).update(host=host, port=port)
@@ -60,12 +64,18 @@ def local_profile(config: dict, *, host: str, port: int, model_store: str | None
             args["ingress"] = {**(args.get("ingress") or {}),
                                "api_keys_file": str(keys if keys.is_absolute() else (base_dir / keys).resolve())}
             changes.append(f"API keys: /v1 needs one of the keys in {args['ingress']['api_keys_file']}")
-        if not has_gpu:
+        if not has_gpu and fake_gpus:
+            for section in STAGE_NAMES:
+                args.setdefault(section, {})["device"] = "cpu"
+            changes.append("FAKE GPUs: num_gpus kept, so Ray places every replica by its GPU share on the nodes' "
+                           "fake GPUs; the models themselves run on the CPU (device: cpu)")
+        elif not has_gpu:
             for deployment in app.get("deployments", []):
                 options = deployment.get("ray_actor_options") or {}
                 if options.get("num_gpus"):
                     options["num_gpus"] = 0
             changes.append("no GPU visible: num_gpus set to 0, models run on the CPU (ONNX Runtime)")
+        if not has_gpu:
             # Four models share the cores: a runtime that spreads over all of them fights the others
             # (and Ray) for every core, so the three small ones get half the cores each. The describer
             # gets them all: when a request asks for a description, it is ~95% of the work.
@@ -73,7 +83,7 @@ def local_profile(config: dict, *, host: str, port: int, model_store: str | None
             # Replicas beyond what the cores can run add memory (a describer replica is ~2.5 GB), not
             # throughput: measured on 2 cores, autoscaling to 3 readers and 2 describers grew the graph
             # from ~5 to ~8 GB and split the describer's batches. Cap them by the cores there are.
-            cap = max(1, cores // 4)
+            cap = max_replicas or max(1, cores // 4)
             capped = []
             for deployment in app.get("deployments", []):
                 scaling = deployment.get("autoscaling_config")
@@ -82,7 +92,8 @@ def local_profile(config: dict, *, host: str, port: int, model_store: str | None
                     scaling["min_replicas"] = min(scaling.get("min_replicas", 1), cap)
                     capped.append(deployment["name"])
             if capped:
-                changes.append(f"{cores} CPU cores: at most {cap} replica(s) each ({', '.join(capped)})")
+                changes.append(f"{cores} CPU cores: at most {cap} replica(s) each ({', '.join(capped)})"
+                               if max_replicas is None else f"at most {cap} replica(s) each ({', '.join(capped)})")
             # Models and the request path (proxy, ingress) share the cores: models yield to it, so a crowd beyond
             # capacity is still turned away in milliseconds (measured: without it, sheds took seconds at 5x).
             for deployment in app.get("deployments", []):
@@ -130,12 +141,13 @@ LOCAL_RAY_ENV = {
 
 
 def start(config: dict, *, offline: bool, dashboard: bool = False, num_cpus: int | None = None,
-          metrics_port: int | None = None) -> None:
+          metrics_port: int | None = None, address: str | None = None) -> None:
     """Start Ray and Serve on this machine and submit ``config`` (non-blocking).
 
     ``num_cpus`` overrides the CPU count Ray schedules with (default: the machine's cores). ``metrics_port``:
     where this node's Prometheus metrics are served (``/metrics``: Ray's, Serve's and ``festival_serve.metrics``,
-    every process of the node; on all interfaces), default a free port Ray picks."""
+    every process of the node; on all interfaces), default a free port Ray picks. ``address``: join that running
+    cluster instead (its nodes were started with their own settings; the three above do not apply)."""
     # Before Ray is imported: it reads some of these once, at import.
     for key, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(key, value)
@@ -153,9 +165,10 @@ def start(config: dict, *, offline: bool, dashboard: bool = False, num_cpus: int
         apply_offline_env()
         runtime_env = {"env_vars": dict(OFFLINE_ENV),
                        "worker_process_setup_hook": "festival_serve.offline.install_network_guard"}
-    ray.init(namespace=SERVE_NAMESPACE, include_dashboard=dashboard, num_cpus=num_cpus,
-             runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING,
-             _metrics_export_port=metrics_port)
+    node_options = {} if address else {"include_dashboard": dashboard, "num_cpus": num_cpus,
+                                       "_metrics_export_port": metrics_port}
+    ray.init(address=address, namespace=SERVE_NAMESPACE, runtime_env=runtime_env, log_to_driver=True,
+             logging_level=logging.WARNING, **node_options)
     client = serve_api.serve_start(
         http_options=schema.http_options.model_dump(),
         proxy_location=schema.proxy_location,

@@ -49,6 +49,29 @@ def test_local_profile_keeps_gpus_when_there_is_one(tmp_path):
     assert profiled["applications"][0]["deployments"][0]["ray_actor_options"]["num_gpus"] == 0.2
 
 
+def test_fake_gpu_profile_keeps_the_gpu_shares_and_runs_the_models_on_the_cpu(tmp_path):
+    """``cluster local up``: Ray places replicas by the real fractions on nodes with fake GPUs; the maths is CPU."""
+    config = local.load_config(ROOT / "serve_config.yaml")
+    profiled, changes = local.local_profile(config, host="127.0.0.1", port=8000, model_store=None, has_gpu=False,
+                                            base_dir=tmp_path, cpus=2, fake_gpus=True, max_replicas=2)
+    app, original = profiled["applications"][0], config["applications"][0]
+    assert [d["ray_actor_options"].get("num_gpus") for d in app["deployments"]] == [
+        d["ray_actor_options"].get("num_gpus") for d in original["deployments"]]
+    assert all(app["args"][stage]["device"] == "cpu" for stage in STAGE_NAMES)
+    assert {d["autoscaling_config"]["max_replicas"] for d in app["deployments"]} == {2}
+    assert any(c.startswith("FAKE GPUs") for c in changes) and not any("num_gpus set to 0" in c for c in changes)
+    PipelineArgs.model_validate(app["args"])
+
+
+def test_local_cluster_shape_refuses_nonsense():
+    from festival_serve.local_cluster import ClusterShape
+
+    with pytest.raises(ValueError, match="worker"):
+        ClusterShape(workers=0)
+    with pytest.raises(ValueError, match="gpus-per-node"):
+        ClusterShape(gpus_per_node=-1)
+
+
 def test_serve_config_args_validate_as_pipeline_args():
     args = local.load_config(ROOT / "serve_config.yaml")["applications"][0]["args"]
     PipelineArgs.model_validate(args)
