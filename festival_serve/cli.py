@@ -268,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     new_key.add_argument("--label", help="a note kept beside the digest (who holds the key), to revoke it by")
     new_key.set_defaults(func=cmd_keys_new)
 
+    from festival_serve import load
+
+    load_parser = load.add_arguments(sub.add_parser(
+        "load", help="drive a running graph through a festival day (profile), recording replicas per second"))
+    load_parser.set_defaults(func=load.cmd_load)
     # Its own parser lives in festival_serve.cluster; main() hands it the rest of the command line.
     sub.add_parser("cluster", help="render cluster manifests from serve_config.yaml, or run a multi-node cluster on "
                    "this machine (`cluster local up`; see cluster/README.md)")

@@ -10,7 +10,7 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -170,14 +170,25 @@ async def open_loop(url: str, bodies: list[bytes], *, rate: float, duration_s: f
     return result
 
 
-async def _poisson_arrivals(rate: float, duration_s: float, seed: int, launch) -> float:
+async def _poisson_arrivals(rate: float | Callable[[float], float], duration_s: float, seed: int, launch) -> float:
     """Call ``launch(i, scheduled_time, in_flight)`` at Poisson arrival times for ``duration_s`` and run each
-    coroutine it returns (None: skip that arrival) concurrently; returns the seconds until the last finished."""
+    coroutine it returns (None: skip that arrival) concurrently; returns the seconds until the last finished.
+    ``rate`` is arrivals per second, or a function of the seconds since the start giving the rate then (a
+    non-homogeneous process, drawn by thinning: candidates at the peak rate, each kept with rate(t) / peak)."""
+    rate_at = rate if callable(rate) else (lambda _t, r=float(rate): r)
+    peak = rate if not callable(rate) else max(rate_at(duration_s * k / 1000) for k in range(1001))
     rng = random.Random(seed)
     begin = time.perf_counter()
     pending: set[asyncio.Task] = set()
     scheduled, i = begin, 0
+    if peak <= 0:
+        await asyncio.sleep(duration_s)
+        return time.perf_counter() - begin
+    scheduled += rng.expovariate(peak) if callable(rate) else 0.0
     while scheduled < begin + duration_s:
+        if callable(rate) and rng.random() * peak > rate_at(scheduled - begin):
+            scheduled += rng.expovariate(peak)
+            continue
         delay = scheduled - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -187,7 +198,7 @@ async def _poisson_arrivals(rate: float, duration_s: float, seed: int, launch) -
             pending.add(task)
             task.add_done_callback(pending.discard)
         i += 1
-        scheduled += rng.expovariate(rate)
+        scheduled += rng.expovariate(peak)
     if pending:
         await asyncio.gather(*pending)
     return time.perf_counter() - begin
@@ -201,6 +212,8 @@ BUDGET_SLACK_S = 0.25
 FAST_SHED_S = 0.25
 #: Statuses that tell the client to back off (the graph sends Retry-After with them).
 SHED_STATUSES = (429, 503)
+#: Outcomes of a request that got a 200.
+ANSWERED = ("good", "answered_not_good")
 
 
 @dataclass
@@ -221,18 +234,30 @@ class OverloadResult:
     errors: int = 0  # other statuses and transport errors
     hung: int = 0  # nothing back within the client's timeout
     error_examples: list[str] = field(default_factory=list)
-    began: float = 0.0  # perf_counter at the first arrival
-    per_second: dict[int, collections.Counter] = field(default_factory=dict)  # arrival second → outcome → count
+    began: float = 0.0  # perf_counter the timeline counts from (the first arrival, unless set before)
+    records: list[tuple[float, str, float, bool]] = field(default_factory=list)  # (sent at s, outcome, s, degraded)
 
-    def note(self, scheduled: float, outcome: str) -> None:
-        """Count one request's outcome in the second it was sent (the timeline of the point)."""
-        self.per_second.setdefault(int(scheduled - self.began), collections.Counter())[outcome] += 1
+    def note(self, scheduled: float, outcome: str, seconds: float = float("nan"), degraded: bool = False) -> None:
+        """One request's fate: sent ``scheduled`` (perf_counter), ``outcome`` (good, answered_not_good, shed_fast,
+        shed_slow, error, lost, hung), answered after ``seconds``, with a ``degraded`` list or not."""
+        self.records.append((scheduled - self.began, outcome, seconds, degraded))
 
     def timeline(self) -> list[dict]:
-        """Per second of arrivals: how many were sent and what became of them (good, answered late or degraded,
-        shed fast, shed slow, error, hung)."""
-        return [{"second": second, "sent": sum(counts.values()), **dict(sorted(counts.items()))}
-                for second, counts in sorted(self.per_second.items())]
+        """Per second of arrivals: how many were sent, what became of them, how many answers were degraded, and
+        the latency of the answers (200s) sent in that second."""
+        seconds: dict[int, list] = collections.defaultdict(list)
+        for record in self.records:
+            seconds[int(record[0])].append(record)
+        rows = []
+        for second, records in sorted(seconds.items()):
+            counts = collections.Counter(outcome for _, outcome, _, _ in records)
+            answered = [latency for _, outcome, latency, _ in records if outcome in ANSWERED]
+            row = {"second": second, "sent": len(records), **dict(sorted(counts.items())),
+                   "degraded": sum(1 for *_, degraded in records if degraded)}
+            if answered:
+                row.update({f"p{q}_ms": round(float(np.percentile(answered, q)) * 1000, 1) for q in (50, 95)})
+            rows.append(row)
+        return rows
 
     def summary(self) -> dict:
         responses = len(self.answered_ms) + len(self.shed_ms) + self.errors
@@ -266,9 +291,9 @@ async def _post_with_budget(client: Client, url: str, body: bytes, result: Overl
         if isinstance(e, asyncio.TimeoutError):
             result.hung += 1
             result.note(started, "hung")
-        else:
+        else:  # no HTTP answer at all (refused or reset connection): the request is lost
             result.errors += 1
-            result.note(started, "error")
+            result.note(started, "lost")
             if len(result.error_examples) < 3:
                 result.error_examples.append(f"{type(e).__name__}: {e}"[:200])
         return
@@ -277,9 +302,10 @@ async def _post_with_budget(client: Client, url: str, body: bytes, result: Overl
     result.within_budget += in_time
     if reply.status_code == 200:
         result.answered_ms.append(seconds * 1000)
-        good = in_time and _useful(reply.json())
+        answer = reply.json()
+        good = in_time and _useful(answer)
         result.good += good
-        result.note(started, "good" if good else "answered_not_good")
+        result.note(started, "good" if good else "answered_not_good", seconds, bool(answer.get("degraded")))
     elif reply.status_code in SHED_STATUSES:
         result.shed_ms.append(seconds * 1000)
         retry_after = "retry-after" in reply.headers
@@ -288,10 +314,10 @@ async def _post_with_budget(client: Client, url: str, body: bytes, result: Overl
         counts = result.shed_codes.setdefault(_error_code(reply), [0, 0])
         counts[0] += 1
         counts[1] += seconds >= FAST_SHED_S
-        result.note(started, "shed_slow" if seconds >= FAST_SHED_S else "shed_fast")
+        result.note(started, "shed_slow" if seconds >= FAST_SHED_S else "shed_fast", seconds)
     else:
         result.errors += 1
-        result.note(started, "error")
+        result.note(started, "error", seconds)
         if len(result.error_examples) < 3:
             result.error_examples.append(f"HTTP {reply.status_code}: {reply.text}"[:200])
 

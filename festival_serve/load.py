@@ -1,0 +1,265 @@
+"""``festival-serve load``: drive a running graph through a festival day (``festival_serve.load_profiles``)
+and record, per second, what it was offered and what it answered, and how many replicas each deployment
+ran meanwhile.
+
+    festival-serve load --profile festival --duration 600          # against http://127.0.0.1:8000
+    festival-serve load --profile surge --capacity 20 --duration 120 --out /tmp/load
+
+Open-loop Poisson arrivals follow the profile's rate (a multiple of ``--capacity``; without it, a 10 s
+closed-loop probe at 16 clients measures it first); every request carries ``--budget`` seconds in
+``x-request-timeout-seconds``. The client runs in a process of its own (at ~100 req/s it must keep its
+schedule); this process polls Serve's status API once a second for replica counts (``--ray-address``:
+the local cluster's, else ``auto``). Writes ``<out>/<profile>.json`` (per-second rows and a summary) and
+``<out>/<profile>.png`` (offered/answered rate and p95 on top, replicas per deployment below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from festival_serve import loadgen
+from festival_serve.load_profiles import BUILT_IN, Profile, load_profile
+
+#: Seconds between progress lines on the terminal.
+PROGRESS_EVERY_S = 10.0
+
+
+def measure_capacity(url: str, bodies: list[bytes], *, seconds: float = 10.0, clients: int = 16) -> float:
+    """Goodput (answers without a degraded stage, per s) of a short closed loop at ``clients``: the rate the
+    profile's multiples scale."""
+    result = asyncio.run(loadgen.closed_loop(url, bodies, concurrency=clients, duration_s=seconds, describe=False,
+                                             warmup_s=2.0, timeout_s=120))
+    return (len(result.latencies_ms) - result.degraded) / result.duration_s if result.duration_s else 0.0
+
+
+def run_profile(url: str, bodies: list[bytes], points: tuple, capacity_rps: float, duration_s: float,
+                budget_s: float, seed: int = 0) -> dict:
+    """One run of the profile ``points`` (in the client's own process): every request's record and the run's
+    wall-clock start, so replica samples taken elsewhere line up with it."""
+    profile = Profile("run", points)
+    rate = profile.rate(capacity_rps, duration_s)
+    result = loadgen.OverloadResult(capacity_rps * profile.peak(), budget_s, describe=False)
+
+    async def main() -> float:
+        async with loadgen.Client(loadgen.OPEN_LOOP_MAX_IN_FLIGHT, budget_s + 30.0) as client:
+            result.began = time.perf_counter()
+            progress = asyncio.create_task(_progress(result, rate, duration_s))
+
+            def launch(i: int, scheduled: float, in_flight: int):
+                return loadgen._post_with_budget(client, url, bodies[i % len(bodies)], result, scheduled)
+
+            try:
+                return await loadgen._poisson_arrivals(rate, duration_s, seed, launch)
+            finally:
+                progress.cancel()
+
+    started_wall = time.time()
+    result.duration_s = asyncio.run(main())
+    return {"started": started_wall, "records": result.records, "summary": result.summary()}
+
+
+async def _progress(result: loadgen.OverloadResult, rate, duration_s: float) -> None:
+    while True:
+        await asyncio.sleep(PROGRESS_EVERY_S)
+        now = time.perf_counter() - result.began
+        recent = [r for r in result.records if now - PROGRESS_EVERY_S <= r[0] < now]
+        answered = sorted(r[2] for r in recent if r[1] in loadgen.ANSWERED)
+        shed = sum(1 for r in recent if r[1].startswith("shed"))
+        p95 = f"{answered[int(0.95 * (len(answered) - 1))] * 1000:6.0f} ms" if answered else "     – ms"
+        print(f"  t={now:5.0f}/{duration_s:.0f} s  offered {rate(now):6.1f}/s  answered {len(answered) / PROGRESS_EVERY_S:5.1f}/s"
+              f"  refused {shed / PROGRESS_EVERY_S:5.1f}/s  p95 {p95}  (requests sent in the last "
+              f"{PROGRESS_EVERY_S:g} s that have come back)", flush=True)
+
+
+class ReplicaSampler:
+    """Replica counts per deployment (Serve's status API), once a second, in a thread of this process."""
+
+    def __init__(self, address: str | None, app: str) -> None:
+        self.address, self.app = address, app
+        self.samples: list[tuple[float, dict[str, int]]] = []  # (wall-clock s, deployment → running replicas)
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="replica-sampler")
+
+    def start(self) -> "ReplicaSampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        try:
+            import ray
+            from ray import serve
+
+            ray.init(address=self.address, logging_level="ERROR", log_to_driver=False)
+        except Exception as e:  # noqa: BLE001 - replica counts are optional; say why they are missing
+            self.error = f"cannot connect to Ray at {self.address}: {type(e).__name__}: {e}"
+            return
+        try:
+            while not self._stop.is_set():
+                try:
+                    app = serve.status().applications.get(self.app)
+                    if app is not None:
+                        self.samples.append((time.time(), {
+                            name: int(status.replica_states.get("RUNNING", 0))
+                            for name, status in app.deployments.items()}))
+                except Exception as e:  # noqa: BLE001 - a missed sample is a gap in the plot, not a failed run
+                    self.error = f"serve.status() failed: {type(e).__name__}: {e}"
+                self._stop.wait(1.0)
+        finally:
+            ray.shutdown()
+
+
+def per_second(run: dict, replica_samples: list[tuple[float, dict[str, int]]], duration_s: float,
+               rate) -> list[dict]:
+    """The run's timeline (by second of arrival) with the offered rate and the replicas then."""
+    result = loadgen.OverloadResult(0.0, 0.0, False, records=[tuple(r) for r in run["records"]])
+    rows = {row["second"]: row for row in result.timeline()}
+    out = []
+    for second in range(int(duration_s)):
+        row = {"second": second, "offered_rps": round(rate(second + 0.5), 2), "sent": 0,
+               **rows.get(second, {})}
+        wall = run["started"] + second
+        before = [counts for t, counts in replica_samples if t <= wall + 1]
+        if before:
+            row["replicas"] = before[-1]
+        out.append(row)
+    return out
+
+
+def summarize(rows: list[dict], run_summary: dict) -> dict:
+    deployments = sorted({name for row in rows for name in row.get("replicas", {})})
+    count = {key: sum(row.get(key, 0) for row in rows)
+             for key in ("sent", "good", "answered_not_good", "shed_fast", "shed_slow", "error", "lost", "hung",
+                         "degraded")}
+    return {
+        **count,
+        "answered": count["good"] + count["answered_not_good"],
+        "shed": count["shed_fast"] + count["shed_slow"],
+        "max_replicas": {name: max(row.get("replicas", {}).get(name, 0) for row in rows) for name in deployments},
+        "min_replicas": {name: min(row["replicas"][name] for row in rows if name in row.get("replicas", {}))
+                         for name in deployments},
+        "p50_ms": run_summary.get("p50_ms"), "p99_ms": run_summary.get("p99_ms"),
+        # Shares of all responses / of all refusals, as the bench's overload section reports them.
+        "within_budget_share": run_summary.get("within_budget"),
+        "refused_fast_with_retry_after_share": run_summary.get("shed_fast"),
+    }
+
+
+def plot(report: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return None
+    rows = report["seconds"]
+    t = [row["second"] for row in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True, height_ratios=(3, 2))
+    top.plot(t, [row["offered_rps"] for row in rows], label="offered req/s", color="grey")
+    top.plot(t, [row.get("good", 0) + row.get("answered_not_good", 0) for row in rows], label="answered (200) req/s")
+    top.plot(t, [row.get("shed_fast", 0) + row.get("shed_slow", 0) for row in rows], label="refused (429/503) req/s",
+             alpha=0.6)
+    top.set_ylabel("requests per second (by second sent)")
+    latency = top.twinx()
+    latency.plot(t, [row.get("p95_ms") for row in rows], color="black", linestyle=":", label="p95 of answers (ms)")
+    latency.set_ylabel("p95 latency of answers, ms")
+    lines, labels = top.get_legend_handles_labels()
+    more, more_labels = latency.get_legend_handles_labels()
+    top.legend(lines + more, labels + more_labels, loc="upper left", fontsize=8)
+    top.set_title(f"festival-serve load --profile {report['profile']} (capacity {report['capacity_rps']:g} req/s, "
+                  f"budget {report['budget_s']:g} s)")
+    for name in sorted(report["summary"]["max_replicas"]):
+        bottom.step(t, [row.get("replicas", {}).get(name) for row in rows], where="post", label=name)
+    most = max(report["summary"]["max_replicas"].values(), default=1)
+    bottom.set_ylim(0, most + 1)
+    bottom.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    bottom.set_ylabel("running replicas")
+    bottom.set_xlabel("seconds into the run")
+    bottom.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _default_ray_address() -> str:
+    from festival_serve.local_cluster import DEFAULT_STATE_FILE
+
+    state = DEFAULT_STATE_FILE.expanduser()
+    if state.exists():
+        return json.loads(state.read_text())["address"]
+    return "auto"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--profile", default="festival",
+                        help=f"{', '.join(BUILT_IN)}, or a JSON/YAML file of [t, multiple] points (default %(default)s)")
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--duration", type=float, default=600, help="seconds the whole profile takes")
+    parser.add_argument("--capacity", type=float, help="req/s the profile's multiples scale (default: measured first)")
+    parser.add_argument("--budget", type=float, default=2.0, help="x-request-timeout-seconds of every request")
+    parser.add_argument("--scenes", type=int, default=16, help="distinct held-out scenes the client cycles")
+    parser.add_argument("--ray-address", help="Ray cluster to read replica counts from (default: the local "
+                                              "cluster's, else auto; 'none' skips them)")
+    parser.add_argument("--app", default="festival", help="Serve application whose replicas are counted")
+    parser.add_argument("--out", type=Path, default=Path("docs/load"))
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from festival_serve.imaging import encode_jpeg
+    from festival_serve.synth import generate_scene, scene_seeds
+
+    try:
+        profile = load_profile(args.profile)
+    except ValueError as e:
+        print(f"festival-serve load: {e}", file=sys.stderr)
+        return 2
+    url = f"{args.url.rstrip('/')}/v1/analyze"
+    bodies = [encode_jpeg(generate_scene(seed).image) for seed in scene_seeds("test", args.scenes)]
+    capacity = args.capacity
+    if capacity is None:
+        print("festival-serve load: measuring capacity (10 s at 16 clients) …", flush=True)
+        capacity = measure_capacity(url, bodies)
+    if capacity <= 0:
+        print("festival-serve load: no capacity (the server answered nothing useful); is it running?", file=sys.stderr)
+        return 1
+    address = args.ray_address or _default_ray_address()
+    sampler = ReplicaSampler(address, args.app).start() if address != "none" else None
+    print(f"festival-serve load: profile {profile.name}, {args.duration:g} s, capacity {capacity:.1f} req/s "
+          f"(peak {capacity * profile.peak():.1f} req/s), budget {args.budget:g} s", flush=True)
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
+            run = client.submit(run_profile, url, bodies, profile.points, capacity, args.duration, args.budget,
+                                args.seed).result()
+    finally:
+        if sampler:
+            sampler.stop()
+    if sampler and sampler.error:
+        print(f"festival-serve load: no replica counts: {sampler.error}", file=sys.stderr)
+    rows = per_second(run, sampler.samples if sampler else [], args.duration, profile.rate(capacity, args.duration))
+    report = {"profile": profile.name, "points": profile.points, "duration_s": args.duration,
+              "capacity_rps": round(capacity, 3), "budget_s": args.budget, "url": args.url,
+              "summary": summarize(rows, run["summary"]), "seconds": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / f"{profile.name}.json"
+    json_path.write_text(json.dumps(report, indent=1))
+    png = plot(report, args.out / f"{profile.name}.png")
+    print(f"festival-serve load: wrote {json_path}" + (f" and {png}" if png else ""))
+    print(json.dumps(report["summary"]))
+    return 0
