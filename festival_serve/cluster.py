@@ -199,6 +199,55 @@ def render_document(serve_config: dict, *, source: str, image: str,
     return header + dump_yaml(manifest)
 
 
+# -- the manifest against KubeRay's own schema ---------------------------------------------------------------
+
+#: KubeRay's RayService CRD, vendored at a pinned release (cluster/crd/README.md: source, commit, sha256).
+RAYSERVICE_CRD = Path(__file__).resolve().parents[1] / "cluster" / "crd" / "ray.io_rayservices.yaml.gz"
+
+
+def rayservice_schema(crd_path: Path = RAYSERVICE_CRD, version: str = "v1") -> dict:
+    """The ``openAPIV3Schema`` of the CRD's ``version``."""
+    import gzip
+
+    with gzip.open(crd_path, "rt") as f:
+        crd = yaml.safe_load(f)
+    for served in crd["spec"]["versions"]:
+        if served["name"] == version:
+            return served["schema"]["openAPIV3Schema"]
+    raise ValueError(f"{crd_path} has no version {version!r}")
+
+
+def manifest_errors(manifest: dict, schema: dict) -> list[str]:
+    """What the API server (with ``kubectl apply --validate=strict``) would refuse in ``manifest``: schema
+    violations (types, enums, required fields), and fields the schema does not declare, which the API server
+    would otherwise silently drop (a misspelt field is a setting that never takes effect)."""
+    import jsonschema
+
+    errors = [f"{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
+              for e in jsonschema.Draft7Validator(schema).iter_errors(manifest)]
+    return errors + _undeclared_fields(manifest, schema, "")
+
+
+def _undeclared_fields(value: Any, schema: dict, path: str) -> list[str]:
+    if isinstance(value, dict):
+        declared = schema.get("properties")
+        if declared is None:  # a map (additionalProperties) or a free-form object (metadata, preserve-unknown)
+            values = schema.get("additionalProperties")
+            if not isinstance(values, dict):
+                return []
+            return [e for key, item in value.items() for e in _undeclared_fields(item, values, f"{path}.{key}")]
+        errors = []
+        for key, item in value.items():
+            if key in declared:
+                errors += _undeclared_fields(item, declared[key], f"{path}.{key}")
+            else:
+                errors.append(f"{path}.{key}: not a field of this kind".lstrip("."))
+        return errors
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [e for i, item in enumerate(value) for e in _undeclared_fields(item, schema["items"], f"{path}[{i}]")]
+    return []
+
+
 def _load(path: Path) -> dict:
     """The serve config at ``path``, checked (``check_serve_config``) before a manifest is made from it."""
     if not path.is_file():
@@ -217,6 +266,11 @@ def _cmd_render(args: argparse.Namespace) -> int:
     config = _load(args.config)
     text = render_document(config, source=args.config.name, image=args.image,
                            gpu_workers_min=args.gpu_workers_min, gpu_workers_max=args.gpu_workers_max, **options)
+    rayservice = next(d for d in yaml.safe_load_all(text) if d and d.get("kind") == "RayService")
+    errors = manifest_errors(rayservice, rayservice_schema())
+    if errors:  # e.g. an option that renders a value KubeRay's CRD refuses
+        raise ValueError("the rendered RayService does not validate against KubeRay's CRD "
+                         f"({RAYSERVICE_CRD.name}):\n  " + "\n  ".join(errors))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     demand = gpu_demand(config)

@@ -191,3 +191,39 @@ def test_launcher_installs_the_locked_environment_with_token_auth(launcher):
     assert "/home/ubuntu/.ray/auth_token" in launcher["file_mounts"]
     for command in launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]:
         assert "festival-serve/.venv/bin/ray " in command  # the locked Ray, not whatever the image has
+
+
+# -- against KubeRay's own schema (the CRD vendored in cluster/crd/) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rayservice_schema() -> dict:
+    return cluster.rayservice_schema()
+
+
+def test_vendored_crd_is_the_pinned_release():
+    import gzip
+    import hashlib
+    import re
+
+    pinned = re.search(r"sha256 of the uncompressed YAML: `([0-9a-f]{64})`",
+                       (ROOT / "cluster" / "crd" / "README.md").read_text()).group(1)
+    assert hashlib.sha256(gzip.open(cluster.RAYSERVICE_CRD).read()).hexdigest() == pinned
+
+
+def test_committed_rayservice_is_valid_against_the_kuberay_crd(rayservice_schema):
+    documents = [d for d in yaml.safe_load_all(RAYSERVICE.read_text()) if d and d.get("kind") == "RayService"]
+    assert len(documents) == 1
+    assert cluster.manifest_errors(documents[0], rayservice_schema) == []
+
+
+def test_schema_check_catches_wrong_types_and_misspelt_fields(manifest, rayservice_schema):
+    import copy
+
+    broken = copy.deepcopy(manifest)
+    head = broken["spec"]["rayClusterConfig"]["headGroupSpec"]
+    head["rayStartParam"] = head.pop("rayStartParams")  # misspelt: the API server would drop it silently
+    broken["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] = "four"
+    errors = cluster.manifest_errors(broken, rayservice_schema)
+    assert any("headGroupSpec.rayStartParam: not a field" in e for e in errors)
+    assert any("maxReplicas" in e and "integer" in e for e in errors)
