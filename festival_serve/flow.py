@@ -180,6 +180,12 @@ async def _stage(run: _Frame, stages: Mapping[str, StageCall], name: str, items:
     ticket = Ticket(sent_at=time.time(), deadline=run.budget.deadline_unix() - run.settings.answer_margin_s)
     try:
         result = await _bounded(run, name, stages[name](*args, ticket))
+        if isinstance(result, StageError) and result.code == "unavailable" and \
+                run.budget.remaining() > run.settings.answer_margin_s:
+            # The replica died or went away with the call. Every stage is a pure function of what it is sent, so
+            # sending it again is safe: once, and Serve routes it to a live replica (on another node if need be).
+            logger.info("request %s: %s retried once after its replica was lost", run.request_id, name)
+            result = await _bounded(run, name, stages[name](*args, ticket))
         # A call cut off by the budget still says what an item costs at least: under a surge those are the
         # samples that matter, so they count (as lower bounds) in the estimate; other failures do not.
         completed = not isinstance(result, StageError) or result.code == "timeout"

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from festival_serve import loadgen
@@ -41,9 +42,12 @@ def measure_capacity(url: str, bodies: list[bytes], *, seconds: float = 10.0, cl
 
 
 def run_profile(url: str, bodies: list[bytes], points: tuple, capacity_rps: float, duration_s: float,
-                budget_s: float, seed: int = 0) -> dict:
-    """One run of the profile ``points`` (in the client's own process): every request's record and the run's
+                budget_s: float, seed: int = 0, start_at: float | None = None) -> dict:
+    """One run of the profile ``points`` (in the client's own process), starting at wall-clock ``start_at`` (so
+    that faults injected from another process land when planned): every request's record and the run's
     wall-clock start, so replica samples taken elsewhere line up with it."""
+    if start_at is not None:
+        time.sleep(max(0.0, start_at - time.time()))
     profile = Profile("run", points)
     rate = profile.rate(capacity_rps, duration_s)
     result = loadgen.OverloadResult(capacity_rps * profile.peak(), budget_s, describe=False)
@@ -121,6 +125,93 @@ class ReplicaSampler:
             ray.shutdown()
 
 
+@dataclass(frozen=True)
+class Fault:
+    at_s: float  # seconds into the run
+    kind: str  # "node": every process of the worker node with the most GPU replicas; "replica": one replica
+    deployment: str = "SignDetector"  # the replica fault's deployment
+
+
+class FaultInjector:
+    """Kills, at the planned seconds, what ``cluster local up`` started (SIGKILL: a crash, not a shutdown).
+    Runs in a thread of this process, using the Ray connection the replica sampler holds."""
+
+    def __init__(self, faults: list[Fault], state_file: Path, start_at: float) -> None:
+        self.faults, self.start_at = sorted(faults, key=lambda f: f.at_s), start_at
+        self.state = json.loads(state_file.expanduser().read_text())
+        self.events: list[dict] = []
+        self._thread = threading.Thread(target=self._run, daemon=True, name="faults")
+
+    def start(self) -> "FaultInjector":
+        self._thread.start()
+        return self
+
+    def join(self) -> None:
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        for fault in self.faults:
+            time.sleep(max(0.0, self.start_at + fault.at_s - time.time()))
+            try:
+                self.events.append({"t": round(time.time() - self.start_at, 2), "kind": fault.kind,
+                                    **(self._kill_node() if fault.kind == "node" else self._kill_replica(fault))})
+            except Exception as e:  # noqa: BLE001 - a fault that could not be injected is reported, not fatal
+                self.events.append({"t": round(time.time() - self.start_at, 2), "kind": fault.kind,
+                                    "error": f"{type(e).__name__}: {e}"})
+            print(f"  FAULT at t={self.events[-1]['t']:.0f} s: {self.events[-1]}", flush=True)
+
+    def _kill_node(self) -> dict:
+        from festival_serve.local_cluster import placements
+
+        replicas = [r for r in placements() if r.node_id != self.state["head"]]
+        by_node: dict[str, float] = {}
+        for r in replicas:
+            by_node[r.node_id] = by_node.get(r.node_id, 0.0) + r.gpu
+        node = max(by_node, key=by_node.get)
+        lost = sorted(r.deployment for r in replicas if r.node_id == node)
+        pids = [r.pid for r in replicas if r.node_id == node] + self.state["nodes"].get(node, [])
+        _kill(pids)
+        return {"node": node[:8], "replicas_lost": lost, "pids_killed": len(pids)}
+
+    def _kill_replica(self, fault: Fault) -> dict:
+        from festival_serve.local_cluster import placements
+
+        replica = next(r for r in placements() if r.deployment == fault.deployment)
+        _kill([replica.pid])
+        return {"deployment": fault.deployment, "node": replica.node_id[:8], "pid": replica.pid}
+
+
+def _kill(pids: list[int]) -> None:
+    import psutil
+
+    for pid in pids:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def fault_report(rows: list[dict], event: dict, *, before_s: int = 20, settle: float = 0.9,
+                 window_s: int = 5) -> dict:
+    """What a fault did: answers by outcome from it until goodput recovered, and how long that took: the first
+    second from which the mean goodput over ``window_s`` seconds is back to ``settle`` of the median of the
+    ``before_s`` seconds before it (None if it never was within the run)."""
+    import statistics
+
+    start = int(event["t"])
+    good = [row.get("good", 0) for row in rows]
+    baseline = statistics.median(good[max(0, start - before_s):start] or [0])
+    recovered = next((s for s in range(start, len(rows) - window_s + 1)
+                      if sum(good[s:s + window_s]) / window_s >= settle * baseline), None)
+    end = recovered if recovered is not None else len(rows)
+    window = rows[start:max(end, start + 1)]
+    outcomes = {key: sum(row.get(key, 0) for row in window)
+                for key in ("sent", "good", "answered_not_good", "shed_fast", "shed_slow", "error", "lost", "hung",
+                            "degraded")}
+    return {**event, "goodput_before_rps": baseline,
+            "recovery_s": None if recovered is None else recovered - start, "outcomes_until_recovered": outcomes}
+
+
 def per_second(run: dict, replica_samples: list[tuple[float, dict[str, int]]], duration_s: float,
                rate) -> list[dict]:
     """The run's timeline (by second of arrival) with the offered rate and the replicas then."""
@@ -187,6 +278,11 @@ def plot(report: dict, path: Path) -> Path | None:
     most = max(report["summary"]["max_replicas"].values(), default=1)
     bottom.set_ylim(0, most + 1)
     bottom.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    for event in report.get("faults", []):
+        for axis in (top, bottom):
+            axis.axvline(event["t"], color="red", linestyle="--", linewidth=1)
+        top.annotate(f"kill {event['kind']}", (event["t"], 0), color="red", fontsize=8, rotation=90,
+                     xytext=(3, 5), textcoords="offset points")
     bottom.set_ylabel("running replicas")
     bottom.set_xlabel("seconds into the run")
     bottom.legend(loc="upper left", fontsize=8)
@@ -216,6 +312,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--ray-address", help="Ray cluster to read replica counts from (default: the local "
                                               "cluster's, else auto; 'none' skips them)")
     parser.add_argument("--app", default="festival", help="Serve application whose replicas are counted")
+    parser.add_argument("--kill-node-at", type=float, metavar="S",
+                        help="S seconds into the run, kill the worker node of the local cluster that holds the most "
+                             "GPU replicas (its raylet and every process of it)")
+    parser.add_argument("--kill-replica-at", type=float, metavar="S", help="S seconds in, kill one replica")
+    parser.add_argument("--kill-replica", default="SignDetector", help="whose replica (default %(default)s)")
+    parser.add_argument("--state-file", default=None, help="the local cluster's state file (faults need it)")
     parser.add_argument("--out", type=Path, default=Path("docs/load"))
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -239,14 +341,37 @@ def cmd_load(args: argparse.Namespace) -> int:
     if capacity <= 0:
         print("festival-serve load: no capacity (the server answered nothing useful); is it running?", file=sys.stderr)
         return 1
+    from festival_serve.local_cluster import DEFAULT_STATE_FILE
+
+    faults = [Fault(args.kill_node_at, "node")] if args.kill_node_at is not None else []
+    if args.kill_replica_at is not None:
+        faults.append(Fault(args.kill_replica_at, "replica", args.kill_replica))
+    state_file = Path(args.state_file or DEFAULT_STATE_FILE).expanduser()
+    if faults and not state_file.exists():
+        print(f"festival-serve load: faults need a local cluster (`festival-serve cluster local up`); no state in "
+              f"{state_file}", file=sys.stderr)
+        return 2
     address = args.ray_address or _default_ray_address()
+    if faults and address == "none":
+        print("festival-serve load: faults need the Ray connection (drop --ray-address none)", file=sys.stderr)
+        return 2
     sampler = ReplicaSampler(address, args.app).start() if address != "none" else None
     print(f"festival-serve load: profile {profile.name}, {args.duration:g} s, capacity {capacity:.1f} req/s "
-          f"(peak {capacity * profile.peak():.1f} req/s), budget {args.budget:g} s", flush=True)
+          f"(peak {capacity * profile.peak():.1f} req/s), budget {args.budget:g} s"
+          + "".join(f"; kill {f.kind} at {f.at_s:g} s" for f in faults), flush=True)
+    start_at = time.time() + 5.0  # the client process starts in ~2 s; faults are timed from the same instant
+    injector = FaultInjector(faults, state_file, start_at).start() if faults else None
     try:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
             run = client.submit(run_profile, url, bodies, profile.points, capacity, args.duration, args.budget,
-                                args.seed).result()
+                                args.seed, start_at).result()
+        after = []
+        if injector:
+            injector.join()
+            time.sleep(5.0)  # the last replica samples; then where the replicas are now
+            from festival_serve.local_cluster import placements
+
+            after = [{"deployment": r.deployment, "node": r.node_id[:8], "gpu": r.gpu} for r in placements()]
     finally:
         if sampler:
             sampler.stop()
@@ -256,10 +381,15 @@ def cmd_load(args: argparse.Namespace) -> int:
     report = {"profile": profile.name, "points": profile.points, "duration_s": args.duration,
               "capacity_rps": round(capacity, 3), "budget_s": args.budget, "url": args.url,
               "summary": summarize(rows, run["summary"]), "seconds": rows}
+    if injector:
+        report["faults"] = [fault_report(rows, event) for event in injector.events]
+        report["placements_after"] = after
+        report["summary"]["recovery_s"] = {event["kind"]: event.get("recovery_s") for event in report["faults"]}
     args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / f"{profile.name}.json"
+    stem = profile.name + ("-faults" if faults else "")
+    json_path = args.out / f"{stem}.json"
     json_path.write_text(json.dumps(report, indent=1))
-    png = plot(report, args.out / f"{profile.name}.png")
+    png = plot(report, args.out / f"{stem}.png")
     print(f"festival-serve load: wrote {json_path}" + (f" and {png}" if png else ""))
     print(json.dumps(report["summary"]))
     return 0

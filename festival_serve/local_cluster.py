@@ -214,7 +214,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     local.prepare_models(config, has_gpu=has_gpu)
     started = time.monotonic()
     cluster = start_nodes(shape, env=local.LOCAL_RAY_ENV)
-    state = {"address": cluster.address, "up_pid": os.getpid(), "nodes": node_pids(cluster)}
+    state = {"address": cluster.address, "up_pid": os.getpid(), "head": cluster.head_node.node_id,
+             "nodes": node_pids(cluster)}
     state_path.parent.mkdir(parents=True, exist_ok=True)
     state_path.write_text(json.dumps(state, indent=2))
     print(f"festival-serve cluster: {len(state['nodes'])} nodes up in {time.monotonic() - started:.0f} s at "

@@ -128,6 +128,34 @@ def test_one_safety_stage_failing_degrades_without_leaking_its_error():
     assert answer["degraded"] == [{"stage": "sign_detector", "code": "error", "message": "the stage failed on this frame"}]
 
 
+class ActorDiedError(Exception):
+    """Shaped like ``ray.exceptions.ActorDiedError``: the replica serving the call died (the flow reads its name)."""
+
+
+def test_a_call_whose_replica_died_is_sent_again_once():
+    calls = []
+
+    async def dies_first(frame, ticket):
+        calls.append(ticket)
+        if len(calls) == 1:
+            raise ActorDiedError("the actor died unexpectedly")
+        return []
+
+    answer = _run({"sign_detector": dies_first, "hazard_cells": lambda frame, ticket: _found([])})
+    assert len(calls) == 2 and answer["degraded"] == []  # the retry answered: nothing lost
+
+    calls.clear()
+
+    async def always_dies(frame, ticket):
+        calls.append(ticket)
+        raise ActorDiedError("the actor died unexpectedly")
+
+    answer = _run({"sign_detector": always_dies, "hazard_cells": lambda frame, ticket: _found([])})
+    assert len(calls) == 2  # once more, not forever
+    assert answer["degraded"] == [{"stage": "sign_detector", "code": "unavailable",
+                                   "message": "no replica of the stage could take the frame"}]
+
+
 class BackPressureError(Exception):
     """Shaped like ``ray.serve.exceptions.BackPressureError`` (the flow reads its name and retry_after_s)."""
 

@@ -76,3 +76,16 @@ def test_load_writes_per_second_rows_and_a_plot(fake_server, tmp_path, capsys): 
     assert summary["hung"] == 0 and summary["lost"] == 0 and summary["answered"] > 0
     assert all("p95_ms" in row for row in rows if row.get("good"))
     assert "profile surge" in capsys.readouterr().out
+
+
+def test_fault_report_measures_recovery_against_the_goodput_before():
+    from festival_serve.load import fault_report
+
+    rows = ([{"second": s, "sent": 10, "good": 10} for s in range(20)]
+            + [{"second": 20 + s, "sent": 10, "good": 2, "shed_fast": 8} for s in range(6)]
+            + [{"second": 26 + s, "sent": 10, "good": 10} for s in range(14)])
+    report = fault_report(rows, {"t": 20.4, "kind": "node"})
+    assert report["goodput_before_rps"] == 10 and report["recovery_s"] == 6
+    assert report["outcomes_until_recovered"]["shed_fast"] == 48 and report["outcomes_until_recovered"]["lost"] == 0
+    never = fault_report(rows[:26], {"t": 20, "kind": "replica"})
+    assert never["recovery_s"] is None
