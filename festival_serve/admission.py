@@ -27,6 +27,11 @@ from festival_serve.stages import SAFETY_STAGES, STAGE_NAMES
 #: Weight of the newest sample in the per-item cost average: ~10 calls of memory, enough to follow a
 #: surge within a second or two at festival rates without jumping on one slow batch.
 COST_SMOOTHING = 0.2
+#: An estimate nothing has confirmed for this long, with nothing in flight, is forgotten (seconds). Without
+#: this, a stage that timed out (a dead node) leaves a huge cost behind, every request is then refused,
+#: no call is made, and the estimate can never learn that the stage is back: measured, a local cluster
+#: that lost a node refused everything for the rest of the run although Serve had replaced the replicas.
+STALE_AFTER_S = 2.0
 
 
 @dataclass
@@ -35,6 +40,7 @@ class StageLoad:
 
     in_flight: int = 0
     item_seconds: float | None = None  # None until a call has come back
+    learnt_at: float = field(default_factory=time.monotonic)  # of the last sample (or of a given estimate)
 
     def begin(self, items: int) -> int:
         """Count ``items`` in; returns how many were ahead of them."""
@@ -49,12 +55,19 @@ class StageLoad:
             sample = seconds / (ahead + items)
             self.item_seconds = sample if self.item_seconds is None else (
                 COST_SMOOTHING * sample + (1 - COST_SMOOTHING) * self.item_seconds)
+            self.learnt_at = time.monotonic()
+
+    def cost(self) -> float | None:
+        """Seconds one item costs, or None when nothing is known: no call has come back yet, or the estimate is
+        stale (``STALE_AFTER_S``) and nothing is in flight to refresh it; the next call then teaches it again."""
+        if self.item_seconds is None or (self.in_flight == 0 and time.monotonic() - self.learnt_at > STALE_AFTER_S):
+            return None
+        return self.item_seconds
 
     def predicted_wait(self, items: int = 1) -> float:
-        """Seconds until ``items`` more would come back (0 before any call has: nothing known, admit)."""
-        if self.item_seconds is None:
-            return 0.0
-        return (self.in_flight + items) * self.item_seconds
+        """Seconds until ``items`` more would come back (0 when nothing is known: admit)."""
+        cost = self.cost()
+        return 0.0 if cost is None else (self.in_flight + items) * cost
 
 
 @dataclass
@@ -77,9 +90,10 @@ class Admission:
     def reader_items(self, wanted: int, remaining_s: float) -> int:
         """How many of ``wanted`` crops the reader can return within ``remaining_s`` (most first)."""
         load = self.loads["sign_reader"]
-        if wanted == 0 or load.item_seconds is None:
+        cost = load.cost()
+        if wanted == 0 or cost is None:
             return wanted
-        fits = math.floor(remaining_s / load.item_seconds) - load.in_flight
+        fits = math.floor(remaining_s / cost) - load.in_flight
         return max(0, min(wanted, fits))
 
     def describer_fits(self, remaining_s: float) -> bool:

@@ -83,3 +83,21 @@ def test_admission_keeps_headroom_inside_the_budget():
         admit(admission, Budget(2.0), settings)
     admission.loads["sign_detector"] = StageLoad(in_flight=8, item_seconds=0.1)  # 0.9 s
     admit(admission, Budget(2.0), settings)
+
+
+def test_a_stale_estimate_with_nothing_in_flight_is_forgotten(monkeypatch):
+    """A stage that timed out (its node died) leaves a huge cost behind; once nothing is in flight and nothing has
+    confirmed it for STALE_AFTER_S, a request is let through to learn the cost again, instead of every request
+    being refused forever."""
+    from festival_serve import admission as admission_module
+
+    now = [1000.0]
+    monkeypatch.setattr(admission_module.time, "monotonic", lambda: now[0])
+    load = StageLoad()
+    ahead = load.begin(1)
+    load.end(1, ahead, 1.8, completed=True)  # a call cut off at the budget: 1.8 s per item
+    assert load.predicted_wait(1) == pytest.approx(1.8)
+    now[0] += admission_module.STALE_AFTER_S + 0.1
+    assert load.predicted_wait(1) == 0.0 and load.cost() is None  # forgotten: admit, and learn again
+    load.begin(1)
+    assert load.predicted_wait(1) == pytest.approx(2 * 1.8)  # something in flight: the estimate stands
