@@ -27,7 +27,7 @@ from festival_serve.admission import Admission, Budget
 from festival_serve.api import BUDGET_HEADER, ApiHandlers, build_http_app, ms_since, parse_bool, parse_budget, \
     public_model_info, read_image_bytes, request_id_of
 from festival_serve.auth import KeyRing
-from festival_serve.flow import admit, analyze_frame
+from festival_serve.flow import admitted, analyze_frame
 from festival_serve.imaging import Decoder
 from festival_serve.metrics import counting_refusals, record_answer
 from festival_serve.settings import IngressSettings
@@ -69,12 +69,13 @@ class PipelineIngress:
         request_id = request_id_of(request)
         started, started_monotonic = time.perf_counter(), time.monotonic()
         budget = Budget(parse_budget(request.headers.get(BUDGET_HEADER), self.settings), started_monotonic)
-        admit(self.admission, budget, self.settings)  # before reading or decoding: shed in milliseconds
-        describe = parse_bool(request.query_params.get("describe", "true"), "describe")
-        data = await read_image_bytes(request, self.settings.max_body_bytes)
-        image = await self.decoder.decode(data)
-        timings = {"decode": ms_since(started)}
-        frame = ray.put(image)  # one copy in the object store, shared by every stage
+        # Shed in milliseconds, before reading or decoding; an admitted frame counts as waiting until it is sent.
+        with admitted(self.admission, budget, self.settings):
+            describe = parse_bool(request.query_params.get("describe", "true"), "describe")
+            data = await read_image_bytes(request, self.settings.max_body_bytes)
+            image = await self.decoder.decode(data)
+            timings = {"decode": ms_since(started)}
+            frame = ray.put(image)  # one copy in the object store, shared by every stage
         result = await analyze_frame(image, frame, describe, self.stages, self.settings, timings, budget=budget,
                                      admission=self.admission, request_id=request_id)
         timings["total"] = ms_since(started)

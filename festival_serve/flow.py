@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Awaitable, Callable, Literal, Mapping
+from typing import Any, Awaitable, Callable, Iterator, Literal, Mapping
 
 import numpy as np
 
@@ -94,6 +95,18 @@ class _Frame:
     request_id: str
     degraded: list[Degraded]
     shed: dict[str, float]  # stage → Retry-After its queue asked for
+
+
+@contextlib.contextmanager
+def admitted(admission: Admission, budget: Budget, settings: IngressSettings) -> Iterator[None]:
+    """``admit``, then count the frame as waiting (``Admission.waiting``) while the block reads and decodes
+    it; leave the block right before ``analyze_frame`` sends it to the stages."""
+    admit(admission, budget, settings)
+    admission.waiting += 1
+    try:
+        yield
+    finally:
+        admission.waiting -= 1
 
 
 def admit(admission: Admission, budget: Budget, settings: IngressSettings) -> None:

@@ -4,6 +4,7 @@ decisions taken from them (turn away with a drain-time Retry-After, read fewer s
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 
@@ -101,3 +102,27 @@ def test_a_stale_estimate_with_nothing_in_flight_is_forgotten(monkeypatch):
     assert load.predicted_wait(1) == 0.0 and load.cost() is None  # forgotten: admit, and learn again
     load.begin(1)
     assert load.predicted_wait(1) == pytest.approx(2 * 1.8)  # something in flight: the estimate stands
+
+
+def test_frames_admitted_but_not_yet_sent_count_as_ahead(monkeypatch):
+    """While admitted frames are read and decoded they have not reached any stage, yet they are ahead of the
+    next frame; and they keep a stale estimate alive (else a burst would find the gate wide open)."""
+    from festival_serve import admission as admission_module
+    from festival_serve.flow import admitted
+
+    settings = IngressSettings(default_budget_s=2, answer_margin_s=0.0, admit_wait_fraction=0.5)
+    admission = Admission()
+    admission.loads["sign_detector"] = StageLoad(item_seconds=0.4)
+    with admitted(admission, Budget(2.0), settings):
+        assert admission.waiting == 1
+        with admitted(admission, Budget(2.0), settings):  # 0.8 s with the first one ahead: inside half of 2 s
+            assert admission.safety_wait() == pytest.approx(3 * 0.4)
+            with pytest.raises(Rejected):  # two ahead + itself: 1.2 s, over half the budget
+                with admitted(admission, Budget(2.0), settings):
+                    pass
+            assert admission.waiting == 2  # a refused frame never counted
+    assert admission.waiting == 0
+    now = time.monotonic() + admission_module.STALE_AFTER_S + 1
+    monkeypatch.setattr(admission_module.time, "monotonic", lambda: now)
+    admission.waiting = 2
+    assert admission.safety_wait() == pytest.approx(3 * 0.4)  # stale, but frames are waiting: not forgotten
