@@ -186,14 +186,20 @@ def test_bad_requests_do_not_hurt_the_replica(server):
 
 
 def test_concurrent_requests_form_batches(server):
-    images = [_jpeg(seed=i) for i in range(8)]
-    with concurrent.futures.ThreadPoolExecutor(len(images)) as pool:
-        replies = list(pool.map(lambda data: _post(server, data, describe="true"), images))
-    assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]
-    models = {m["name"]: m for m in httpx.get(f"{server}/v1/models", timeout=30).json()["models"]}
-    for stage in ("sign_detector", "hazard_cells", "scene_describer"):
-        sizes = {int(k) for k in models[stage]["batch"]["observed_sizes"]}
-        assert max(sizes) >= 2, f"{stage} never batched two requests: {sizes}"
+    """Eight concurrent frames form batches at every batched stage. The describer's calls arrive only as each
+    frame's reader finishes, spread by this machine's load, so a burst may leave it with batches of one: up to
+    three bursts, and every stage must have batched two at least once."""
+    stages = ("sign_detector", "hazard_cells", "scene_describer")
+    for burst in range(3):
+        images = [_jpeg(seed=8 * burst + i) for i in range(8)]
+        with concurrent.futures.ThreadPoolExecutor(len(images)) as pool:
+            replies = list(pool.map(lambda data: _post(server, data, describe="true"), images))
+        assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]
+        models = {m["name"]: m for m in httpx.get(f"{server}/v1/models", timeout=30).json()["models"]}
+        largest = {stage: max(int(k) for k in models[stage]["batch"]["observed_sizes"]) for stage in stages}
+        if all(size >= 2 for size in largest.values()):
+            return
+    pytest.fail(f"a stage never batched two requests in three bursts of eight: largest batches {largest}")
 
 
 def test_health_readiness_and_models(server):
