@@ -38,7 +38,7 @@ def measure_capacity(url: str, bodies: list[bytes], *, seconds: float = 10.0, cl
     profile's multiples scale."""
     result = asyncio.run(loadgen.closed_loop(url, bodies, concurrency=clients, duration_s=seconds, describe=False,
                                              warmup_s=2.0, timeout_s=120))
-    return (len(result.latencies_ms) - result.degraded) / result.duration_s if result.duration_s else 0.0
+    return result.goodput_rps()
 
 
 def run_profile(url: str, bodies: list[bytes], points: tuple, capacity_rps: float, duration_s: float,
@@ -50,23 +50,9 @@ def run_profile(url: str, bodies: list[bytes], points: tuple, capacity_rps: floa
         time.sleep(max(0.0, start_at - time.time()))
     profile = Profile("run", points)
     rate = profile.rate(capacity_rps, duration_s)
-    result = loadgen.OverloadResult(capacity_rps * profile.peak(), budget_s, describe=False)
-
-    async def main() -> float:
-        async with loadgen.Client(loadgen.OPEN_LOOP_MAX_IN_FLIGHT, budget_s + 30.0) as client:
-            result.began = time.perf_counter()
-            progress = asyncio.create_task(_progress(result, rate, duration_s))
-
-            def launch(i: int, scheduled: float, in_flight: int):
-                return loadgen._post_with_budget(client, url, bodies[i % len(bodies)], result, scheduled)
-
-            try:
-                return await loadgen._poisson_arrivals(rate, duration_s, seed, launch)
-            finally:
-                progress.cancel()
-
     started_wall = time.time()
-    result.duration_s = asyncio.run(main())
+    result = asyncio.run(loadgen.overload(url, bodies, rate=rate, duration_s=duration_s, budget_s=budget_s, seed=seed,
+                                          progress=lambda result: _progress(result, rate, duration_s)))
     return {"started": started_wall, "records": result.records, "summary": result.summary()}
 
 
@@ -292,15 +278,6 @@ def plot(report: dict, path: Path) -> Path | None:
     return path
 
 
-def _default_ray_address() -> str:
-    from festival_serve.local_cluster import DEFAULT_STATE_FILE
-
-    state = DEFAULT_STATE_FILE.expanduser()
-    if state.exists():
-        return json.loads(state.read_text())["address"]
-    return "auto"
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--profile", default="festival",
                         help=f"{', '.join(BUILT_IN)}, or a JSON/YAML file of [t, multiple] points (default %(default)s)")
@@ -351,7 +328,8 @@ def cmd_load(args: argparse.Namespace) -> int:
         print(f"festival-serve load: faults need a local cluster (`festival-serve cluster local up`); no state in "
               f"{state_file}", file=sys.stderr)
         return 2
-    address = args.ray_address or _default_ray_address()
+    # Replica counts (and faults) come from the local cluster's Ray when one is up, else from a local `up`'s.
+    address = args.ray_address or (json.loads(state_file.read_text())["address"] if state_file.exists() else "auto")
     if faults and address == "none":
         print("festival-serve load: faults need the Ray connection (drop --ray-address none)", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Awaitable, Callable, Mapping
 
 import numpy as np
 
@@ -35,6 +35,10 @@ class LoadResult:
         self.errors += 1
         if len(self.error_examples) < 3:
             self.error_examples.append(what[:200])
+
+    def goodput_rps(self) -> float:
+        """Answers without a degraded stage, per second of the measured window."""
+        return round((len(self.latencies_ms) - self.degraded) / self.duration_s, 3) if self.duration_s > 0 else 0.0
 
     def summary(self) -> dict:
         ok = len(self.latencies_ms)
@@ -110,10 +114,6 @@ class Client:
             return Reply(reply.status, reply.headers, await reply.read())
 
 
-def _client(limit: int, timeout_s: float) -> Client:
-    return Client(limit, timeout_s)
-
-
 async def closed_loop(url: str, bodies: list[bytes], *, concurrency: int, duration_s: float, describe: bool,
                       warmup_s: float = 0.0, timeout_s: float = 120.0) -> LoadResult:
     """``concurrency`` clients, each sending its next request when the last is answered.
@@ -126,7 +126,7 @@ async def closed_loop(url: str, bodies: list[bytes], *, concurrency: int, durati
     window: dict[str, float] = {}
     all_warm = asyncio.Event()
     warmed = 0
-    async with _client(concurrency, timeout_s) as client:
+    async with Client(concurrency, timeout_s) as client:
         warm_until = time.perf_counter() + warmup_s
 
         async def worker(index: int) -> None:
@@ -158,7 +158,7 @@ async def open_loop(url: str, bodies: list[bytes], *, rate: float, duration_s: f
                     timeout_s: float = 120.0, seed: int = 0) -> LoadResult:
     """Poisson arrivals at ``rate`` per second for ``duration_s``; waits for every request to finish."""
     result = LoadResult("open", rate, describe)
-    async with _client(OPEN_LOOP_MAX_IN_FLIGHT, timeout_s) as client:
+    async with Client(OPEN_LOOP_MAX_IN_FLIGHT, timeout_s) as client:
 
         def launch(i: int, scheduled: float, in_flight: int):
             if in_flight >= OPEN_LOOP_MAX_IN_FLIGHT:
@@ -234,7 +234,7 @@ class OverloadResult:
     errors: int = 0  # other statuses and transport errors
     hung: int = 0  # nothing back within the client's timeout
     error_examples: list[str] = field(default_factory=list)
-    began: float = 0.0  # perf_counter the timeline counts from (the first arrival, unless set before)
+    began: float = 0.0  # perf_counter the timeline counts from (the start of the arrivals)
     records: list[tuple[float, str, float, bool]] = field(default_factory=list)  # (sent at s, outcome, s, degraded)
 
     def note(self, scheduled: float, outcome: str, seconds: float = float("nan"), degraded: bool = False) -> None:
@@ -330,18 +330,24 @@ def _error_code(reply: Reply) -> str:
         return "proxy"
 
 
-async def overload(url: str, bodies: list[bytes], *, rate: float, duration_s: float, budget_s: float,
-                   describe: bool = False, hang_after_s: float = 30.0, seed: int = 0) -> OverloadResult:
-    """Poisson arrivals at ``rate`` per second for ``duration_s``, each request carrying ``budget_s`` in
-    Ray Serve's ``x-request-timeout-seconds``; latency counts from the scheduled arrival. A request with no
-    reply ``hang_after_s`` past its budget counts as hung."""
-    result = OverloadResult(rate, budget_s, describe)
-    async with _client(OPEN_LOOP_MAX_IN_FLIGHT, budget_s + hang_after_s) as client:
+async def overload(url: str, bodies: list[bytes], *, rate: float | Callable[[float], float], duration_s: float,
+                   budget_s: float, describe: bool = False, hang_after_s: float = 30.0, seed: int = 0,
+                   progress: Callable[[OverloadResult], Awaitable[None]] | None = None) -> OverloadResult:
+    """Poisson arrivals at ``rate`` per second (or ``rate(seconds since the start)``) for ``duration_s``, each
+    request carrying ``budget_s`` in Ray Serve's ``x-request-timeout-seconds``; latency counts from the scheduled
+    arrival. A request with no reply ``hang_after_s`` past its budget counts as hung. ``progress``, if given,
+    runs beside the arrivals (e.g. printing what has come back) and is cancelled when they end."""
+    result = OverloadResult(rate if not callable(rate) else 0.0, budget_s, describe)
+    async with Client(OPEN_LOOP_MAX_IN_FLIGHT, budget_s + hang_after_s) as client:
 
         def launch(i: int, scheduled: float, in_flight: int):
-            if i == 0:
-                result.began = scheduled
             return _post_with_budget(client, url, bodies[i % len(bodies)], result, scheduled)
 
-        result.duration_s = await _poisson_arrivals(rate, duration_s, seed, launch)
+        result.began = time.perf_counter()
+        reporter = asyncio.create_task(progress(result)) if progress else None
+        try:
+            result.duration_s = await _poisson_arrivals(rate, duration_s, seed, launch)
+        finally:
+            if reporter:
+                reporter.cancel()
     return result

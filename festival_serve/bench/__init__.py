@@ -137,7 +137,7 @@ def measure(server, load) -> dict:
     result = asyncio.run(load)
     sampler.stop()
     summary = result.summary()
-    summary["goodput_rps"] = round((summary["ok"] - summary["degraded"]) / result.duration_s, 3) if result.duration_s else 0.0
+    summary["goodput_rps"] = result.goodput_rps()
     summary["batches"] = _batch_delta(before, server.models())
     summary["resources"] = sampler.summary()
     return summary
