@@ -47,9 +47,12 @@ def yield_cpu(niceness: int) -> None:
 
 class ModelDeployment:
     """Base of the model deployments. Subclasses set ``STAGE`` (their row of the stage table) and call
-    ``_load`` in ``__init__``; the batched method is the one the table names."""
+    ``_load`` in ``__init__``; the method the table names is the one the ingress calls."""
 
     STAGE: ClassVar[Stage]
+    #: The ``@serve.batch`` method, when the stage's entry method (``STAGE.method``) only counts the work in
+    #: flight for the autoscaler and hands over to it; None when the entry method is the batched one.
+    BATCHED: ClassVar[str | None] = None
 
     @property
     def stage(self) -> str:
@@ -82,7 +85,7 @@ class ModelDeployment:
         # (Serve skips reconfigure when there is no user_config at all: `festival-serve up` and the cluster
         # commands refuse such a config before it is deployed, festival_serve.serve_config.)
         self.batch_config = batch_config(self.STAGE.deployment, user_config)
-        batched = getattr(self, self.STAGE.method)
+        batched = getattr(self, self.BATCHED or self.STAGE.method)
         batched.set_max_batch_size(self.batch_config.max_batch_size)
         batched.set_batch_wait_timeout_s(self.batch_config.batch_wait_timeout_s)
         yield_cpu(self.batch_config.niceness)

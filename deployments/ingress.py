@@ -27,6 +27,7 @@ from festival_serve.admission import Admission, Budget
 from festival_serve.api import BUDGET_HEADER, ApiHandlers, build_http_app, ms_since, parse_bool, parse_budget, \
     public_model_info, read_image_bytes, request_id_of
 from festival_serve.auth import KeyRing
+from festival_serve.autoscaling import ARRIVALS_PER_S, RateMeter
 from festival_serve.flow import admitted, analyze_frame
 from festival_serve.imaging import Decoder
 from festival_serve.metrics import counting_refusals, record_answer
@@ -56,6 +57,7 @@ class PipelineIngress:
         self.decoder = Decoder(settings.decode_threads, settings.max_image_pixels)  # off the event loop
         self.admission = Admission()  # this replica's view of every stage's queue (festival_serve.admission)
         self.stages = {stage.name: getattr(models[stage.name], stage.method).remote for stage in STAGES}
+        self.arrivals = RateMeter()  # every /v1/analyze, admitted or refused: the autoscaler's load
 
     def __serve_build_asgi_app__(self) -> Starlette:
         # Routes, API keys, /openapi.json and the one error mapper are the baseline's too (festival_serve.api).
@@ -66,6 +68,7 @@ class PipelineIngress:
     # -- routes (each raises what it cannot answer: build_http_app maps it to a status) ---------
 
     async def analyze(self, request: Request) -> JSONResponse:
+        self.arrivals.mark()
         request_id = request_id_of(request)
         started, started_monotonic = time.perf_counter(), time.monotonic()
         budget = Budget(parse_budget(request.headers.get(BUDGET_HEADER), self.settings), started_monotonic)
@@ -102,6 +105,12 @@ class PipelineIngress:
                           "reason": _not_ready_reason(info)} for stage, info in zip(self.models, infos)}
         ready = all(state["ready"] for state in stages.values() if state["required"])
         return JSONResponse({"ready": ready, "stages": stages}, status_code=200 if ready else 503)
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        # Serve samples this for the autoscaler. The ingress's work is per arrival (decoding, or refusing in
+        # milliseconds), while its requests in flight only await the models: it scales by arrivals per second
+        # (GraphMetricPolicy, serve_config.yaml).
+        return {ARRIVALS_PER_S: self.arrivals.rate()}
 
     async def _model_infos(self) -> list[dict]:
         async def one(handle: DeploymentHandle) -> dict:

@@ -7,6 +7,7 @@ from ray import serve
 
 from deployments.base import ModelDeployment
 from festival_serve import vlm
+from festival_serve.autoscaling import TOKENS_IN_FLIGHT, InFlight
 from festival_serve.flow import Ticket
 from festival_serve.settings import SceneDescriberSettings
 from festival_serve.stages import stage
@@ -15,19 +16,31 @@ from festival_serve.stages import stage
 @serve.deployment
 class SceneDescriber(ModelDeployment):
     STAGE = stage("scene_describer")
+    BATCHED = "_describe_batch"
 
     def __init__(self, settings: SceneDescriberSettings, model_store: str, gpu_only: bool = False) -> None:
         self._load(settings, model_store, gpu_only)
+        self.max_new_tokens = settings.max_new_tokens
+        self.tokens_in_flight = InFlight()  # the token budget of frames queued or generating: the autoscaler's load
+
+    async def describe(self, image: np.ndarray, findings: vlm.Findings, ticket: Ticket) -> str:
+        """A frame and what was found in it → one short description."""
+        with self.tokens_in_flight.add(self.max_new_tokens):
+            return await self._describe_batch(image, findings, ticket)
 
     @serve.batch  # sizes and waits: user_config in serve_config.yaml (reconfigure)
-    async def describe(self, images: list[np.ndarray], findings: list[vlm.Findings],
-                       tickets: list[Ticket]) -> list[str]:
+    async def _describe_batch(self, images: list[np.ndarray], findings: list[vlm.Findings],
+                              tickets: list[Ticket]) -> list[str]:
         """Frames and what was found in them → one short description each (one generate call)."""
         # Each item is a (frame, findings) pair, so a retried half keeps every frame with its own findings.
         return await self._run_batch(list(zip(images, findings)), self._describe_pairs, tickets)
 
     def _describe_pairs(self, pairs: list[tuple[np.ndarray, vlm.Findings]]) -> list[str]:
         return self.model.describe([image for image, _ in pairs], [found for _, found in pairs])
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        # Serve samples this for the autoscaler: the describer scales by tokens (GraphMetricPolicy, serve_config.yaml).
+        return {TOKENS_IN_FLIGHT: self.tokens_in_flight.total}
 
     def _describe_model(self) -> dict:
         return self.model.describe_info()

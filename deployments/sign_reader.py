@@ -10,6 +10,7 @@ from ray import serve
 
 from deployments.base import ModelDeployment
 from festival_serve import ocr
+from festival_serve.autoscaling import CROPS_IN_FLIGHT, InFlight
 from festival_serve.flow import StageError, Ticket
 from festival_serve.settings import SignReaderSettings
 from festival_serve.stages import stage
@@ -44,15 +45,21 @@ def _crop_count(requests: list) -> int:
 @serve.deployment
 class SignReader(ModelDeployment):
     STAGE = stage("sign_reader")
+    BATCHED = "_read_batch"
 
     def __init__(self, settings: SignReaderSettings, model_store: str, gpu_only: bool = False) -> None:
         self._load(settings, model_store, gpu_only)
+        self.crops_in_flight = InFlight()  # queued or being read: this replica's load for the autoscaler
+
+    async def read(self, crops: list[np.ndarray], ticket: Ticket) -> list[ocr.SignText] | StageError:
+        """The (h, w, 3) uint8 RGB crops of one frame's signs → their text, in order (a crop that fails alone
+        gets a ``StageError``); a request that is not a list of crops gets one ``StageError``."""
+        with self.crops_in_flight.add(_crop_count([crops])):
+            return await self._read_batch(crops, ticket)
 
     @serve.batch(batch_size_fn=_crop_count)  # sizes and waits: user_config in serve_config.yaml (reconfigure)
-    async def read(self, requests: list[list[np.ndarray]],
-                   tickets: list[Ticket]) -> list[list[ocr.SignText] | StageError]:
-        """Each request: the (h, w, 3) uint8 RGB crops of one frame's signs → their text, in order (a crop
-        that fails alone gets a ``StageError``); a request that is not a list of crops gets one ``StageError``."""
+    async def _read_batch(self, requests: list[list[np.ndarray]],
+                          tickets: list[Ticket]) -> list[list[ocr.SignText] | StageError]:
         readable = [_is_crop_list(request) for request in requests]
         counts = [len(request) if ok else 0 for request, ok in zip(requests, readable)]
         flat = [crop for request, ok in zip(requests, readable) if ok for crop in request]
@@ -60,6 +67,10 @@ class SignReader(ModelDeployment):
         texts = _split(await self._run_batch(flat, lambda crops: self.model.read(crops), crop_tickets), counts)
         unreadable = StageError(self.stage, "not a list of crops", "error")
         return [text if ok else unreadable for text, ok in zip(texts, readable)]
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        # Serve samples this for the autoscaler: the reader scales by crops (GraphMetricPolicy, serve_config.yaml).
+        return {CROPS_IN_FLIGHT: self.crops_in_flight.total}
 
     def _describe_model(self) -> dict:
         return self.model.describe()

@@ -8,13 +8,22 @@ No Ray import; this module only shapes dicts and YAML. Regenerate the committed 
 
     python -m festival_serve.cluster render --config serve_config.yaml \\
         --image ghcr.io/your-org/festival-serve:0.1.0 --out cluster/rayservice.yaml
+
+The resource numbers quoted in the hand-written ``cluster/ray-cluster.yaml`` and ``cluster/README.md``
+live in generated regions between ``BEGIN GENERATED resources`` / ``END GENERATED resources`` markers;
+rewrite them (or, with ``--check``, only compare them) with::
+
+    python -m festival_serve.cluster docs
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
+import re
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,8 +39,12 @@ RAY_VERSION = "2.60.0"
 MODEL_STORE_CLAIM = "festival-models"
 MODEL_STORE_VOLUME = "model-store"
 DEFAULT_GPU_WORKERS_MIN = 1
-#: 2.8 GPUs of replicas at every deployment's max_replicas (see gpu_demand) need 3 one-GPU workers
-#: when they pack perfectly; the fourth absorbs imperfect packing and a rolling update.
+#: Seconds the old RayCluster keeps serving after a blue/green upgrade switched traffic away: > the largest
+#: request budget (30 s) plus the proxy's drain.
+RAY_CLUSTER_DELETION_DELAY_S = 60
+#: The one-GPU workers that every deployment at max_replicas needs when packed perfectly
+#: (``resource_demand``; the number is in cluster/README.md's generated table), plus one for imperfect
+#: packing and a rolling update. tests/test_cluster.py fails if it no longer covers the GPUs.
 DEFAULT_GPU_WORKERS_MAX = 4
 
 
@@ -51,17 +64,64 @@ def with_model_store(serve_config: dict, model_store: str) -> dict:
     return config
 
 
-def gpu_demand(serve_config: dict) -> GpuDemand:
-    replica_set = at_max = largest = 0.0
+class DeploymentDemand(NamedTuple):
+    """What one deployment asks Ray for: per replica (logical CPUs and GPUs), and its most replicas."""
+
+    name: str
+    cpus: float
+    gpus: float
+    max_replicas: int
+
+
+class ResourceDemand(NamedTuple):
+    """Every deployment's demand, with the totals the cluster configs are sized by (logical CPUs/GPUs)."""
+
+    deployments: tuple[DeploymentDemand, ...]
+
+    @property
+    def models(self) -> tuple[DeploymentDemand, ...]:
+        """The deployments asking for a GPU share: one replica of each is what a GPU worker must hold."""
+        return tuple(d for d in self.deployments if d.gpus > 0)
+
+    @property
+    def cpu_only(self) -> tuple[DeploymentDemand, ...]:
+        return tuple(d for d in self.deployments if d.gpus == 0)
+
+    def replica_set(self, deployments: tuple[DeploymentDemand, ...] | None = None) -> tuple[float, float]:
+        """(CPUs, GPUs) for one replica of each of ``deployments`` (default: all of them)."""
+        chosen = self.deployments if deployments is None else deployments
+        return _sum(d.cpus for d in chosen), _sum(d.gpus for d in chosen)
+
+    def at_max_replicas(self) -> tuple[float, float]:
+        """(CPUs, GPUs) with every deployment at its autoscaling max_replicas."""
+        return (_sum(d.cpus * d.max_replicas for d in self.deployments),
+                _sum(d.gpus * d.max_replicas for d in self.deployments))
+
+
+def _sum(values) -> float:
+    # Fractions such as 0.2 + 0.1 do not add up exactly in binary: 6 decimals is finer than any share.
+    return round(sum(values), 6)
+
+
+def resource_demand(serve_config: dict) -> ResourceDemand:
+    """Each deployment's ``ray_actor_options`` and most replicas, with Serve's defaults where unset
+    (``num_cpus`` 1, ``num_gpus`` 0; ``num_replicas``, else 1, without an ``autoscaling_config``)."""
+    found = []
     for app in serve_config["applications"]:
         for deployment in app.get("deployments", []):
-            gpus = float((deployment.get("ray_actor_options") or {}).get("num_gpus", 0) or 0)
+            options = deployment.get("ray_actor_options") or {}
+            cpus = options.get("num_cpus")
             scaling = deployment.get("autoscaling_config") or {}
             most = scaling.get("max_replicas", deployment.get("num_replicas", 1))
-            replica_set += gpus
-            at_max += gpus * most
-            largest = max(largest, gpus)
-    return GpuDemand(round(replica_set, 6), round(at_max, 6), largest)
+            found.append(DeploymentDemand(deployment["name"], float(1 if cpus is None else cpus),
+                                          float(options.get("num_gpus") or 0), int(most)))
+    return ResourceDemand(tuple(found))
+
+
+def gpu_demand(serve_config: dict) -> GpuDemand:
+    demand = resource_demand(serve_config)
+    return GpuDemand(demand.replica_set()[1], demand.at_max_replicas()[1],
+                     max((d.gpus for d in demand.deployments), default=0.0))
 
 
 def render_rayservice(
@@ -108,6 +168,14 @@ def render_rayservice(
         "kind": "RayService",
         "metadata": {"name": name},
         "spec": {
+            # A serveConfigV2 change (args, user_config, replicas) is applied in place by Serve's rolling update
+            # (max_surge_percent and graceful_shutdown_timeout_s in serve_config.yaml keep every stage serving).
+            # A rayClusterConfig change (image, Ray version, pod sizes) brings up a whole new RayCluster, waits
+            # until its applications are healthy, then moves traffic (blue/green: needs the GPUs twice over while
+            # both run); the old cluster is kept rayClusterDeletionDelaySeconds after the switch, longer than any
+            # request's budget (ingress.max_budget_s), so requests already on it finish.
+            "upgradeStrategy": {"type": "NewCluster"},
+            "rayClusterDeletionDelaySeconds": RAY_CLUSTER_DELETION_DELAY_S,
             "serveConfigV2": yaml.safe_dump(serve_config, sort_keys=False, width=1000),
             "rayClusterConfig": {
                 "rayVersion": RAY_VERSION,
@@ -199,6 +267,120 @@ def render_document(serve_config: dict, *, source: str, image: str,
     return header + dump_yaml(manifest)
 
 
+# -- resource numbers in the hand-written cluster docs -------------------------------------------------------
+
+#: Delimit the generated region of ``cluster/ray-cluster.yaml`` (a YAML comment) and ``cluster/README.md``
+#: (an HTML comment); everything between the two marker lines is rewritten by ``cluster docs``.
+DOCS_COMMAND = "python -m festival_serve.cluster docs"
+BEGIN_MARKER = "BEGIN GENERATED resources"
+END_MARKER = "END GENERATED resources"
+_REGION = re.compile(rf"^([ \t]*)([^\n]*{BEGIN_MARKER}[^\n]*\n)(.*?)(^[ \t]*[^\n]*{END_MARKER})", re.M | re.S)
+
+
+class WorkerNode(NamedTuple):
+    """A GPU worker as the cluster launcher config declares it: the logical CPUs/GPUs Ray sees."""
+
+    instance_type: str
+    cpus: float
+    gpus: float
+
+
+def launcher_worker(launcher: dict) -> WorkerNode:
+    """The launcher config's one worker node type (the head advertises nothing for replicas)."""
+    types = launcher["available_node_types"]
+    workers = [t for name, t in types.items() if name != launcher["head_node_type"]]
+    if len(workers) != 1:
+        raise ValueError(f"expected one worker node type besides the head, found {len(workers)}")
+    [worker] = workers
+    if not worker["resources"].get("GPU"):
+        raise ValueError("the worker node type advertises no GPU")
+    return WorkerNode(worker["node_config"]["InstanceType"], float(worker["resources"]["CPU"]),
+                      float(worker["resources"]["GPU"]))
+
+
+def workers_needed(demand: ResourceDemand, worker: WorkerNode) -> int:
+    """Workers that every deployment at max_replicas needs if packed perfectly: a lower bound, since
+    no replica splits across nodes (the launcher and RayService maxima add room above it)."""
+    cpus, gpus = demand.at_max_replicas()
+    return max(math.ceil(gpus / worker.gpus), math.ceil(cpus / worker.cpus), 1)
+
+
+def _n(value: float) -> str:
+    return f"{round(value, 6):g}"
+
+
+def _sizing_sentences(demand: ResourceDemand, worker: WorkerNode, code: str = "") -> list[str]:
+    """What one replica of each model leaves on one worker, and the workers at max_replicas.
+    ``code`` wraps names (a backtick in markdown)."""
+    node = f"{code}{worker.instance_type}{code} worker ({_n(worker.cpus)} CPU, {_n(worker.gpus)} GPU)"
+    cpus, gpus = demand.replica_set(demand.models)
+    cpus_left, gpus_left = round(worker.cpus - cpus, 6), round(worker.gpus - gpus, 6)
+    if cpus_left < 0 or gpus_left < 0:
+        first = f"One replica of each model ({_n(cpus)} CPU + {_n(gpus)} GPU) does not fit on one {node}."
+    else:
+        first = (f"On one {node}, one replica of each model takes {_n(cpus)} CPU + {_n(gpus)} GPU, "
+                 f"leaving {_n(cpus_left)} CPU and {_n(gpus_left)} GPU")
+        room = [f"{math.floor(cpus_left / d.cpus + 1e-9)} {code}{d.name}{code} replicas ({_n(d.cpus)} CPU each)"
+                for d in demand.cpu_only if d.cpus > 0]
+        first += (": room for " + " or ".join(room) + ".") if room else "."
+    max_cpus, max_gpus = demand.at_max_replicas()
+    second = (f"Every deployment at {code}max_replicas{code} asks for {_n(max_cpus)} CPU + {_n(max_gpus)} GPU: "
+              f"at least {workers_needed(demand, worker)} such workers if packed perfectly.")
+    return [first, second]
+
+
+def _wrap(sentences: list[str], width: int) -> list[str]:
+    """One paragraph of ``sentences`` in lines of at most ``width`` characters (names never split)."""
+    return textwrap.wrap(" ".join(sentences), width, break_long_words=False, break_on_hyphens=False)
+
+
+def render_readme_block(demand: ResourceDemand, worker: WorkerNode, source: str) -> list[str]:
+    """cluster/README.md's region: a table of every deployment's share and the totals, then the sizing."""
+    rows = ["| deployment | CPU per replica | GPU per replica | max replicas | CPU at max | GPU at max |",
+            "|---|--:|--:|--:|--:|--:|"]
+    for d in demand.deployments:
+        rows.append(f"| `{d.name}` | {_n(d.cpus)} | {_n(d.gpus)} | {d.max_replicas} | "
+                    f"{_n(d.cpus * d.max_replicas)} | {_n(d.gpus * d.max_replicas)} |")
+    models, every = demand.replica_set(demand.models), demand.replica_set()
+    at_max = demand.at_max_replicas()
+    rows += [f"| one replica of each model | {_n(models[0])} | {_n(models[1])} | | | |",
+             f"| one replica of every deployment | {_n(every[0])} | {_n(every[1])} | | | |",
+             f"| every deployment at `max_replicas` | | | | {_n(at_max[0])} | {_n(at_max[1])} |"]
+    intro = f"From `{source}` (`ray_actor_options` per replica, `autoscaling_config.max_replicas`):"
+    return ["", intro, "", *rows, "", *_wrap(_sizing_sentences(demand, worker, code="`"), 96), ""]
+
+
+def render_launcher_block(demand: ResourceDemand, worker: WorkerNode, source: str) -> list[str]:
+    """cluster/ray-cluster.yaml's region: YAML comments with each deployment's share and the sizing."""
+    width = max(len(d.name) for d in demand.deployments)
+    lines = [f"{source} asks per replica (ray_actor_options), up to max_replicas:"]
+    for d in demand.deployments:
+        share = f"{_n(d.cpus)} CPU" + (f" + {_n(d.gpus)} GPU" if d.gpus else "")
+        lines.append(f"  {d.name:<{width}}  {share}, up to {d.max_replicas}")
+    return ["# " + line for line in lines + _wrap(_sizing_sentences(demand, worker), 94)]
+
+
+def replace_region(text: str, body: list[str], *, where: str) -> str:
+    """``text`` with the lines between its one BEGIN/END marker pair replaced by ``body``, each indented
+    like the BEGIN line (a YAML comment under a mapping key, a markdown list item)."""
+    regions = list(_REGION.finditer(text))
+    if len(regions) != 1:
+        raise ValueError(f"{where}: expected one {BEGIN_MARKER!r} ... {END_MARKER!r} region, found {len(regions)}")
+    [region] = regions
+    indent = region.group(1)
+    inner = "".join(f"{indent}{line}\n" if line else "\n" for line in body)
+    return text[:region.start(3)] + inner + text[region.end(3):]
+
+
+def render_docs(serve_config: dict, launcher_text: str, readme_text: str, *,
+                source: str = "serve_config.yaml") -> tuple[str, str]:
+    """The texts of ray-cluster.yaml and README.md with their generated regions freshly rendered."""
+    demand = resource_demand(serve_config)
+    worker = launcher_worker(yaml.safe_load(launcher_text))
+    return (replace_region(launcher_text, render_launcher_block(demand, worker, source), where="ray-cluster.yaml"),
+            replace_region(readme_text, render_readme_block(demand, worker, source), where="README.md"))
+
+
 # -- the manifest against KubeRay's own schema ---------------------------------------------------------------
 
 #: KubeRay's RayService CRD, vendored at a pinned release (cluster/crd/README.md: source, commit, sha256).
@@ -280,6 +462,26 @@ def _cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_docs(args: argparse.Namespace) -> int:
+    paths = (args.launcher, args.readme)
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"not found: {path}")
+    current = tuple(path.read_text() for path in paths)
+    fresh = render_docs(_load(args.config), *current, source=args.config.name)
+    stale = [path for path, old, new in zip(paths, current, fresh) if old != new]
+    if args.check:
+        for path in stale:
+            print(f"{path}: generated resource numbers are stale; regenerate: {DOCS_COMMAND}", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in zip(paths, fresh):
+        if path in stale:
+            path.write_text(text)
+    print(f"{'rewrote ' + ', '.join(map(str, stale)) if stale else 'up to date: ' + ', '.join(map(str, paths))} "
+          f"(resources from {args.config})")
+    return 0
+
+
 def _cmd_serve_config(args: argparse.Namespace) -> int:
     if not args.model_store.startswith("/"):
         # Replicas do not run in the directory `serve deploy` was called from.
@@ -306,6 +508,15 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--model-store-mount", help="where the model volume is mounted (default /models)")
     render.add_argument("--name", help="RayService name (default festival-serve)")
     render.set_defaults(func=_cmd_render)
+
+    docs = sub.add_parser("docs", help="rewrite the generated resource numbers in cluster/ray-cluster.yaml "
+                                       "and cluster/README.md from a serve config")
+    docs.add_argument("--config", type=Path, default=Path("serve_config.yaml"))
+    docs.add_argument("--launcher", type=Path, default=Path("cluster/ray-cluster.yaml"),
+                      help="cluster launcher config; its worker node type is what the numbers are sized against")
+    docs.add_argument("--readme", type=Path, default=Path("cluster/README.md"))
+    docs.add_argument("--check", action="store_true", help="write nothing; exit 1 naming each stale file")
+    docs.set_defaults(func=_cmd_docs)
 
     serve = sub.add_parser("serve-config", help="write the serve config with an absolute model store, for `serve deploy`")
     serve.add_argument("--config", type=Path, default=Path("serve_config.yaml"))

@@ -4,6 +4,8 @@ ran meanwhile.
 
     festival-serve load --profile festival --duration 600          # against http://127.0.0.1:8000
     festival-serve load --profile surge --capacity 20 --duration 120 --out /tmp/load
+    festival-serve load --profile surge --kill-node-at 50 --kill-replica-at 90     # on `cluster local up`
+    festival-serve load --profile festival --update-user-config-at 120 --update-args-at 200
 
 Open-loop Poisson arrivals follow the profile's rate (a multiple of ``--capacity``; without it, a 10 s
 closed-loop probe at 16 clients measures it first); every request carries ``--budget`` seconds in
@@ -11,12 +13,17 @@ closed-loop probe at 16 clients measures it first); every request carries ``--bu
 schedule); this process polls Serve's status API once a second for replica counts (``--ray-address``:
 the local cluster's, else ``auto``). Writes ``<out>/<profile>.json`` (per-second rows and a summary) and
 ``<out>/<profile>.png`` (offered/answered rate and p95 on top, replicas per deployment below).
+
+On a local cluster (``festival-serve cluster local up``) it also disrupts the run as planned: kills a worker
+node or a replica (SIGKILL), or redeploys the cluster's config with a ``user_config`` or an ``args`` value
+changed (a rolling update), and reports every answer by outcome from then until goodput recovered.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import multiprocessing
 import sys
@@ -28,6 +35,7 @@ from pathlib import Path
 
 from festival_serve import loadgen
 from festival_serve.load_profiles import BUILT_IN, Profile, load_profile
+from festival_serve.settings import SignDetectorSettings
 
 #: Seconds between progress lines on the terminal.
 PROGRESS_EVERY_S = 10.0
@@ -111,20 +119,50 @@ class ReplicaSampler:
             ray.shutdown()
 
 
+#: Disruptions that kill what the local cluster started, and those that redeploy it with a changed config.
+KILLS = ("node", "replica")
+UPDATES = ("user_config", "args")
+
+
 @dataclass(frozen=True)
 class Fault:
+    """A planned disruption: a crash (``KILLS``) or a redeploy with one value changed (``UPDATES``)."""
+
     at_s: float  # seconds into the run
-    kind: str  # "node": every process of the worker node with the most GPU replicas; "replica": one replica
+    kind: str  # "node": every process of the worker node with the most GPU replicas; "replica": one replica;
+    # "user_config" / "args": ``updated_config``'s change, deployed as ``serve deploy`` would
     deployment: str = "SignDetector"  # the replica fault's deployment
 
 
+def updated_config(config: dict, kind: str) -> tuple[dict, str]:
+    """``config`` with one value changed for a rolling-update test, and the change in words. ``user_config``: the
+    detector's batch wait doubles (Serve reconfigures the running replicas in place); ``args``: the detector's
+    confidence threshold rises by 0.01 (new replicas of every deployment whose arguments changed)."""
+    config = copy.deepcopy(config)
+    app = config["applications"][0]
+    if kind == "user_config":
+        detector = next(d for d in app["deployments"] if d["name"] == "SignDetector")
+        old = detector["user_config"]["batch_wait_timeout_s"]
+        detector["user_config"]["batch_wait_timeout_s"] = new = round(old * 2, 6)
+        return config, f"SignDetector user_config.batch_wait_timeout_s {old:g} -> {new:g} s"
+    if kind == "args":
+        settings = app["args"].setdefault("sign_detector", {})
+        old = settings.get("confidence", SignDetectorSettings().confidence)
+        settings["confidence"] = new = round(old + 0.01, 4)
+        return config, f"args.sign_detector.confidence {old:g} -> {new:g}"
+    raise ValueError(f"unknown update {kind!r}; choose one of {', '.join(UPDATES)}")
+
+
 class FaultInjector:
-    """Kills, at the planned seconds, what ``cluster local up`` started (SIGKILL: a crash, not a shutdown).
+    """Carries out the planned disruptions at their seconds: kills what ``cluster local up`` started (SIGKILL: a
+    crash, not a shutdown), or redeploys the cluster's config with one value changed and times the rollout.
     Runs in a thread of this process, using the Ray connection the replica sampler holds."""
 
-    def __init__(self, faults: list[Fault], state_file: Path, start_at: float) -> None:
+    def __init__(self, faults: list[Fault], state_file: Path, start_at: float, *, rollout_timeout_s: float = 300) -> None:
         self.faults, self.start_at = sorted(faults, key=lambda f: f.at_s), start_at
-        self.state = json.loads(state_file.expanduser().read_text())
+        self.state_file = state_file.expanduser()
+        self.state = json.loads(self.state_file.read_text())
+        self.rollout_timeout_s = rollout_timeout_s
         self.events: list[dict] = []
         self._thread = threading.Thread(target=self._run, daemon=True, name="faults")
 
@@ -133,20 +171,21 @@ class FaultInjector:
         return self
 
     def join(self) -> None:
-        self._thread.join(30)
+        self._thread.join(self.rollout_timeout_s)
 
     def _run(self) -> None:
         for fault in self.faults:
             time.sleep(max(0.0, self.start_at + fault.at_s - time.time()))
+            act = {"node": self._kill_node, "replica": self._kill_replica}.get(fault.kind, self._update)
+            event = {"t": round(time.time() - self.start_at, 2), "kind": fault.kind}
             try:
-                self.events.append({"t": round(time.time() - self.start_at, 2), "kind": fault.kind,
-                                    **(self._kill_node() if fault.kind == "node" else self._kill_replica(fault))})
-            except Exception as e:  # noqa: BLE001 - a fault that could not be injected is reported, not fatal
-                self.events.append({"t": round(time.time() - self.start_at, 2), "kind": fault.kind,
-                                    "error": f"{type(e).__name__}: {e}"})
-            print(f"  FAULT at t={self.events[-1]['t']:.0f} s: {self.events[-1]}", flush=True)
+                event.update(act(fault))
+            except Exception as e:  # noqa: BLE001 - a disruption that could not be made is reported, not fatal
+                event["error"] = f"{type(e).__name__}: {e}"
+            self.events.append(event)
+            print(f"  {'UPDATE' if fault.kind in UPDATES else 'FAULT'} at t={event['t']:.0f} s: {event}", flush=True)
 
-    def _kill_node(self) -> dict:
+    def _kill_node(self, fault: Fault) -> dict:
         from festival_serve.local_cluster import placements
 
         replicas = [r for r in placements() if r.node_id != self.state["head"]]
@@ -165,6 +204,19 @@ class FaultInjector:
         replica = next(r for r in placements() if r.deployment == fault.deployment)
         _kill([replica.pid])
         return {"deployment": fault.deployment, "node": replica.node_id[:8], "pid": replica.pid}
+
+    def _update(self, fault: Fault) -> dict:
+        from festival_serve.local import wait_until_running
+        from festival_serve.local_cluster import redeploy
+
+        config, change = updated_config(self.state["deployed"], fault.kind)
+        started = time.monotonic()
+        redeploy(config)
+        time.sleep(1.0)  # the controller marks the application DEPLOYING before the first poll
+        wait_until_running(self.rollout_timeout_s, progress=lambda line: None)
+        self.state["deployed"] = config  # what the cluster runs now, for `cluster local deploy` and the next run
+        self.state_file.write_text(json.dumps(self.state, indent=2))
+        return {"change": change, "rollout_s": round(time.monotonic() - started, 1)}
 
 
 def _kill(pids: list[int]) -> None:
@@ -190,12 +242,17 @@ def fault_report(rows: list[dict], event: dict, *, before_s: int = 20, settle: f
     recovered = next((s for s in range(start, len(rows) - window_s + 1)
                       if sum(good[s:s + window_s]) / window_s >= settle * baseline), None)
     end = recovered if recovered is not None else len(rows)
-    window = rows[start:max(end, start + 1)]
-    outcomes = {key: sum(row.get(key, 0) for row in window)
-                for key in ("sent", "good", "answered_not_good", "shed_fast", "shed_slow", "error", "lost", "hung",
-                            "degraded")}
-    return {**event, "goodput_before_rps": baseline,
-            "recovery_s": None if recovered is None else recovered - start, "outcomes_until_recovered": outcomes}
+    report = {**event, "goodput_before_rps": baseline, "recovery_s": None if recovered is None else recovered - start,
+              "outcomes_until_recovered": _outcomes(rows[start:max(end, start + 1)])}
+    if event.get("rollout_s") is not None:  # an update: every answer while Serve rolled it out (and the second after)
+        report["outcomes_during_rollout"] = _outcomes(rows[start:start + int(event["rollout_s"]) + 2])
+    return report
+
+
+def _outcomes(rows: list[dict]) -> dict[str, int]:
+    return {key: sum(row.get(key, 0) for row in rows)
+            for key in ("sent", "good", "answered_not_good", "shed_fast", "shed_slow", "error", "lost", "hung",
+                        "degraded")}
 
 
 def per_second(run: dict, replica_samples: list[tuple[float, dict[str, int]]], duration_s: float,
@@ -217,9 +274,7 @@ def per_second(run: dict, replica_samples: list[tuple[float, dict[str, int]]], d
 
 def summarize(rows: list[dict], run_summary: dict) -> dict:
     deployments = sorted({name for row in rows for name in row.get("replicas", {})})
-    count = {key: sum(row.get(key, 0) for row in rows)
-             for key in ("sent", "good", "answered_not_good", "shed_fast", "shed_slow", "error", "lost", "hung",
-                         "degraded")}
+    count = _outcomes(rows)
     return {
         **count,
         "answered": count["good"] + count["answered_not_good"],
@@ -264,11 +319,13 @@ def plot(report: dict, path: Path) -> Path | None:
     most = max(report["summary"]["max_replicas"].values(), default=1)
     bottom.set_ylim(0, most + 1)
     bottom.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    for event in report.get("faults", []):
+    for event in report.get("faults", []) + report.get("updates", []):
+        killed = event["kind"] in KILLS
         for axis in (top, bottom):
-            axis.axvline(event["t"], color="red", linestyle="--", linewidth=1)
-        top.annotate(f"kill {event['kind']}", (event["t"], 0), color="red", fontsize=8, rotation=90,
-                     xytext=(3, 5), textcoords="offset points")
+            axis.axvline(event["t"], color="red" if killed else "blue", linestyle="--", linewidth=1)
+        top.annotate(f"{'kill' if killed else 'update'} {event['kind']}", (event["t"], 0),
+                     color="red" if killed else "blue", fontsize=8, rotation=90, xytext=(3, 5),
+                     textcoords="offset points")
     bottom.set_ylabel("running replicas")
     bottom.set_xlabel("seconds into the run")
     bottom.legend(loc="upper left", fontsize=8)
@@ -294,7 +351,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "GPU replicas (its raylet and every process of it)")
     parser.add_argument("--kill-replica-at", type=float, metavar="S", help="S seconds in, kill one replica")
     parser.add_argument("--kill-replica", default="SignDetector", help="whose replica (default %(default)s)")
-    parser.add_argument("--state-file", default=None, help="the local cluster's state file (faults need it)")
+    parser.add_argument("--update-user-config-at", type=float, metavar="S",
+                        help="S seconds in, redeploy with a user_config value changed (the detector's batch wait)")
+    parser.add_argument("--update-args-at", type=float, metavar="S",
+                        help="S seconds in, redeploy with an application args value changed (the detector's "
+                             "confidence): a rolling update")
+    parser.add_argument("--state-file", default=None, help="the local cluster's state file (faults and updates "
+                                                           "need it)")
+    parser.add_argument("--compare-with", type=Path, metavar="JSON",
+                        help="an earlier run's JSON (e.g. under another `cluster local up --autoscaling`): also plot "
+                             "both runs' replicas per deployment as <out>/<profile>-replicas-by-autoscaling.png")
     parser.add_argument("--out", type=Path, default=Path("docs/load"))
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -320,23 +386,26 @@ def cmd_load(args: argparse.Namespace) -> int:
         return 1
     from festival_serve.local_cluster import DEFAULT_STATE_FILE
 
-    faults = [Fault(args.kill_node_at, "node")] if args.kill_node_at is not None else []
-    if args.kill_replica_at is not None:
-        faults.append(Fault(args.kill_replica_at, "replica", args.kill_replica))
+    planned = {"node": args.kill_node_at, "replica": args.kill_replica_at, "user_config": args.update_user_config_at,
+               "args": args.update_args_at}
+    faults = [Fault(at, kind, args.kill_replica) for kind, at in planned.items() if at is not None]
     state_file = Path(args.state_file or DEFAULT_STATE_FILE).expanduser()
     if faults and not state_file.exists():
-        print(f"festival-serve load: faults need a local cluster (`festival-serve cluster local up`); no state in "
+        print(f"festival-serve load: faults and updates need a local cluster (`festival-serve cluster local up`); "
+              f"no state in "
               f"{state_file}", file=sys.stderr)
         return 2
     # Replica counts (and faults) come from the local cluster's Ray when one is up, else from a local `up`'s.
     address = args.ray_address or (json.loads(state_file.read_text())["address"] if state_file.exists() else "auto")
     if faults and address == "none":
-        print("festival-serve load: faults need the Ray connection (drop --ray-address none)", file=sys.stderr)
+        print("festival-serve load: faults and updates need the Ray connection (drop --ray-address none)",
+              file=sys.stderr)
         return 2
     sampler = ReplicaSampler(address, args.app).start() if address != "none" else None
     print(f"festival-serve load: profile {profile.name}, {args.duration:g} s, capacity {capacity:.1f} req/s "
           f"(peak {capacity * profile.peak():.1f} req/s), budget {args.budget:g} s"
-          + "".join(f"; kill {f.kind} at {f.at_s:g} s" for f in faults), flush=True)
+          + "".join(f"; {'update' if f.kind in UPDATES else 'kill'} {f.kind} at {f.at_s:g} s" for f in faults),
+          flush=True)
     start_at = time.time() + 5.0  # the client process starts in ~2 s; faults are timed from the same instant
     injector = FaultInjector(faults, state_file, start_at).start() if faults else None
     try:
@@ -356,18 +425,72 @@ def cmd_load(args: argparse.Namespace) -> int:
     if sampler and sampler.error:
         print(f"festival-serve load: no replica counts: {sampler.error}", file=sys.stderr)
     rows = per_second(run, sampler.samples if sampler else [], args.duration, profile.rate(capacity, args.duration))
+    cluster_profile = json.loads(state_file.read_text()).get("profile", {}) if state_file.exists() else {}
     report = {"profile": profile.name, "points": profile.points, "duration_s": args.duration,
               "capacity_rps": round(capacity, 3), "budget_s": args.budget, "url": args.url,
+              "autoscaling": cluster_profile.get("autoscaling"),  # the local cluster's --autoscaling, if any
               "summary": summarize(rows, run["summary"]), "seconds": rows}
     if injector:
-        report["faults"] = [fault_report(rows, event) for event in injector.events]
+        events = [fault_report(rows, event) for event in injector.events]
+        report["faults"] = [event for event in events if event["kind"] in KILLS]
+        report["updates"] = [event for event in events if event["kind"] in UPDATES]
         report["placements_after"] = after
-        report["summary"]["recovery_s"] = {event["kind"]: event.get("recovery_s") for event in report["faults"]}
+        report["summary"]["recovery_s"] = {event["kind"]: event.get("recovery_s") for event in events}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = profile.name + ("-faults" if faults else "")
+    stem = profile.name + ("-faults" if any(f.kind in KILLS for f in faults) else "") + \
+        ("-updates" if any(f.kind in UPDATES for f in faults) else "")
     json_path = args.out / f"{stem}.json"
     json_path.write_text(json.dumps(report, indent=1))
     png = plot(report, args.out / f"{stem}.png")
     print(f"festival-serve load: wrote {json_path}" + (f" and {png}" if png else ""))
+    if args.compare_with:
+        other = json.loads(args.compare_with.read_text())
+        both = plot_replicas({_label(report, json_path): report, _label(other, args.compare_with): other},
+                             args.out / f"{stem}-replicas-by-autoscaling.png")
+        if both:
+            print(f"festival-serve load: wrote {both}")
     print(json.dumps(report["summary"]))
     return 0
+
+
+def _label(report: dict, path: Path) -> str:
+    return f"{report.get('autoscaling') or 'autoscaling?'} ({path})"
+
+
+def plot_replicas(reports: dict[str, dict], path: Path) -> Path | None:
+    """Replicas per deployment over the run, one panel per deployment, one line per run (e.g. the graph's own
+    autoscaling metrics against Serve's queue-length rule), the offered rate shaded behind."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return None
+    deployments = sorted({name for report in reports.values() for name in report["summary"]["max_replicas"]})
+    if not deployments:  # runs without replica counts (--ray-address none)
+        return None
+    fig, axes = plt.subplots(len(deployments), 1, figsize=(10, 1.8 * len(deployments) + 1), sharex=True,
+                             squeeze=False)
+    axes = axes[:, 0]
+    for axis, name in zip(axes, deployments):
+        offered = axis.twinx()
+        first = next(iter(reports.values()))["seconds"]
+        offered.fill_between([row["second"] for row in first], [row["offered_rps"] for row in first], color="grey",
+                             alpha=0.15, step="post")
+        offered.set_yticks([])
+        for label, report in reports.items():
+            rows = report["seconds"]
+            axis.step([row["second"] for row in rows], [row.get("replicas", {}).get(name) for row in rows],
+                      where="post", label=f"{label} (max {report['summary']['max_replicas'].get(name, 0)})")
+        axis.set_ylabel(name, fontsize=8)
+        axis.set_ylim(0, max(r["summary"]["max_replicas"].get(name, 0) for r in reports.values()) + 0.5)
+        axis.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        axis.legend(loc="upper left", fontsize=7)
+    axes[0].set_title("running replicas per deployment (the offered rate shaded)")
+    axes[-1].set_xlabel("seconds into the run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import psutil
 
+from festival_serve.autoscaling import ARRIVALS_PER_S, CROPS_IN_FLIGHT
+
 #: Where ``up`` records the cluster's address and the pids it started; ``status`` and ``down`` read it.
 DEFAULT_STATE_FILE = Path("~/.cache/festival-serve/local-cluster.json")
 #: Serve replicas are Ray actors of this class-name prefix.
@@ -76,14 +78,28 @@ def node_pids(cluster) -> dict[str, list[int]]:
 #: ``festival-serve load`` compresses a festival day into ~10 minutes; the autoscaler's delays shrink with it.
 COMPRESSED_UPSCALE_DELAY_S = 3.0
 COMPRESSED_DOWNSCALE_DELAY_S = 30.0
-#: One ingress replica on a shared 2-core host saturates near 100 req/s with ~20-40 requests in flight, far
-#: below serve_config's GPU-node target (128): scale it on what it can hold here.
+#: serve_config's graph-metric targets are sized for GPU nodes (the reader reads a batch of 32 crops in
+#: milliseconds; an ingress replica takes 40 arrivals/s). This host serves ~9 frames/s and reads a crop in tens of
+#: ms, so a compressed day scales at loads it reaches here: 8 arrivals/s an ingress replica (a 4x surge offers
+#: ~36), 4 crops a reader replica (one frame's signs).
+LOCAL_TARGETS = {ARRIVALS_PER_S: 8.0, CROPS_IN_FLIGHT: 4.0}
+#: Under ``--autoscaling queue-length`` the ingress's own target (128 in flight, for GPU nodes) is lowered likewise:
+#: one ingress replica here holds ~20-40 requests at saturation.
 LOCAL_INGRESS_TARGET_ONGOING = 16
+#: Serve averages the load over this window (its default, 30 s, is half of a compressed surge).
+COMPRESSED_LOOK_BACK_S = 10.0
+#: ``--autoscaling`` choices: the graph's own load metrics (serve_config.yaml as written), or Serve's default
+#: queue-length rule for every deployment (the custom policies removed), to compare the two.
+AUTOSCALING_CHOICES = ("graph", "queue-length")
 
 
-def compress_autoscaling(config: dict) -> list[str]:
-    """Shorten every deployment's up/down-scale delays for a compressed day, and let the ingress scale at the
-    load one host can carry; returns the change lines."""
+def compress_autoscaling(config: dict, policy: str = "graph") -> list[str]:
+    """Shorten every deployment's up/down-scale delays for a compressed day, and scale the ingress at the load
+    one host can carry (``policy`` "queue-length": drop the custom policies); returns the change lines."""
+    if policy not in AUTOSCALING_CHOICES:
+        raise ValueError(f"unknown autoscaling {policy!r}; choose one of {', '.join(AUTOSCALING_CHOICES)}")
+    changes = [f"autoscaling for a compressed day: up after {COMPRESSED_UPSCALE_DELAY_S:g} s, down after "
+               f"{COMPRESSED_DOWNSCALE_DELAY_S:g} s, load averaged over {COMPRESSED_LOOK_BACK_S:g} s"]
     for app in config["applications"]:
         for deployment in app.get("deployments", []):
             scaling = deployment.get("autoscaling_config")
@@ -91,10 +107,20 @@ def compress_autoscaling(config: dict) -> list[str]:
                 continue
             scaling["upscale_delay_s"] = min(scaling.get("upscale_delay_s", 30.0), COMPRESSED_UPSCALE_DELAY_S)
             scaling["downscale_delay_s"] = min(scaling.get("downscale_delay_s", 600.0), COMPRESSED_DOWNSCALE_DELAY_S)
-            if deployment["name"] == "PipelineIngress":
-                scaling["target_ongoing_requests"] = LOCAL_INGRESS_TARGET_ONGOING
-    return [f"autoscaling for a compressed day: up after {COMPRESSED_UPSCALE_DELAY_S:g} s, down after "
-            f"{COMPRESSED_DOWNSCALE_DELAY_S:g} s; ingress target {LOCAL_INGRESS_TARGET_ONGOING} requests in flight"]
+            scaling["look_back_period_s"] = COMPRESSED_LOOK_BACK_S
+            custom = scaling.get("policy")
+            if custom and policy == "queue-length":
+                del scaling["policy"]
+                if custom.get("policy_kwargs", {}).get("metric") == ARRIVALS_PER_S:
+                    scaling["target_ongoing_requests"] = LOCAL_INGRESS_TARGET_ONGOING
+                changes.append(f"{deployment['name']}: Serve's queue-length policy (target "
+                               f"{scaling.get('target_ongoing_requests', 2):g} requests a replica)")
+            elif custom and custom.get("policy_kwargs", {}).get("metric") in LOCAL_TARGETS:
+                kwargs = custom["policy_kwargs"]
+                kwargs["target_per_replica"] = LOCAL_TARGETS[kwargs["metric"]]
+                changes.append(f"{deployment['name']}: scales at {kwargs['target_per_replica']:g} {kwargs['metric']} "
+                               "a replica (a load this host reaches)")
+    return changes
 
 
 # -- what runs where (Ray's state API) --------------------------------------------------------------------
@@ -183,10 +209,36 @@ def _read_state(path: Path) -> dict:
                                 "local up`") from None
 
 
+def cluster_config(config: dict, profile: dict, *, has_gpu: bool) -> tuple[dict, list[str]]:
+    """``config`` (serve_config.yaml) as this cluster runs it: the local profile with fake GPUs (``profile``: the
+    ``up`` options, kept in the state file so a later ``deploy`` applies the same), the proxy on the head, the
+    compressed autoscaling; checked. Returns it and one line per change."""
+    from festival_serve import local
+    from festival_serve.serve_config import check_serve_config
+
+    config, changes = local.local_profile(config, host=profile["host"], port=profile["port"],
+                                          model_store=profile["model_store"], has_gpu=has_gpu,
+                                          base_dir=Path(profile["base_dir"]), fake_gpus=not has_gpu,
+                                          max_replicas=profile["max_replicas"])
+    config["proxy_location"] = "HeadOnly"
+    changes.append("proxy on the head node only: every node of this cluster shares this host's HTTP port")
+    changes += compress_autoscaling(config, profile["autoscaling"])
+    check_serve_config(config)
+    return config, changes
+
+
+def redeploy(config: dict) -> None:
+    """Submit ``config`` to the Serve instance of the connected cluster (non-blocking), as ``serve deploy`` does:
+    Serve applies the difference, a ``user_config`` change in place and other changes by a rolling update."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=False)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from festival_serve import local
     from festival_serve.devices import cuda_available
-    from festival_serve.serve_config import check_serve_config
 
     state_path = _state_path(args)
     if state_path.exists():
@@ -200,13 +252,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     shape = ClusterShape(args.workers, args.gpus_per_node, args.cpus_per_node, args.head_cpus, args.object_store_mb)
     has_gpu = cuda_available()
-    config, changes = local.local_profile(local.load_config(args.config), host=args.host, port=args.port,
-                                          model_store=args.model_store, has_gpu=has_gpu, base_dir=Path.cwd(),
-                                          fake_gpus=not has_gpu, max_replicas=args.max_replicas)
-    config["proxy_location"] = "HeadOnly"
-    changes.append("proxy on the head node only: every node of this cluster shares this host's HTTP port")
-    changes += compress_autoscaling(config)
-    check_serve_config(config)
+    profile = {"host": args.host, "port": args.port, "model_store": args.model_store, "base_dir": str(Path.cwd()),
+               "max_replicas": args.max_replicas, "autoscaling": args.autoscaling}
+    config, changes = cluster_config(local.load_config(args.config), profile, has_gpu=has_gpu)
     print(f"festival-serve cluster: head + {shape.workers} worker node(s), {shape.gpus_per_node:g} "
           f"{'fake ' if not has_gpu else ''}GPU(s) and {shape.cpus_per_node:g} logical CPUs each")
     for change in changes:
@@ -215,7 +263,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     started = time.monotonic()
     cluster = start_nodes(shape, env=local.LOCAL_RAY_ENV)
     state = {"address": cluster.address, "up_pid": os.getpid(), "head": cluster.head_node.node_id,
-             "nodes": node_pids(cluster)}
+             "nodes": node_pids(cluster), "profile": profile, "deployed": config}
     state_path.parent.mkdir(parents=True, exist_ok=True)
     state_path.write_text(json.dumps(state, indent=2))
     print(f"festival-serve cluster: {len(state['nodes'])} nodes up in {time.monotonic() - started:.0f} s at "
@@ -266,6 +314,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 1 if any(line.startswith("OVERCOMMITTED") for line in lines) else 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Redeploy a (changed) serve config onto the running cluster with the options ``up`` was given, and wait
+    for Serve's rolling update to finish."""
+    import ray
+
+    from festival_serve import local
+    from festival_serve.devices import cuda_available
+
+    path = _state_path(args)
+    state = _read_state(path)
+    config, _ = cluster_config(local.load_config(args.config), state["profile"], has_gpu=cuda_available())
+    ray.init(address=state["address"], logging_level="ERROR", log_to_driver=False)
+    try:
+        started = time.monotonic()
+        redeploy(config)
+        time.sleep(1.0)  # the controller marks the application DEPLOYING before the first poll
+        local.wait_until_running(args.timeout)
+        state["deployed"] = config
+        path.write_text(json.dumps(state, indent=2))
+        print(f"festival-serve cluster: {args.config} deployed in {time.monotonic() - started:.0f} s")
+    finally:
+        ray.shutdown()
+    return 0
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     path = _state_path(args)
     state = _read_state(path)
@@ -306,16 +379,24 @@ def add_parser(sub) -> None:
     up.add_argument("--object-store-mb", type=int, default=defaults.object_store_mb)
     up.add_argument("--max-replicas", type=int, default=2,
                     help="cap on each deployment's replicas (memory: a describer replica is ~2.5 GB; default 2)")
+    up.add_argument("--autoscaling", choices=AUTOSCALING_CHOICES, default="graph",
+                    help="graph: serve_config's policies on the graph's own load metrics; queue-length: Serve's "
+                    "default rule everywhere, for comparison (default %(default)s)")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--model-store")
     up.add_argument("--allow-network", action="store_true")
     up.add_argument("--timeout", type=float, default=900, help="seconds for the graph to start")
-    for command in (up, status := commands.add_parser("status", help="replicas per node and GPU shares"),
+    deploy = commands.add_parser("deploy", help="redeploy a changed serve config onto the running cluster (a "
+                                 "rolling update, as `serve deploy` on a real one)")
+    deploy.add_argument("--config", type=Path, default=Path("serve_config.yaml"))
+    deploy.add_argument("--timeout", type=float, default=900, help="seconds for the update to finish")
+    for command in (up, deploy, status := commands.add_parser("status", help="replicas per node and GPU shares"),
                     down := commands.add_parser("down", help="stop the cluster `up` started")):
         command.add_argument("--state-file", default=str(DEFAULT_STATE_FILE))
     down.add_argument("--grace", type=float, default=90, help="seconds for `up` to stop Serve and the nodes")
     up.set_defaults(func=cmd_up)
+    deploy.set_defaults(func=cmd_deploy)
     status.set_defaults(func=cmd_status)
     down.set_defaults(func=cmd_down)
 

@@ -63,6 +63,28 @@ def test_fake_gpu_profile_keeps_the_gpu_shares_and_runs_the_models_on_the_cpu(tm
     PipelineArgs.model_validate(app["args"])
 
 
+@pytest.mark.parametrize("policy", ["graph", "queue-length"])
+def test_the_local_cluster_compresses_autoscaling_and_keeps_or_drops_the_graph_policies(tmp_path, policy):
+    from festival_serve.local_cluster import COMPRESSED_UPSCALE_DELAY_S, LOCAL_TARGETS, cluster_config
+
+    profile = {"host": "127.0.0.1", "port": 8000, "model_store": None, "base_dir": str(tmp_path), "max_replicas": 2,
+               "autoscaling": policy}
+    config, changes = cluster_config(local.load_config(ROOT / "serve_config.yaml"), profile, has_gpu=False)
+    assert config["proxy_location"] == "HeadOnly"
+    scaling = {d["name"]: d["autoscaling_config"] for d in config["applications"][0]["deployments"]}
+    assert {s["upscale_delay_s"] for s in scaling.values()} == {COMPRESSED_UPSCALE_DELAY_S}
+    policies = {name: s["policy"]["policy_kwargs"] for name, s in scaling.items() if "policy" in s}
+    if policy == "queue-length":
+        assert policies == {} and sum("queue-length policy" in c for c in changes) == 3
+    else:
+        assert policies["PipelineIngress"]["target_per_replica"] == LOCAL_TARGETS["arrivals_per_s"]
+        assert policies["SignReader"]["target_per_replica"] == LOCAL_TARGETS["crops_in_flight"]
+        assert policies["SceneDescriber"]["metric"] == "tokens_in_flight"  # serve_config's target, kept
+    with pytest.raises(ValueError, match="graph, queue-length"):
+        cluster_config(local.load_config(ROOT / "serve_config.yaml"), {**profile, "autoscaling": "cpu"},
+                       has_gpu=False)
+
+
 def test_local_cluster_shape_refuses_nonsense():
     from festival_serve.local_cluster import ClusterShape
 

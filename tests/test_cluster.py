@@ -17,6 +17,7 @@ RAYSERVICE = ROOT / "cluster" / "rayservice.yaml"
 LAUNCHER = ROOT / "cluster" / "ray-cluster.yaml"
 REGENERATE = (f"python -m festival_serve.cluster render --config serve_config.yaml "
               f"--image {cluster.PLACEHOLDER_IMAGE} --out cluster/rayservice.yaml")
+CLUSTER_README = ROOT / "cluster" / "README.md"
 MODEL_NAMES = {"SignDetector", "HazardCells", "SignReader", "SceneDescriber"}
 
 
@@ -193,6 +194,93 @@ def test_launcher_installs_the_locked_environment_with_token_auth(launcher):
         assert "festival-serve/.venv/bin/ray " in command  # the locked Ray, not whatever the image has
 
 
+# --- resource numbers generated into the hand-written docs -----------------------------------------
+
+SMALL_CONFIG = {"applications": [{"name": "app", "import_path": "x:y", "deployments": [
+    {"name": "Model", "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.3},
+     "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}},
+    {"name": "Front", "ray_actor_options": {"num_cpus": 0.25}, "num_replicas": 2},
+]}]}
+SMALL_WORKER = cluster.WorkerNode("g5.xlarge", cpus=4, gpus=1)
+
+
+def test_resource_demand_of_a_small_config():
+    demand = cluster.resource_demand(SMALL_CONFIG)
+    assert demand.deployments == (cluster.DeploymentDemand("Model", 0.5, 0.3, 3),
+                                  cluster.DeploymentDemand("Front", 0.25, 0.0, 2))
+    assert [d.name for d in demand.models] == ["Model"] and [d.name for d in demand.cpu_only] == ["Front"]
+    assert demand.replica_set(demand.models) == (0.5, 0.3)
+    assert demand.replica_set() == (0.75, 0.3)
+    assert demand.at_max_replicas() == (2.0, 0.9)  # 3 x 0.5 + 2 x 0.25 CPU; 3 x 0.3 GPU
+    assert cluster.gpu_demand(SMALL_CONFIG) == cluster.GpuDemand(0.3, 0.9, 0.3)
+    assert cluster.workers_needed(demand, SMALL_WORKER) == 1
+    assert cluster.workers_needed(demand, cluster.WorkerNode("small", cpus=1, gpus=1)) == 2  # CPU-bound
+
+
+def test_resource_demand_uses_serves_defaults_and_adds_fractions_exactly():
+    config = {"applications": [{"deployments": [
+        {"name": "Bare"},  # Serve gives a replica 1 CPU and no GPU, and one replica
+        *({"name": f"M{gpus}", "ray_actor_options": {"num_cpus": 0.1, "num_gpus": gpus}} for gpus in (0.2, 0.1, 0.2, 0.4)),
+    ]}]}
+    demand = cluster.resource_demand(config)
+    assert demand.deployments[0] == cluster.DeploymentDemand("Bare", 1.0, 0.0, 1)
+    assert demand.replica_set(demand.models) == (0.4, 0.9)  # not 0.9000000000000001
+    assert cluster.workers_needed(demand, SMALL_WORKER) == 1
+
+
+def test_generated_blocks_of_a_small_config():
+    demand = cluster.resource_demand(SMALL_CONFIG)
+    yaml_block = "\n".join(cluster.render_launcher_block(demand, SMALL_WORKER, "small.yaml"))
+    assert "#   Model  0.5 CPU + 0.3 GPU, up to 3\n#   Front  0.25 CPU, up to 2" in yaml_block
+    flat = " ".join(line.lstrip("# ") for line in yaml_block.splitlines())
+    assert "one replica of each model takes 0.5 CPU + 0.3 GPU, leaving 3.5 CPU and 0.7 GPU" in flat
+    assert "room for 14 Front replicas (0.25 CPU each)" in flat
+    assert "asks for 2 CPU + 0.9 GPU: at least 1 such workers" in flat
+    markdown = cluster.render_readme_block(demand, SMALL_WORKER, "small.yaml")
+    assert "| `Model` | 0.5 | 0.3 | 3 | 1.5 | 0.9 |" in markdown
+    assert "| every deployment at `max_replicas` | | | | 2 | 0.9 |" in markdown
+    too_big = cluster.render_launcher_block(demand, cluster.WorkerNode("tiny", cpus=0.25, gpus=1), "small.yaml")
+    assert "does not fit on one tiny worker" in " ".join(too_big)
+
+
+def test_the_committed_resource_numbers_equal_a_fresh_render(serve_config):
+    launcher, readme = cluster.render_docs(serve_config, LAUNCHER.read_text(), CLUSTER_README.read_text())
+    assert LAUNCHER.read_text() == launcher, f"cluster/ray-cluster.yaml is stale; regenerate it: {cluster.DOCS_COMMAND}"
+    assert CLUSTER_README.read_text() == readme, f"cluster/README.md is stale; regenerate it: {cluster.DOCS_COMMAND}"
+
+
+def test_docs_command_checks_and_rewrites_only_the_generated_regions(tmp_path, capsys):
+    launcher, readme = tmp_path / "ray-cluster.yaml", tmp_path / "README.md"
+    stale = LAUNCHER.read_text().replace("# END GENERATED resources", "#   9 CPU + 9 GPU\n    # END GENERATED resources")
+    launcher.write_text(stale)
+    readme.write_text(CLUSTER_README.read_text())
+    args = ["docs", "--config", str(SERVE_CONFIG), "--launcher", str(launcher), "--readme", str(readme)]
+    assert cluster.main(args + ["--check"]) == 1
+    err = capsys.readouterr().err
+    assert f"{launcher}: generated resource numbers are stale; regenerate: {cluster.DOCS_COMMAND}" in err
+    assert str(readme) not in err
+    assert launcher.read_text() == stale  # --check writes nothing
+    assert cluster.main(args) == 0
+    assert launcher.read_text() == LAUNCHER.read_text() and readme.read_text() == CLUSTER_README.read_text()
+    assert cluster.main(args + ["--check"]) == 0
+
+
+def test_docs_command_refuses_a_file_without_its_region(tmp_path):
+    launcher, readme = tmp_path / "ray-cluster.yaml", tmp_path / "README.md"
+    launcher.write_text(LAUNCHER.read_text())
+    readme.write_text("# no region here\n")
+    assert cluster.main(["docs", "--config", str(SERVE_CONFIG), "--launcher", str(launcher),
+                         "--readme", str(readme)]) == 2
+    assert readme.read_text() == "# no region here\n"
+
+
+def test_generated_regions_keep_the_launcher_config_yaml(launcher):
+    text = LAUNCHER.read_text()
+    assert text.count(cluster.BEGIN_MARKER) == text.count(cluster.END_MARKER) == 1
+    assert launcher["available_node_types"]["ray.worker.gpu"]["resources"] == {"CPU": 4, "GPU": 1}
+    assert cluster.launcher_worker(launcher) == cluster.WorkerNode("g5.xlarge", 4.0, 1.0)
+
+
 # -- against KubeRay's own schema (the CRD vendored in cluster/crd/) -------------------------------------------
 
 
@@ -227,3 +315,15 @@ def test_schema_check_catches_wrong_types_and_misspelt_fields(manifest, rayservi
     errors = cluster.manifest_errors(broken, rayservice_schema)
     assert any("headGroupSpec.rayStartParam: not a field" in e for e in errors)
     assert any("maxReplicas" in e and "integer" in e for e in errors)
+
+
+def test_upgrades_keep_serving_blue_green_with_the_old_cluster_kept_past_every_budget():
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    spec = cluster.render_rayservice(config, image=cluster.PLACEHOLDER_IMAGE, gpu_workers_min=1,
+                                     gpu_workers_max=4)["spec"]
+    assert spec["upgradeStrategy"] == {"type": "NewCluster"}
+    app = config["applications"][0]
+    assert spec["rayClusterDeletionDelaySeconds"] > app["args"]["ingress"]["max_budget_s"]
+    for deployment in app["deployments"]:  # Serve's in-place rolling update: new replica first, old one drains
+        assert deployment["max_surge_percent"] == 100, deployment["name"]
+        assert deployment["graceful_shutdown_timeout_s"] > app["args"]["ingress"]["max_budget_s"], deployment["name"]

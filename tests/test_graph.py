@@ -281,6 +281,38 @@ def test_a_poisoned_frame_fails_alone_in_its_batch(server):
     assert _post(server, SAMPLE_SCENE.read_bytes(), describe="false").status_code == 200  # the replica still serves
 
 
+def test_the_reader_and_the_describer_report_their_load_in_their_own_units_for_the_autoscaler(server):
+    """What GraphMetricPolicy scales on (serve_config.yaml): the reader's crops and the describer's token budget
+    queued or running, the ingress's arrivals per second; back to zero once answered."""
+    from ray import serve
+
+    from festival_serve.flow import Ticket
+    from festival_serve.vlm import Findings
+
+    reader = serve.get_deployment_handle("SignReader", app_name="festival")
+    describer = serve.get_deployment_handle("SceneDescriber", app_name="festival")
+    ingress = serve.get_deployment_handle("PipelineIngress", app_name="festival")
+    ticket = Ticket(sent_at=time.time(), deadline=time.time() + 120)
+    crops = [np.full((32, 96, 3), 255, np.uint8)] * 3
+    frame = np.zeros((480, 848, 3), np.uint8)
+    # Four frames' crops and two descriptions wait together in one 0.2 s batch window.
+    pending = [reader.read.remote(crops, ticket) for _ in range(4)]
+    pending += [describer.describe.remote(frame, Findings(), ticket) for _ in range(2)]
+    seen_crops, seen_tokens = set(), set()
+    deadline = time.monotonic() + 10  # the work stays in flight >= 0.2 s; the calls reach the replicas in their own time
+    while time.monotonic() < deadline and not (seen_crops - {0} and seen_tokens - {0}):
+        seen_crops.add(reader.record_autoscaling_stats.remote().result(timeout_s=30)["crops_in_flight"])
+        seen_tokens.add(describer.record_autoscaling_stats.remote().result(timeout_s=30)["tokens_in_flight"])
+    for response in pending:
+        response.result(timeout_s=120)
+    assert seen_crops - {0} and seen_crops <= {0, 3, 6, 9, 12}  # whole frames of 3 crops (at most the 4 sent)
+    assert seen_tokens - {0} and seen_tokens <= {0, 4, 8}  # max_new_tokens (4 here) per frame
+    assert reader.record_autoscaling_stats.remote().result(timeout_s=30) == {"crops_in_flight": 0}
+    assert describer.record_autoscaling_stats.remote().result(timeout_s=30) == {"tokens_in_flight": 0}
+    assert _post(server, SAMPLE_SCENE.read_bytes(), describe="false").status_code == 200
+    assert ingress.record_autoscaling_stats.remote().result(timeout_s=30)["arrivals_per_s"] > 0
+
+
 def test_an_application_with_a_keys_file_needs_a_key_on_v1_but_not_on_its_probes(server, bare_keys):
     key, _ = bare_keys
     for headers in ({}, {"authorization": f"Bearer {auth.new_key()}"}, {"authorization": key}):

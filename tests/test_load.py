@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,8 @@ from festival_serve import loadgen
 from festival_serve.cli import main
 from festival_serve.load_profiles import BUILT_IN, Profile, load_profile
 from tests.test_bench import fake_server  # noqa: F401 - the fixture
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_festival_day_ramps_surges_and_lulls():
@@ -89,3 +92,36 @@ def test_fault_report_measures_recovery_against_the_goodput_before():
     assert report["outcomes_until_recovered"]["shed_fast"] == 48 and report["outcomes_until_recovered"]["lost"] == 0
     never = fault_report(rows[:26], {"t": 20, "kind": "replica"})
     assert never["recovery_s"] is None
+
+
+def test_updates_change_one_value_and_leave_the_rest():
+    import yaml
+
+    from festival_serve.load import updated_config
+
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    tuned, change = updated_config(config, "user_config")
+    detector = {d["name"]: d for d in tuned["applications"][0]["deployments"]}["SignDetector"]
+    assert detector["user_config"]["batch_wait_timeout_s"] == 0.002 and "0.001 -> 0.002" in change
+    assert tuned["applications"][0]["args"] == config["applications"][0]["args"]
+    moved, change = updated_config(config, "args")
+    assert moved["applications"][0]["args"]["sign_detector"]["confidence"] == 0.16 and "0.15 -> 0.16" in change
+    assert moved["applications"][0]["deployments"] == config["applications"][0]["deployments"]
+    assert config["applications"][0]["args"]["sign_detector"]["confidence"] == 0.15  # the input is left alone
+    with pytest.raises(ValueError, match="user_config, args"):
+        updated_config(config, "code")
+
+
+def test_two_runs_replicas_are_plotted_side_by_side(tmp_path):
+    from festival_serve.load import plot_replicas
+
+    def run(reader_replicas):
+        rows = [{"second": s, "offered_rps": 5.0, "replicas": {"SignReader": reader_replicas(s), "PipelineIngress": 1}}
+                for s in range(30)]
+        return {"seconds": rows, "summary": {"max_replicas": {"SignReader": max(reader_replicas(s) for s in range(30)),
+                                                              "PipelineIngress": 1}}}
+
+    path = plot_replicas({"graph": run(lambda s: 2 if 10 <= s < 20 else 1), "queue-length": run(lambda s: 1)},
+                         tmp_path / "both.png")
+    assert path.stat().st_size > 0
+    assert plot_replicas({"no counts": {"seconds": [], "summary": {"max_replicas": {}}}}, tmp_path / "x.png") is None

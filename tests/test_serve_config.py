@@ -15,6 +15,7 @@ import yaml
 from festival_serve import cluster
 from festival_serve.cli import main
 from festival_serve.serve_config import batch_config, check_serve_config
+from deployments.base import ModelDeployment
 from festival_serve.stages import stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,18 +135,16 @@ def test_reconfigure_refuses_an_empty_user_config(user_config):
         ModelDeployment.reconfigure(replica, user_config)
 
 
-def test_reconfigure_applies_the_user_config_to_the_batched_method():
-    from deployments.base import ModelDeployment
+@pytest.mark.parametrize("deployment", ["SignReader", "SceneDescriber", "SignDetector"])
+def test_reconfigure_applies_the_user_config_to_the_batched_method(deployment):
+    """The reader and the describer are entered through a method that counts their load for the autoscaler, and
+    batch behind it: the user_config must reach the ``@serve.batch`` method, whichever it is."""
+    from graphs.pipeline import MODELS
 
-    class Batched:
-        def set_max_batch_size(self, size):
-            self.size = size
-
-        def set_batch_wait_timeout_s(self, wait):
-            self.wait = wait
-
-    replica = SimpleNamespace(STAGE=stage("sign_reader"), read=Batched())
+    cls = next(model.func_or_class for model in MODELS if model.name == deployment)
+    replica = object.__new__(cls)  # no model loaded: only the batching is under test
     ModelDeployment.reconfigure(replica, {"max_batch_size": 32, "batch_wait_timeout_s": 0.001})
 
-    assert (replica.read.size, replica.read.wait) == (32, 0.001)
-    assert replica.batch_config == batch_config("SignReader", {"max_batch_size": 32, "batch_wait_timeout_s": 0.001})
+    batched = getattr(replica, cls.BATCHED or cls.STAGE.method)
+    assert (batched._get_max_batch_size(), batched._get_batch_wait_timeout_s()) == (32, 0.001)
+    assert replica.batch_config == batch_config(deployment, {"max_batch_size": 32, "batch_wait_timeout_s": 0.001})
