@@ -38,7 +38,10 @@ RAY_VERSION = "2.60.0"
 #: PersistentVolumeClaim holding the weights and the derived ONNX files / TensorRT engines.
 MODEL_STORE_CLAIM = "festival-models"
 MODEL_STORE_VOLUME = "model-store"
-DEFAULT_GPU_WORKERS_MIN = 1
+#: Two GPU workers always up: the safety stages' min_replicas of 2 (one per node, so a node loss leaves one)
+#: do not fit one GPU beside the rest (the generated sizing in cluster/README.md says how many GPUs min_replicas
+#: take), and a cold node takes minutes to boot and load the models.
+DEFAULT_GPU_WORKERS_MIN = 2
 #: Seconds the old RayCluster keeps serving after a blue/green upgrade switched traffic away: > the largest
 #: request budget (30 s) plus the proxy's drain.
 RAY_CLUSTER_DELETION_DELAY_S = 60
@@ -71,6 +74,7 @@ class DeploymentDemand(NamedTuple):
     cpus: float
     gpus: float
     max_replicas: int
+    min_replicas: int = 1
 
 
 class ResourceDemand(NamedTuple):
@@ -91,6 +95,11 @@ class ResourceDemand(NamedTuple):
         """(CPUs, GPUs) for one replica of each of ``deployments`` (default: all of them)."""
         chosen = self.deployments if deployments is None else deployments
         return _sum(d.cpus for d in chosen), _sum(d.gpus for d in chosen)
+
+    def at_min_replicas(self) -> tuple[float, float]:
+        """(CPUs, GPUs) with every deployment at its autoscaling min_replicas: what is always held."""
+        return (_sum(d.cpus * d.min_replicas for d in self.deployments),
+                _sum(d.gpus * d.min_replicas for d in self.deployments))
 
     def at_max_replicas(self) -> tuple[float, float]:
         """(CPUs, GPUs) with every deployment at its autoscaling max_replicas."""
@@ -113,8 +122,9 @@ def resource_demand(serve_config: dict) -> ResourceDemand:
             cpus = options.get("num_cpus")
             scaling = deployment.get("autoscaling_config") or {}
             most = scaling.get("max_replicas", deployment.get("num_replicas", 1))
+            least = scaling.get("min_replicas", 1) if scaling else most
             found.append(DeploymentDemand(deployment["name"], float(1 if cpus is None else cpus),
-                                          float(options.get("num_gpus") or 0), int(most)))
+                                          float(options.get("num_gpus") or 0), int(most), int(least)))
     return ResourceDemand(tuple(found))
 
 
@@ -298,10 +308,10 @@ def launcher_worker(launcher: dict) -> WorkerNode:
                       float(worker["resources"]["GPU"]))
 
 
-def workers_needed(demand: ResourceDemand, worker: WorkerNode) -> int:
-    """Workers that every deployment at max_replicas needs if packed perfectly: a lower bound, since
-    no replica splits across nodes (the launcher and RayService maxima add room above it)."""
-    cpus, gpus = demand.at_max_replicas()
+def workers_needed(demand: ResourceDemand, worker: WorkerNode, *, at: str = "max") -> int:
+    """Workers that every deployment at its max (or ``at="min"``) replicas needs if packed perfectly: a lower
+    bound, since no replica splits across nodes (the launcher and RayService bounds add room above it)."""
+    cpus, gpus = demand.at_max_replicas() if at == "max" else demand.at_min_replicas()
     return max(math.ceil(gpus / worker.gpus), math.ceil(cpus / worker.cpus), 1)
 
 
@@ -324,9 +334,12 @@ def _sizing_sentences(demand: ResourceDemand, worker: WorkerNode, code: str = ""
                 for d in demand.cpu_only if d.cpus > 0]
         first += (": room for " + " or ".join(room) + ".") if room else "."
     max_cpus, max_gpus = demand.at_max_replicas()
+    min_cpus, min_gpus = demand.at_min_replicas()
+    always = (f"Every deployment at {code}min_replicas{code} holds {_n(min_cpus)} CPU + {_n(min_gpus)} GPU at all "
+              f"times: at least {workers_needed(demand, worker, at='min')} such workers.")
     second = (f"Every deployment at {code}max_replicas{code} asks for {_n(max_cpus)} CPU + {_n(max_gpus)} GPU: "
               f"at least {workers_needed(demand, worker)} such workers if packed perfectly.")
-    return [first, second]
+    return [first, always, second]
 
 
 def _wrap(sentences: list[str], width: int) -> list[str]:
@@ -345,6 +358,8 @@ def render_readme_block(demand: ResourceDemand, worker: WorkerNode, source: str)
     at_max = demand.at_max_replicas()
     rows += [f"| one replica of each model | {_n(models[0])} | {_n(models[1])} | | | |",
              f"| one replica of every deployment | {_n(every[0])} | {_n(every[1])} | | | |",
+             f"| every deployment at `min_replicas` (always held) | {_n(demand.at_min_replicas()[0])} | "
+             f"{_n(demand.at_min_replicas()[1])} | | | |",
              f"| every deployment at `max_replicas` | | | | {_n(at_max[0])} | {_n(at_max[1])} |"]
     intro = f"From `{source}` (`ray_actor_options` per replica, `autoscaling_config.max_replicas`):"
     return ["", intro, "", *rows, "", *_wrap(_sizing_sentences(demand, worker, code="`"), 96), ""]

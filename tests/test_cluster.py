@@ -28,7 +28,7 @@ def serve_config() -> dict:
 
 @pytest.fixture(scope="module")
 def manifest(serve_config) -> dict:
-    return cluster.render_rayservice(serve_config, image=cluster.PLACEHOLDER_IMAGE, gpu_workers_min=1, gpu_workers_max=4)
+    return cluster.render_rayservice(serve_config, image=cluster.PLACEHOLDER_IMAGE, gpu_workers_min=cluster.DEFAULT_GPU_WORKERS_MIN, gpu_workers_max=4)
 
 
 def deployments(config: dict) -> list[dict]:
@@ -96,7 +96,7 @@ def test_the_head_runs_no_replicas_and_gpu_workers_autoscale(manifest):
     assert head["rayStartParams"]["num-cpus"] == "0" and head["rayStartParams"]["num-gpus"] == "0"
     assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]
     [workers] = spec["workerGroupSpecs"]
-    assert (workers["replicas"], workers["minReplicas"], workers["maxReplicas"]) == (1, 1, 4)
+    assert (workers["replicas"], workers["minReplicas"], workers["maxReplicas"]) == (2, 2, 4)
     resources = workers["template"]["spec"]["containers"][0]["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 1
 
@@ -131,7 +131,7 @@ def test_the_committed_manifest_keeps_serve_config_v2_a_literal_block():
     assert text.startswith("# GENERATED from serve_config.yaml")
     assert "  serveConfigV2: |\n    proxy_location: EveryNode\n" in text
     assert yaml.safe_load(text) == cluster.render_rayservice(
-        yaml.safe_load(SERVE_CONFIG.read_text()), image=cluster.PLACEHOLDER_IMAGE, gpu_workers_min=1, gpu_workers_max=4)
+        yaml.safe_load(SERVE_CONFIG.read_text()), image=cluster.PLACEHOLDER_IMAGE, gpu_workers_min=cluster.DEFAULT_GPU_WORKERS_MIN, gpu_workers_max=4)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -206,15 +206,17 @@ SMALL_WORKER = cluster.WorkerNode("g5.xlarge", cpus=4, gpus=1)
 
 def test_resource_demand_of_a_small_config():
     demand = cluster.resource_demand(SMALL_CONFIG)
-    assert demand.deployments == (cluster.DeploymentDemand("Model", 0.5, 0.3, 3),
-                                  cluster.DeploymentDemand("Front", 0.25, 0.0, 2))
+    assert demand.deployments == (cluster.DeploymentDemand("Model", 0.5, 0.3, 3, min_replicas=1),
+                                  cluster.DeploymentDemand("Front", 0.25, 0.0, 2, min_replicas=2))  # fixed: 2 always
     assert [d.name for d in demand.models] == ["Model"] and [d.name for d in demand.cpu_only] == ["Front"]
     assert demand.replica_set(demand.models) == (0.5, 0.3)
     assert demand.replica_set() == (0.75, 0.3)
     assert demand.at_max_replicas() == (2.0, 0.9)  # 3 x 0.5 + 2 x 0.25 CPU; 3 x 0.3 GPU
+    assert demand.at_min_replicas() == (1.0, 0.3)  # 0.5 + 2 x 0.25 CPU
     assert cluster.gpu_demand(SMALL_CONFIG) == cluster.GpuDemand(0.3, 0.9, 0.3)
     assert cluster.workers_needed(demand, SMALL_WORKER) == 1
     assert cluster.workers_needed(demand, cluster.WorkerNode("small", cpus=1, gpus=1)) == 2  # CPU-bound
+    assert cluster.workers_needed(demand, cluster.WorkerNode("small", cpus=1, gpus=1), at="min") == 1
 
 
 def test_resource_demand_uses_serves_defaults_and_adds_fractions_exactly():
@@ -327,3 +329,12 @@ def test_upgrades_keep_serving_blue_green_with_the_old_cluster_kept_past_every_b
     for deployment in app["deployments"]:  # Serve's in-place rolling update: new replica first, old one drains
         assert deployment["max_surge_percent"] == 100, deployment["name"]
         assert deployment["graceful_shutdown_timeout_s"] > app["args"]["ingress"]["max_budget_s"], deployment["name"]
+
+
+def test_the_gpu_workers_always_up_hold_every_deployment_at_min_replicas():
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    launcher = yaml.safe_load((ROOT / "cluster" / "ray-cluster.yaml").read_text())
+    worker = cluster.launcher_worker(launcher)
+    needed = cluster.workers_needed(cluster.resource_demand(config), worker, at="min")
+    assert cluster.DEFAULT_GPU_WORKERS_MIN >= needed
+    assert launcher["available_node_types"]["ray.worker.gpu"]["min_workers"] >= needed
