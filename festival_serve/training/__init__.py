@@ -2,6 +2,8 @@
 
 - ``hazards``: YOLIC-M2 hazard cells with a plain PyTorch loop, as in the paper (BCEWithLogits, Adam);
 - ``signs``: the YOLO sign detector with ultralytics' own trainer, from a generated dataset in its format;
+- ``sign_text``: the Vietnamese sign-text recognizer (CRNN, CTC) on text lines rendered on the fly, exported as
+  the PP-OCR reader's ``rec_model`` ONNX with its dictionary;
 - ``cards``: the Markdown model card written next to each trained checkpoint.
 
 Each trainer is a command (``python -m festival_serve.training.hazards``, ``... .signs``) that retrains
