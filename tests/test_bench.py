@@ -95,7 +95,8 @@ def test_closed_loop_counts_answers_errors_and_degraded(fake_server):
     assert summary["ok"] > 0 and summary["errors"] > 0 and summary["degraded"] > 0
     assert summary["requests"] == summary["ok"] + summary["errors"]
     assert "HTTP 500" in summary["error_examples"][0]
-    assert 10 <= summary["p50_ms"] <= summary["p95_ms"] <= summary["p99_ms"]
+    # The fake server sleeps 10 ms; the two clocks and the 2-decimal rounding can put a sample a hair under it.
+    assert 9.5 <= summary["p50_ms"] <= summary["p95_ms"] <= summary["p99_ms"]
     assert summary["throughput_rps"] == pytest.approx(summary["ok"] / result.duration_s, rel=1e-2)
 
 
