@@ -19,16 +19,17 @@ up/down delays and scaling factors around it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 #: The metric names replicas report and ``serve_config.yaml`` names.
 CROPS_IN_FLIGHT = "crops_in_flight"
 TOKENS_IN_FLIGHT = "tokens_in_flight"
-FRAMES_IN_FLIGHT = "frames_in_flight"
 ARRIVALS_PER_S = "arrivals_per_s"
-METRICS = (CROPS_IN_FLIGHT, TOKENS_IN_FLIGHT, FRAMES_IN_FLIGHT, ARRIVALS_PER_S)
+METRICS = (CROPS_IN_FLIGHT, TOKENS_IN_FLIGHT, ARRIVALS_PER_S)
 
 
 def desired_replicas(per_replica_load: dict[Any, float], target_per_replica: float) -> float:
@@ -66,21 +67,13 @@ class InFlight:
 
     total: float = 0.0
 
-    def add(self, weight: float) -> "_Held":
+    @contextlib.contextmanager
+    def add(self, weight: float) -> Iterator[None]:
         self.total += weight
-        return _Held(self, weight)
-
-
-@dataclass
-class _Held:
-    owner: InFlight
-    weight: float
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        self.owner.total -= self.weight
+        try:
+            yield
+        finally:
+            self.total -= weight
 
 
 @dataclass
