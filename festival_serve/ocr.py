@@ -2,8 +2,9 @@
 
 ``read(crops)`` takes the crops of many signs (from many requests) and runs each network once:
 
-1. detection: every crop is letterboxed to a ``det_size`` square and the whole batch goes through the
-   DB text detector in ONE forward pass; DB post-processing (rapidocr's) turns each probability map
+1. detection: every crop is scaled so its longest side is ``det_size`` (aspect kept) and the wide crops,
+   then the upright ones, go through the DB text detector in one forward pass each (padded to the
+   largest crop of the pass); DB post-processing (rapidocr's) turns each probability map
    into text-line quadrilaterals, mapped back to the crop's pixels;
 2. recognition: every text line of every crop is rectified, resized to ``rec_height`` and padded to
    the batch's widest line, and the whole set goes through the CTC recogniser in ONE forward pass;
@@ -53,11 +54,14 @@ DB_PARAMS: dict[str, Any] = {
     "score_mode": "fast",
 }
 
+#: DB's output stride: the detector's input sides must be multiples of it (pixels).
+DET_STRIDE = 32
+
 #: PaddleOCR pads every line to at least 320 x 48 (``rec_img_shape``): the width the recogniser was
 #: trained at. Short words padded to it read better than words squeezed into a narrow tensor.
 REC_MIN_WH_RATIO = 320 / 48
 #: One very long line would widen the whole recognition batch (it is padded to the widest line).
-#: 25:1 is 1200 px at height 48, longer than any sign line letterboxed at det_size; wider lines are
+#: 25:1 is 1200 px at height 48, longer than any sign line scaled to det_size; wider lines are
 #: squeezed horizontally rather than widening the batch further.
 REC_MAX_WH_RATIO = 25.0
 
@@ -159,39 +163,50 @@ def normalize(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
-    """Fit ``image`` into a (size, size) canvas keeping its aspect ratio; returns (canvas, scale).
-
-    The image sits at the top-left corner, so mapping back is a single division by ``scale``.
-    Padding is black, as rapidocr pads (``add_round_letterbox``).
-    """
+def fit_longest_side(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """``image`` resized so its longest side is ``size`` (aspect kept); returns (resized, scale)."""
     h, w = image.shape[:2]
     scale = size / max(h, w)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    canvas = np.zeros((size, size, 3), dtype=np.uint8)
-    canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    return canvas, scale
+    return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR), scale
 
 
 def det_batch(images: list[np.ndarray], size: int) -> tuple[np.ndarray, list[float]]:
-    """BGR images -> the detector's (N, 3, size, size) float32 input, and each image's scale."""
-    boxed = [letterbox(image, size) for image in images]
-    batch = normalize(np.stack([canvas for canvas, _ in boxed]))
-    return batch, [scale for _, scale in boxed]
+    """BGR images -> the detector's (N, 3, H, W) float32 input, and each image's scale.
+
+    Each crop is scaled so its longest side is ``size`` and keeps its aspect ratio: a 4:1 direction sign
+    costs a quarter of a square (DB is fully convolutional). The batch is as large as its largest crop,
+    each side rounded up to DB's stride of 32. Crops sit at the top-left corner, so mapping back is a
+    single division by ``scale``; padding is black, as rapidocr pads (``add_round_letterbox``).
+    """
+    fitted = [fit_longest_side(image, size) for image in images]
+    height = DET_STRIDE * math.ceil(max(im.shape[0] for im, _ in fitted) / DET_STRIDE)
+    width = DET_STRIDE * math.ceil(max(im.shape[1] for im, _ in fitted) / DET_STRIDE)
+    canvas = np.zeros((len(images), height, width, 3), dtype=np.uint8)
+    for k, (im, _) in enumerate(fitted):
+        canvas[k, :im.shape[0], :im.shape[1]] = im
+    return normalize(canvas), [scale for _, scale in fitted]
+
+
+def orientation_groups(images: list[np.ndarray]) -> list[list[int]]:
+    """Indices of the wide crops (direction and information plates) and of the rest (discs, triangles):
+    padded into one batch, a wide crop's canvas would grow to a square beside an upright one."""
+    wide = [i for i, image in enumerate(images) if image.shape[1] > image.shape[0]]
+    upright = [i for i, image in enumerate(images) if image.shape[1] <= image.shape[0]]
+    return [group for group in (wide, upright) if group]
 
 
 def boxes_from_map(
     prob_map: np.ndarray, scale: float, image_shape: tuple[int, ...], postprocess
 ) -> list[tuple[np.ndarray, float]]:
-    """One (size, size) text-probability map -> [(box (4, 2) float32 in image pixels, score)].
+    """One (H, W) text-probability map -> [(box (4, 2) float32 in image pixels, score)].
 
-    rapidocr's ``DBPostProcess`` rescales boxes from the map to a destination size; the letterbox
-    canvas is ``size / scale`` image pixels wide, so that destination lands them in the image's
-    coordinates. Unclipping may push a box into the padding: clip it back to the image.
+    rapidocr's ``DBPostProcess`` rescales boxes from the map to a destination size; the map spans
+    ``(H, W) / scale`` image pixels, so that destination lands them in the image's coordinates.
+    Unclipping may push a box into the padding: clip it back to the image.
     """
-    size = prob_map.shape[-1]
-    extent = size / scale
-    boxes, scores = postprocess(prob_map.reshape(1, 1, size, size), (extent, extent))
+    map_h, map_w = prob_map.shape[-2:]
+    boxes, scores = postprocess(prob_map.reshape(1, 1, map_h, map_w), (map_h / scale, map_w / scale))
     h, w = image_shape[:2]
     out = []
     for box, score in zip(boxes, scores):
@@ -299,6 +314,17 @@ def model_file(value: str | None, model_store: Path, shipped: str) -> tuple[Path
     return path, f"{source}/{shipped}"
 
 
+def recognizer_file(value: str | None, model_store: Path) -> tuple[Path, str]:
+    """The ``rec_model`` setting -> (ONNX path, source label). A ``.pt`` is a sign-text checkpoint
+    (``festival-serve train sign-text``): its ONNX export is served, made once beside it."""
+    path, label = model_file(value, model_store, SHIPPED_REC)
+    if path.suffix != ".pt":
+        return path, label
+    from festival_serve.training.sign_text import cached_onnx
+
+    return cached_onnx(path), label
+
+
 def model_dictionary(session) -> list[str] | None:
     """The dictionary PaddleOCR's ONNX export embeds in the model metadata, if any."""
     meta = session.get_modelmeta().custom_metadata_map
@@ -338,7 +364,7 @@ class PPOCROnnxReader:
         from festival_serve.backends.onnxruntime_backend import OnnxRuntimeBackend
 
         det_path, det_label = model_file(settings.det_model, model_store, SHIPPED_DET)
-        rec_path, rec_label = model_file(settings.rec_model, model_store, SHIPPED_REC)
+        rec_path, rec_label = recognizer_file(settings.rec_model, model_store)
         dict_path = store_path(settings.rec_dict, model_store) if settings.rec_dict else None
         self.settings = settings
         self.device = resolve_device(settings.device, gpu_only=gpu_only, model="sign_reader")
@@ -384,14 +410,15 @@ class PPOCROnnxReader:
         return results
 
     def detect(self, images: list[np.ndarray]) -> list[list[tuple[np.ndarray, float]]]:
-        """BGR images -> per image [(box, score)]: one detector forward pass for all of them."""
-        batch, scales = det_batch(images, self.settings.det_size)
-        prob_maps = self.det.forward(batch)[0]  # (N, 1, det_size, det_size) text probability
-        # DB post-processing is contour geometry on the CPU, one map at a time (rapidocr's API).
-        return [
-            boxes_from_map(prob_map, scale, image.shape, self.postprocess)
-            for prob_map, scale, image in zip(prob_maps, scales, images)
-        ]
+        """BGR images -> per image [(box, score)]: one detector forward pass per crop orientation."""
+        found: list[list[tuple[np.ndarray, float]]] = [[] for _ in images]
+        for group in orientation_groups(images):
+            batch, scales = det_batch([images[i] for i in group], self.settings.det_size)
+            prob_maps = self.det.forward(batch)[0]  # (n, 1, H, W) text probability, H and W <= det_size
+            # DB post-processing is contour geometry on the CPU, one map at a time (rapidocr's API).
+            for i, prob_map, scale in zip(group, prob_maps, scales):
+                found[i] = boxes_from_map(prob_map, scale, images[i].shape, self.postprocess)
+        return found
 
     def recognize(self, lines: list[np.ndarray]) -> list[tuple[str, float]]:
         """BGR line images -> [(text, score)]: one recogniser forward pass for all of them."""
@@ -440,6 +467,10 @@ class PaddleOCRReader:
                  gpu_fraction: float | None = None) -> None:
         # gpu_fraction is not applied: Paddle's allocator is capped only by FLAGS_fraction_of_gpu_memory_to_use,
         # read once at import; set it in the replica's runtime_env to cap this engine.
+        if settings.rec_model and Path(settings.rec_model).suffix == ".pt":
+            raise ValueError(f"sign_reader: {settings.rec_model} is a sign-text checkpoint, which the onnx engine "
+                             "serves; the paddle engine reads a Paddle inference model directory (set rec_model to "
+                             "one, or null for PaddleOCR's own)")
         paddle_ocr = _import_paddleocr()
         self.settings = settings
         self.device = resolve_device(settings.device, gpu_only=gpu_only, model="sign_reader")
@@ -448,7 +479,7 @@ class PaddleOCRReader:
             "use_doc_orientation_classify": False,
             "use_doc_unwarping": False,
             "use_textline_orientation": False,
-            # Shrink crops larger than det_size, as the onnx engine's letterbox does.
+            # Crops larger than det_size shrink to it (the onnx engine also enlarges smaller ones).
             "text_det_limit_side_len": settings.det_size,
             "text_det_limit_type": "max",
             "text_rec_score_thresh": settings.min_text_score,

@@ -1,4 +1,4 @@
-"""Export the detectors' ONNX files before the replicas start, in a process of its own.
+"""Export the detectors' (and a trained sign-text recognizer's) ONNX files before the replicas start, in a process of its own.
 
 A replica that finds its export cached (keyed by the checkpoint's hash) never imports torch, so the
 ONNX Runtime replicas stay ~500 MB smaller; doing the export here, in a short-lived process, keeps
@@ -35,6 +35,13 @@ def export_onnx(args: PipelineArgs, *, has_gpu: bool, progress=print) -> list[Pa
             continue
         files.append(network.source(args).onnx_file())
         progress(f"  {network.name}: ONNX export ready ({files[-1].name})")
+    reader = args.sign_reader
+    if reader.engine == "onnx" and reader.rec_model and reader.rec_model.endswith(".pt") \
+            and args.store_path(reader.rec_model).is_file():
+        from festival_serve.training.sign_text import cached_onnx
+
+        files.append(cached_onnx(args.store_path(reader.rec_model)))
+        progress(f"  sign_reader recognizer: ONNX export ready ({files[-1].name})")
     return files
 
 

@@ -118,7 +118,9 @@ class SignReaderSettings(_Section):
         "onnx", description="onnx: PP-OCR det+rec ONNX models on ONNX Runtime; paddle: PaddleOCR 3.x."
     )
     det_model: str | None = Field(None, description="PP-OCR detection ONNX; default: the one shipped in rapidocr.")
-    rec_model: str | None = Field(None, description="PP-OCR recognition ONNX; default: the one shipped in rapidocr.")
+    rec_model: str | None = Field(
+        None, description="PP-OCR recognition ONNX, or a `train sign-text` checkpoint (.pt: its ONNX export is served); "
+                          "default: the PP-OCRv6 one shipped in rapidocr.")
     rec_dict: str | None = Field(
         None, description="Recognizer character dictionary (one char per line); default: the model's own."
     )

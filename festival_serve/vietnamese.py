@@ -311,6 +311,13 @@ def number(rng: np.random.Generator) -> str:
     return f"{int(rng.integers(1, 100))}.{int(rng.integers(0, 1000)):03d}"
 
 
+def speed_limit(rng: np.random.Generator) -> str:
+    """A speed limit's bare numerals ("50", "120"): the most-read text on a road, alone on its disc."""
+    if rng.random() < 0.8:
+        return str(10 * int(rng.integers(1, 13)))
+    return str(5 * int(rng.integers(1, 27)))
+
+
 def measure(rng: np.random.Generator) -> str:
     """Numbers with units, times, road numbers and other figures printed on signs."""
     kind = rng.random()
@@ -355,7 +362,14 @@ def random_characters(rng: np.random.Generator) -> str:
     return " ".join(words)
 
 
+#: Share of training lines that are a speed limit's bare numerals (without them the recognizer, having seen
+#: numbers only beside units and words, read a lone "50" as nothing and "60" as "6O").
+SPEED_LIMIT_P = 0.06
+
+
 def _draw(rng: np.random.Generator, split: str) -> str:
+    if rng.random() < SPEED_LIMIT_P:
+        return speed_limit(rng)
     source = rng.random()
     if source < 0.28:
         return _case(str(rng.choice(phrases(split))), rng)

@@ -95,6 +95,42 @@ def test_ocr_metrics_with_and_without_tone_marks():
     assert ev.ocr_metrics([("X", "")])["evaluated"] == 0  # pictograms (no text) are not scored
 
 
+def test_letter_confusions_rank_the_misread_letters_and_keep_the_never_read():
+    pairs = [("BEN XE", "BẾN XE"), ("BẾN XE", "BẾN XE"), ("CH", "CHỢ"), ("CHO", "CHỢ")]
+    o = ev.ocr_metrics(pairs)
+    confusions = {c["char"]: c for c in o["confusions"]}
+    assert list(confusions) == ["Ợ", "Ế"]  # Ợ misread twice, Ế once; right letters are not listed
+    assert confusions["Ợ"]["read_right"] == 0.0 and confusions["Ợ"]["read_as"] == {"": 1, "O": 1}
+    assert confusions["Ế"] == {"char": "Ế", "codepoint": "U+1EBE", "count": 2, "read_right": 0.5, "read_as": {"E": 1}}
+    assert [u["char"] for u in o["unreadable_characters"]] == ["Ợ"]  # Ế was read once
+
+
+def test_targets_hold_floors_and_the_cer_ceiling_and_held_out_phrases_their_own_bar():
+    result = {"signs": {"precision": 0.99, "recall": 0.99}, "hazards": {"f1": 0.9},
+              "ocr": {"exact_match": 0.91, "exact_match_no_tones": 0.98, "cer": 0.02}}
+    assert all(t["met"] for t in ev.check_targets(result).values())
+    assert ev.check_targets(result)["ocr.cer"] == {"value": 0.02, "target": 0.03, "bound": "max", "met": True}
+    worse = {**result, "ocr": {**result["ocr"], "cer": 0.05, "exact_match": 0.86}}
+    missed = {k for k, t in ev.check_targets(worse).items() if not t["met"]}
+    assert missed == {"ocr.cer", "ocr.exact_match"}
+    held_out = ev.check_targets(worse, "held-out")
+    assert "ocr.cer" not in held_out and held_out["ocr.exact_match"]["target"] == 0.85
+    assert all(t["met"] for t in held_out.values())
+    with pytest.raises(ValueError, match="sign_texts"):
+        ev.check_targets(result, "klingon")
+
+
+def test_held_out_scenes_carry_only_phrases_no_training_line_holds():
+    from festival_serve import synth, vietnamese
+
+    held_out = ev.info_texts("held-out")
+    texts = [s.text for seed in synth.scene_seeds("test", 40)
+             for s in synth.generate_scene(seed, info_texts=held_out).signs if s.sign_class == "info"]
+    assert len(texts) >= 10 and set(texts) <= set(held_out)
+    assert all(vietnamese.split_of(t) == "val" for t in texts)
+    assert not set(held_out) & set(synth.INFO_TEXTS)
+
+
 def test_alignment_names_what_replaced_each_character():
     assert ev.align("BEN XE", "BẾN XE") == [("B", "B"), ("Ế", "E"), ("N", "N"), (" ", " "), ("X", "X"), ("E", "E")]
     assert ev.align("BN", "BEN") == [("B", "B"), ("E", ""), ("N", "N")]
@@ -126,11 +162,15 @@ def test_latency_percentiles():
 
 # -- the client against a stub HTTP peer ------------------------------------------------------------
 
+#: What the stub server's scenes' information signs say (``evaluate.SIGN_TEXTS``), as the client will draw them.
+STUB_SIGN_TEXTS = {"value": "world"}
+
+
 def _truth_answer(seed: int, size: tuple[int, int], layout) -> dict:
     """What a perfect deployment would answer for the scene ``seed``."""
     from festival_serve import synth
 
-    scene = synth.generate_scene(seed, size=size)
+    scene = synth.generate_scene(seed, size=size, info_texts=ev.info_texts(STUB_SIGN_TEXTS["value"]))
     scale = np.array([*size, *size])
     return {
         "signs": [{"box": list(map(float, s.box)), "label": s.sign_class, "score": 0.99,
@@ -180,6 +220,7 @@ def stub_server(yolic_layout):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}", fail, seen
+    STUB_SIGN_TEXTS["value"] = "world"
     server.shutdown()
     server.server_close()
 
@@ -199,6 +240,18 @@ def test_evaluate_against_a_perfect_server_scores_one(stub_server):
     assert result["hazards"]["f1"] == result["hazards"]["precision"] == result["hazards"]["recall"] == 1.0
     assert result["latency_ms"]["server_total"]["p50"] == 5.0 and result["latency_ms"]["client"]["count"] == 6
     assert all(t["met"] for t in result["targets"].values())
+
+
+def test_held_out_evaluation_sends_held_out_phrases_and_scores_them_to_their_bar(stub_server):
+    url, _, _ = stub_server
+    STUB_SIGN_TEXTS["value"] = "held-out"
+    result = ev.evaluate(url, images=8, concurrency=2, progress=False, sign_texts="held-out")
+    assert result["config"]["sign_texts"] == "held-out" and result["ocr"]["evaluated"] > 0
+    assert result["ocr"]["exact_match"] == 1.0 and result["targets"]["ocr.exact_match"]["target"] == 0.85
+    # A server answering for the world's signs where held-out ones are printed is scored as wrong.
+    STUB_SIGN_TEXTS["value"] = "world"
+    wrong = ev.evaluate(url, images=8, concurrency=2, progress=False, sign_texts="held-out")
+    assert wrong["ocr"]["end_to_end"]["exact_match"] < 1.0
 
 
 def test_failed_requests_count_as_errors_and_misses(stub_server):

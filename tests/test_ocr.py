@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 from festival_serve.backends.base import BackendUnavailable
 from festival_serve.devices import GpuOnlyViolation, cuda_available
 from festival_serve.ocr import (
+    DB_PARAMS,
     EMPTY,
     ENGINES,
     REC_MAX_WH_RATIO,
@@ -22,9 +23,11 @@ from festival_serve.ocr import (
     SignText,
     TextLine,
     assemble,
+    boxes_from_map,
     create_reader,
-    letterbox,
+    det_batch,
     model_dictionary,
+    orientation_groups,
     reading_order,
     rec_batch,
     sign_text_from_paddle,
@@ -122,7 +125,7 @@ def test_two_line_sign_is_joined_top_to_bottom(reader, font_file):
 
 @pytest.mark.parametrize("size", [(640, 200), (120, 60)], ids=["larger-than-det_size", "smaller"])
 def test_line_boxes_are_in_crop_pixels(reader, font_file, size):
-    """Letterbox scaling is undone: the box surrounds the rendered text in the crop's own pixels."""
+    """Detection scaling is undone: the box surrounds the rendered text in the crop's own pixels."""
     font_px = size[1] // 3
     origin = (size[0] // 5, size[1] // 4)
     crop, [(x0, y0, x1, y1)] = render_sign(font_file, ["EXIT"], size, font_px=font_px, origin=origin)
@@ -142,9 +145,11 @@ def test_batch_reads_every_crop_in_order_and_equals_single_reads(reader, signs):
     singles = [reader.read([crop])[0] for crop in crops]
     assert [s.text for s in singles] == [b.text for b in batched]
     for single, batch in zip(singles, batched):
-        # Boxes come from identical letterboxed inputs; recognition pads differently per batch.
-        assert np.allclose([line.box for line in single.lines], [line.box for line in batch.lines], atol=1)
-        assert single.score == pytest.approx(batch.score, abs=0.02)
+        # Alone, a crop's canvas ends at its own edge (rounded up to 32); in a batch it is padded to the largest
+        # crop, and DB's receptive field sees black padding instead of the network's zero padding there: boxes
+        # move by a few pixels (measured: up to 4 on the 80 px "NO PARKING"), the text does not change.
+        assert np.allclose([line.box for line in single.lines], [line.box for line in batch.lines], atol=5)
+        assert single.score == pytest.approx(batch.score, abs=0.03)
 
 
 def test_degenerate_crops_read_empty_without_failing_the_batch(reader, signs):
@@ -211,11 +216,33 @@ def test_assemble_joins_lines_in_reading_order_with_mean_score():
     assert assemble([]) == SignText("", 0.0, ())
 
 
-def test_letterbox_keeps_aspect_at_top_left():
-    image = np.full((50, 200, 3), 255, np.uint8)
-    canvas, scale = letterbox(image, 320)
-    assert canvas.shape == (320, 320, 3) and scale == pytest.approx(1.6)
-    assert canvas[:80, :320].min() == 255 and canvas[80:].max() == 0
+def test_det_batch_keeps_aspect_at_top_left_and_pads_to_the_largest_crop():
+    wide, small = np.full((50, 200, 3), 255, np.uint8), np.full((30, 30, 3), 255, np.uint8)
+    batch, scales = det_batch([wide], 320)
+    assert batch.shape == (1, 3, 96, 320) and scales == [pytest.approx(1.6)]  # 80 rows, rounded up to 32
+    assert batch[0, :, :80].min() == 1.0 and batch[0, :, 80:].max() == -1.0  # white text area, black padding
+    batch, scales = det_batch([wide, small], 320)
+    assert batch.shape == (2, 3, 320, 320) and scales == [pytest.approx(1.6), pytest.approx(320 / 30)]
+
+
+def test_wide_and_upright_crops_are_detected_in_separate_passes():
+    wide, disc, tall = np.zeros((40, 160, 3), np.uint8), np.zeros((60, 60, 3), np.uint8), np.zeros((90, 50, 3), np.uint8)
+    assert orientation_groups([disc, wide, tall, wide]) == [[1, 3], [0, 2]]
+    assert orientation_groups([disc]) == [[0]]
+    assert det_batch([wide, wide], 256)[0].shape == (2, 3, 64, 256)  # not 256 x 256, as beside the disc
+
+
+def test_boxes_from_a_wide_map_land_in_the_crops_pixels():
+    from rapidocr.ch_ppocr_det.utils import DBPostProcess
+
+    crop = np.zeros((50, 200, 3), np.uint8)
+    batch, (scale,) = det_batch([crop], 320)
+    prob_map = np.zeros(batch.shape[2:], np.float32)
+    prob_map[24:56, 32:288] = 1.0  # a text line at crop pixels x 20..180, y 15..35
+    ((box, score),) = boxes_from_map(prob_map, scale, crop.shape, DBPostProcess(**DB_PARAMS))
+    assert score > DB_PARAMS["box_thresh"]
+    assert box[:, 0].min() < 20 < 180 < box[:, 0].max() and box[:, 1].min() < 15 < 35 < box[:, 1].max()
+    assert box[:, 0].max() <= 199 and box[:, 1].max() <= 49  # clipped to the crop
 
 
 def test_rec_batch_pads_to_widest_line_within_limits():

@@ -30,7 +30,7 @@ def shipped_args() -> PipelineArgs:
 
 
 @pytest.fixture(scope="module")
-def outcomes(shipped_args) -> list[evaluate.Outcome]:
+def shipped_app(shipped_args) -> TestClient:
     from festival_serve import ocr, signs, yolic
 
     store = Path(shipped_args.model_store)
@@ -39,13 +39,23 @@ def outcomes(shipped_args) -> list[evaluate.Outcome]:
         "hazard_cells": yolic.HazardCellClassifier(shipped_args.hazard_cells, model_store=store),
         "sign_reader": ocr.create_reader(shipped_args.sign_reader, model_store=store),
     }
-    client = TestClient(build_app(shipped_args, models))
+    return TestClient(build_app(shipped_args, models))
+
+
+def _outcomes(client: TestClient, shipped_args: PipelineArgs, sign_texts: str) -> list[evaluate.Outcome]:
+    from festival_serve import yolic
+
     layout = yolic.load_layout(shipped_args.hazard_cells.layout)
     seeds = synth.scene_seeds("test", SCENES)
     outcomes = [evaluate._post(client, "", truth, jpeg, layout.classes, describe=False)
-                for truth, jpeg in evaluate._scenes(seeds, evaluate.DEFAULT_SIZES, quality=90)]
+                for truth, jpeg in evaluate._scenes(seeds, evaluate.DEFAULT_SIZES, 90, sign_texts)]
     assert [o.error for o in outcomes] == [None] * SCENES
     return outcomes
+
+
+@pytest.fixture(scope="module")
+def outcomes(shipped_app, shipped_args) -> list[evaluate.Outcome]:
+    return _outcomes(shipped_app, shipped_args, "world")
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +75,27 @@ def test_only_signs_that_print_text_are_read(outcomes, shipped_args):
 def test_shipped_weights_are_the_served_defaults(shipped_args):
     assert shipped_args.store_path(shipped_args.sign_detector.weights).is_file()
     assert shipped_args.store_path(shipped_args.hazard_cells.weights).is_file()
+    # The reader: PP-OCRv6's text detector (shipped in rapidocr) + the Vietnamese recognizer trained here.
+    assert shipped_args.store_path(shipped_args.sign_reader.rec_model).is_file()
+    assert shipped_args.store_path(shipped_args.sign_reader.rec_dict).is_file()
     sizes = [p.stat().st_size for p in (ROOT / "models").rglob("*") if p.suffix in (".pt", ".tar")]
     assert sum(sizes) < 20 * 1024**2  # the issue's budget for the embedded defaults
 
 
 def test_signs_their_text_and_the_hazard_cells_meet_the_targets(report):
-    scores = {"signs.precision": report["signs"]["precision"], "signs.recall": report["signs"]["recall"],
-              "ocr.exact_match_no_tones": report["ocr"]["exact_match_no_tones"], "hazards.f1": report["hazards"]["f1"]}
-    print({k: {"value": v, "target": evaluate.TARGETS[k]} for k, v in scores.items()})
+    targets = evaluate.check_targets(report)
+    print({k: {"value": t["value"], "target": t["target"]} for k, t in targets.items()})
+    assert {"ocr.exact_match", "ocr.exact_match_no_tones", "ocr.cer"} <= set(targets)  # read with tone marks
     assert report["ocr"]["evaluated"] >= 50
-    for key, value in scores.items():
-        assert value >= evaluate.TARGETS[key], (key, value, report["signs"], report["ocr"], report["hazards"])
+    assert all(t["met"] for t in targets.values()), (targets, report["ocr"]["confusions"])
+
+
+def test_phrases_never_trained_on_are_read_with_their_tones(shipped_app, shipped_args):
+    """The same scenes with information signs that say held-out phrases and places (``vietnamese`` "val"):
+    text the recognizer never trained on, read to the issue's bar for it."""
+    held_out = evaluate.report(_outcomes(shipped_app, shipped_args, "held-out"),
+                               sign_classes=list(synth.SIGN_CLASSES), sign_texts="held-out")
+    ocr = {k: held_out["ocr"][k] for k in ("evaluated", "exact_match", "exact_match_no_tones", "cer")}
+    print(ocr)
+    assert ocr["evaluated"] >= 50
+    assert held_out["targets"]["ocr.exact_match"]["met"], (ocr, held_out["ocr"]["confusions"])

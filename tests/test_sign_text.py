@@ -4,6 +4,8 @@ CRNN whose ONNX export runs through the production PP-OCR reader exactly as it r
 
 from __future__ import annotations
 
+import copy
+
 import os
 import subprocess
 import sys
@@ -164,8 +166,8 @@ def exported(tmp_path_factory):
     with torch.no_grad():  # a confident, uneven output, so argmax decoding is not decided by rounding
         model.head.weight.mul_(20)
     out = tmp_path_factory.mktemp("sign_reader")
-    onnx_path, dict_path = st.export_onnx(model, out)
-    return model, onnx_path, dict_path
+    checkpoint = st.save_checkpoint(model, out / st.CHECKPOINT)
+    return model, st.cached_onnx(checkpoint), st.write_dictionary(out)
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +202,35 @@ def test_export_runs_through_the_production_reader_as_in_pytorch(exported, lines
     assert isinstance(result, SignText) and unicodedata.is_normalized("NFC", result.text)
 
 
+def test_reader_serves_a_checkpoint_through_its_cached_export(exported, lines, tmp_path):
+    model, onnx_path, _ = exported
+    store = tmp_path / "store"
+    checkpoint = st.save_checkpoint(model, store / "sign_reader" / st.CHECKPOINT)
+    reader = create_reader(SignReaderSettings(device="cpu", threads=1, rec_model=f"sign_reader/{st.CHECKPOINT}"),
+                           model_store=store)
+    export = st.onnx_export_path(checkpoint)
+    assert [p.name for p in (store / "sign_reader").glob("*.onnx")] == [export.name]
+    expected = [text for text, _ in create_reader(
+        SignReaderSettings(device="cpu", threads=1, rec_model=str(onnx_path)), model_store=tmp_path).recognize(
+        [rgb_to_bgr(line) for line in lines])]
+    assert [text for text, _ in reader.recognize([rgb_to_bgr(line) for line in lines])] == expected
+
+    # Retrained (other bytes): a new export, never the stale one.
+    retrained = copy.deepcopy(model)
+    with torch.no_grad():
+        retrained.head.bias.add_(1.0)
+    st.save_checkpoint(retrained, checkpoint)
+    assert st.onnx_export_path(checkpoint) != export
+    create_reader(SignReaderSettings(device="cpu", threads=1, rec_model=str(checkpoint)), model_store=store)
+    assert st.onnx_export_path(checkpoint).is_file()
+
+
+def test_paddle_engine_refuses_a_checkpoint(tmp_path):
+    checkpoint = st.save_checkpoint(st.build_crnn(TINY), tmp_path / st.CHECKPOINT)
+    with pytest.raises(ValueError, match="sign-text checkpoint"):
+        create_reader(SignReaderSettings(engine="paddle", rec_model=str(checkpoint)), model_store=tmp_path)
+
+
 def test_export_keeps_dynamic_batch_and_width(exported):
     import onnxruntime as ort
 
@@ -232,8 +263,9 @@ def test_train_command_writes_checkpoint_onnx_dictionary_and_card(tmp_path, caps
     budget = ["--steps", "3", "--batch-size", "4", "--val-lines", "6", "--workers", "0", "--warmup", "1",
               "--log-every", "1"]
     assert main(["train", "sign-text", "--out", str(out), *tiny, *budget]) == 0
-    for name in (st.CHECKPOINT, st.ONNX_FILE, st.DICT_FILE, st.CARD):
+    for name in (st.CHECKPOINT, st.DICT_FILE, st.CARD):
         assert (out / name).is_file(), name
+    assert st.onnx_export_path(out / st.CHECKPOINT).is_file()
     result = capsys.readouterr().out
     assert '"steps": 3' in result and '"lines_per_s"' in result
     card = (out / st.CARD).read_text(encoding="utf-8")

@@ -94,12 +94,14 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
         lines += ["", "## Per-model microbenchmarks (in-process, median of repeats)", ""]
         if "micro" in plots:
             lines += [f"![throughput against batch size]({plots['micro']})", ""]
-        lines += ["| model | backend | device | precision | batch | ms / batch | items/s | new tokens/s |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["| model | backend | device | precision | batch | ms / batch | items/s | new tokens/s | "
+                  "served reader's speed-up |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in result["micro"]:
+            speedup = f"{r['served_speedup']:.2f}x" if r.get("served_speedup") else ""
             lines.append(f"| {r['model']} | {r['backend']} | {r['device']} | {r['precision']} | {r['batch']} | "
                          f"{_fmt(r['ms_per_batch'])} | {_fmt(r['items_per_s'], 2)} {r['unit']} | "
-                         f"{_fmt(r.get('tokens_per_s'))} |")
+                         f"{_fmt(r.get('tokens_per_s'))} | {speedup} |")
     return "\n".join(lines) + "\n"
 
 
