@@ -48,6 +48,9 @@ def model_store(tmp_path_factory, yolic_layout) -> Path:
                           favour="bus_station")
     build_yolic_checkpoint(store / "hazard_cells" / "yolic_m2.pth.tar", yolic_layout, head_bias=0.0)
     build_tiny_idefics3(store / "scene_describer" / "SmolVLM-256M-Instruct")
+    # The reader's recognizer is a small trained checkpoint the project ships (serve_config.yaml serves it).
+    shutil.copytree(ROOT / "models" / "sign_reader", store / "sign_reader",
+                    ignore=shutil.ignore_patterns("*.onnx", "*.lock"))
     return store
 
 
