@@ -86,7 +86,9 @@ def server(model_store, tmp_path_factory, bare_keys, metrics_port):
     bare = {**full, "name": "bare", "route_prefix": "/bare",
             "args": {**full["args"], "model_store": str(tmp_path_factory.mktemp("empty-store")),
                      # Only /bare needs a key: the rest of the module calls the full graph without one.
-                     "ingress": {**full["args"]["ingress"], "api_keys_file": str(bare_keys[1])}}}
+                     "ingress": {**full["args"]["ingress"], "api_keys_file": str(bare_keys[1])},
+                     # The empty store lacks the trained recognizer: PP-OCRv6's own, shipped in the wheel, reads.
+                     "sign_reader": {**full["args"]["sign_reader"], "rec_model": None, "rec_dict": None}}}
     config["applications"].append(bare)
     with pytest.MonkeyPatch.context() as env:  # Ray's processes read it once, at start: report every 1 s, not 10
         env.setenv("RAY_metrics_report_interval_ms", "1000")
