@@ -29,6 +29,7 @@ from festival_serve.standins.vlm import SMOLVLM_256M, build_tiny_idefics3
 from festival_serve.synth import SIGN_CLASSES, generate_scene
 
 from tests.ports import free_port
+from tests.stores import add_shipped_reader
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +42,7 @@ def tiny_store(tmp_path_factory, yolic_layout) -> Path:
     build_yolo_classifier(store / "sign_classifier" / "sign_classes.pt", [*SIGN_CLASSES, BACKGROUND], favour="info")
     build_yolic_checkpoint(store / "hazard_cells" / "yolic_m2.pth.tar", yolic_layout, head_bias=0.0)
     build_tiny_idefics3(store / "scene_describer" / "SmolVLM-256M-Instruct")
+    add_shipped_reader(store)
     return store
 
 

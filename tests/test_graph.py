@@ -32,6 +32,7 @@ from festival_serve.standins.signs import build_yolo_checkpoint, build_yolo_clas
 from festival_serve.standins.vlm import build_tiny_idefics3
 
 from tests.ports import free_port
+from tests.stores import add_shipped_reader
 from tests.test_check_gpu import check_gpu_against_graph
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +50,7 @@ def model_store(tmp_path_factory, yolic_layout) -> Path:
     build_yolic_checkpoint(store / "hazard_cells" / "yolic_m2.pth.tar", yolic_layout, head_bias=0.0)
     build_tiny_idefics3(store / "scene_describer" / "SmolVLM-256M-Instruct")
     # The reader's recognizer is a small trained checkpoint the project ships (serve_config.yaml serves it).
-    shutil.copytree(ROOT / "models" / "sign_reader", store / "sign_reader",
-                    ignore=shutil.ignore_patterns("*.onnx", "*.lock"))
+    add_shipped_reader(store)
     return store
 
 
