@@ -28,6 +28,7 @@ import numpy as np
 
 from festival_serve.admission import SAFETY_STAGES, Admission, Budget
 from festival_serve.imaging import crop
+from festival_serve.places import place_of
 from festival_serve.settings import IngressSettings
 from festival_serve.vlm import Findings
 
@@ -136,7 +137,7 @@ async def analyze_frame(image: np.ndarray, frame: Any, describe: bool, stages: M
     if describe:
         if run.admission.describer_fits(run.budget.remaining() - settings.answer_margin_s):
             description = await _stage(run, stages, "scene_describer", 1, frame,
-                                       findings_of(found_signs, texts, hazards))
+                                       findings_of(found_signs, texts, hazards, (image.shape[1], image.shape[0])))
         else:
             run.degraded.append(Degraded("scene_describer", "skipped_over_budget",
                                          "the describer's queue would not answer within the request's budget"))
@@ -268,9 +269,15 @@ def hazard_json(cell) -> dict:
     }
 
 
-def findings_of(found_signs: list, texts: list, hazards: list) -> Findings:
-    counts = collections.Counter(lab.label for cell in hazards for lab in cell.labels)
+def findings_of(found_signs: list, texts: list, hazards: list, frame_size: tuple[int, int]) -> Findings:
+    """What the describer is told: each sign with its text, each hazard label with its cell count and where
+    its cells are (``frame_size`` = (width, height) of the frame the cell boxes are in)."""
+    width, height = frame_size
+    boxes: dict[str, list] = collections.defaultdict(list)
+    for cell in hazards:
+        for lab in cell.labels:
+            boxes[lab.label].append(np.asarray(cell.box, np.float64) / (width, height, width, height))
     return Findings(
         signs=tuple((s.label, t.text if t is not None else "") for s, t in zip(found_signs, texts)),
-        hazards=tuple(sorted(counts.items())),
+        hazards=tuple((label, len(boxes[label]), place_of(np.asarray(boxes[label]))) for label in sorted(boxes)),
     )

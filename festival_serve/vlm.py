@@ -45,12 +45,15 @@ class Findings:
     """What the detectors found in one frame: the describer's grounding."""
 
     signs: tuple[tuple[str, str], ...] = ()  # (label, text read on it, "" if none)
-    hazards: tuple[tuple[str, int], ...] = ()  # (hazard label, number of cells flagged with it)
+    # (hazard label, number of cells flagged with it, where those cells are: places.place_of, "" if unknown);
+    # (label, cells) pairs are taken as place unknown.
+    hazards: tuple[tuple[str, int, str], ...] = ()
 
     def __post_init__(self) -> None:
         # Callers may pass lists (e.g. from JSON); keep the dataclass hashable and immutable.
         object.__setattr__(self, "signs", tuple((str(label), str(text)) for label, text in self.signs))
-        object.__setattr__(self, "hazards", tuple((str(label), int(count)) for label, count in self.hazards))
+        object.__setattr__(self, "hazards", tuple((str(h[0]), int(h[1]), str(h[2]) if len(h) > 2 else "")
+                                                  for h in self.hazards))
 
 
 class WeightsMissing(RuntimeError):
@@ -66,14 +69,14 @@ def _sign_phrase(label: str, text: str) -> str:
     return f'{_one_line(label)} reading "{text}"' if text else _one_line(label)
 
 
-def _hazard_phrase(label: str, cells: int) -> str:
-    return f"{_one_line(label)} ({cells} cell{'' if cells == 1 else 's'})"
+def _hazard_phrase(label: str, cells: int, place: str) -> str:
+    return f"{_one_line(label)} ({cells} cell{'' if cells == 1 else 's'}{', ' + place if place else ''})"
 
 
 def build_prompt(findings: Findings) -> str:
     """The user turn for one frame: the task, then the detected signs and hazards (or that there were none)."""
     signs = "; ".join(_sign_phrase(label, text) for label, text in findings.signs)
-    hazards = "; ".join(_hazard_phrase(label, cells) for label, cells in findings.hazards if cells > 0)
+    hazards = "; ".join(_hazard_phrase(label, cells, place) for label, cells, place in findings.hazards if cells > 0)
     return "\n".join(
         (
             "You are a road-safety assistant for a driver. In one or two sentences, describe what in this "
@@ -153,7 +156,7 @@ class SceneDescriber:
         if gpu_only:
             check_tensors([*self.model.named_parameters(), *self.model.named_buffers()], device=self.device,
                           dtype=getattr(torch, self.dtype), where=f"{MODEL_NAME} after loading")
-        self._image_kwargs = self._image_processor_kwargs()
+        self._image_kwargs = image_processor_kwargs(settings)
         # Warm-up: one short generation so the first request does not pay for lazy initialisation
         # (and, in GPU-only mode, proves its inputs land on the device).
         if gpu_only:
@@ -171,16 +174,6 @@ class SceneDescriber:
             self.image_tokens_per_image(),
         )
 
-    def _image_processor_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
-            "do_image_splitting": self.settings.do_image_splitting,
-            # (H, W, 3) arrays: say so, or a 3-pixel-wide frame would be read as channels-first.
-            "input_data_format": "channels_last",
-        }
-        if self.settings.longest_edge is not None:
-            kwargs["size"] = {"longest_edge": self.settings.longest_edge}
-        return kwargs
-
     def image_tokens_per_image(self, height: int = REFERENCE_FRAME[0], width: int = REFERENCE_FRAME[1]) -> int:
         """``<image>`` tokens one frame of this size costs: 1 image without splitting, tiles + 1 with it."""
         patches, _, _ = self.processor.image_processor.get_number_of_image_patches(
@@ -190,19 +183,7 @@ class SceneDescriber:
 
     def prepare(self, images: list[np.ndarray], findings: list[Findings]) -> BatchFeature:
         """Chat prompts + pixel values for a non-empty batch, left-padded, on the model's device."""
-        conversations = [
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_prompt(f)}]}]
-            for f in findings
-        ]
-        prompts = self.processor.apply_chat_template(conversations, add_generation_prompt=True)
-        inputs = self.processor(
-            text=prompts,
-            images=[[_as_rgb(image, i)] for i, image in enumerate(images)],
-            return_tensors="pt",
-            padding=True,
-            **self._image_kwargs,
-        )
-        return inputs.to(self.device)
+        return prepare_inputs(self.processor, images, findings, self._image_kwargs).to(self.device)
 
     def generate_ids(
         self, images: list[np.ndarray], findings: list[Findings], max_new_tokens: int | None = None
@@ -259,6 +240,35 @@ class SceneDescriber:
             "cpu_beside_gpu": self.cpu_beside_gpu,
             "networks": [{"name": MODEL_NAME, **network}],
         }
+
+
+def prepare_inputs(processor, images: list[np.ndarray], findings: list[Findings],
+                   image_kwargs: dict[str, Any]) -> BatchFeature:
+    """The model's inputs for frames + findings: SmolVLM's chat template around the grounded prompt, one image
+    each, padded on the processor tokenizer's side. The describer serves with it and the trainer trains on it."""
+    conversations = [
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_prompt(f)}]}]
+        for f in findings
+    ]
+    prompts = processor.apply_chat_template(conversations, add_generation_prompt=True)
+    return processor(
+        text=prompts,
+        images=[[_as_rgb(image, i)] for i, image in enumerate(images)],
+        return_tensors="pt",
+        padding=True,
+        **image_kwargs,
+    )
+
+
+def image_processor_kwargs(settings: SceneDescriberSettings) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "do_image_splitting": settings.do_image_splitting,
+        # (H, W, 3) arrays: say so, or a 3-pixel-wide frame would be read as channels-first.
+        "input_data_format": "channels_last",
+    }
+    if settings.longest_edge is not None:
+        kwargs["size"] = {"longest_edge": settings.longest_edge}
+    return kwargs
 
 
 def _until_stop(row: list[int], stop: set[int]) -> list[int]:

@@ -184,7 +184,7 @@ def test_smolvlm_stand_in_has_the_published_size():
 
     from festival_serve.standins import vlm as standin
 
-    tokenizer = standin._build_tokenizer(SMOLVLM_256M.vocab_size)
+    tokenizer = standin.build_tokenizer(SMOLVLM_256M.vocab_size)
     assert len(tokenizer) == 49280
     assert tokenizer.decode([40000]) == "x40000"  # every id a random model emits decodes
     config = standin._build_config(tokenizer, SMOLVLM_256M)

@@ -16,6 +16,7 @@ Both keep the tile/resize ratio (``size.longest_edge`` = 4 × ``max_image_size.l
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,8 +90,9 @@ Road works ahead: follow the detour signs and merge into the right lane.
 """
 
 
-def _build_tokenizer(vocab_size: int | None = None):
-    """A byte-level BPE (like SmolLM2's GPT-2 style tokenizer) trained in-process: no download.
+def build_tokenizer(vocab_size: int | None = None, corpus: Iterable[str] | None = None, bpe_size: int = 512):
+    """A byte-level BPE (like SmolLM2's GPT-2 style tokenizer) of ``bpe_size`` tokens trained in-process on
+    ``corpus`` (lines; default: a few driving sentences): no download.
 
     ``vocab_size`` pads the vocabulary with filler tokens (``x<id>``) up to that size, so a random
     model's generated ids all decode, as with the real 49k-token vocabulary."""
@@ -103,12 +105,12 @@ def _build_tokenizer(vocab_size: int | None = None):
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512,
+        vocab_size=bpe_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    backend.train_from_iterator(_CORPUS.splitlines() if corpus is None else corpus, trainer=trainer)
     if vocab_size is not None:
         spec = json.loads(backend.to_str())
         vocab = spec["model"]["vocab"]
@@ -163,8 +165,9 @@ def _build_config(tokenizer, size: VlmSize):
 
 
 def build_idefics3(directory: Path, size: VlmSize = TINY, *, seed: int = 0, fixed_new_tokens: bool = False,
-                   dtype: str = "float32") -> Path:
-    """Write a random Idefics3 model of ``size``, its processor and tokenizer to ``directory``; return it.
+                   dtype: str = "float32", tokenizer=None) -> Path:
+    """Write a random Idefics3 model of ``size``, its processor and tokenizer (default: ``build_tokenizer``'s)
+    to ``directory``; return it.
 
     ``fixed_new_tokens`` never lets generation stop early (a random model may emit end-of-utterance at
     any step): every description then costs exactly ``max_new_tokens``, as a benchmark needs."""
@@ -173,7 +176,7 @@ def build_idefics3(directory: Path, size: VlmSize = TINY, *, seed: int = 0, fixe
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = _build_tokenizer(size.vocab_size)
+    tokenizer = tokenizer or build_tokenizer(size.vocab_size)
     config = _build_config(tokenizer, size)
 
     with torch.random.fork_rng():

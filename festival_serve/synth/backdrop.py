@@ -58,10 +58,12 @@ def _grey(rng: np.random.Generator, level: float, spread: float, tint: float = 5
 
 
 def draw_backdrop(p: Painter, cam: Camera, rng: np.random.Generator) -> dict:
-    """Paint the static scene; returns facts the placers need (pavement widths)."""
+    """Paint the static scene; returns facts the placers need (pavement widths) and the describer's
+    (the sky, the lanes the markings show: None without lane markings)."""
     h, w = p.image.shape[:2]
     horizon = int(round(cam.horizon))
-    top, bottom = _SKIES[str(rng.choice(list(_SKIES), p=[0.45, 0.25, 0.2, 0.1]))]
+    sky_kind = str(rng.choice(list(_SKIES), p=[0.45, 0.25, 0.2, 0.1]))
+    top, bottom = _SKIES[sky_kind]
     ramp = np.linspace(0.0, 1.0, horizon + 1)[:, None]
     sky = (np.asarray(top) * (1 - ramp) + np.asarray(bottom) * ramp).astype(np.uint8)
     p.image[: horizon + 1] = sky[:, None, :]
@@ -81,12 +83,12 @@ def draw_backdrop(p: Painter, cam: Camera, rng: np.random.Generator) -> dict:
             _houses(p, cam, rng, x)
         elif kind == "trees":
             _trees(p, cam, rng, x + (0.8 if side == "left" else -0.8))
-    _road(p, cam, rng)
+    lanes = _road(p, cam, rng)
     if rng.random() < 0.45:
         _shadows(p, cam, rng, -left_walk, cam.road_width + right_walk)
     if rng.random() < 0.4:
         _power_lines(p, cam, rng, -left_walk, cam.road_width + right_walk)
-    return {"left_walk": left_walk, "right_walk": right_walk}
+    return {"left_walk": left_walk, "right_walk": right_walk, "sky": sky_kind, "lanes": lanes}
 
 
 def _clouds(p: Painter, cam: Camera, rng: np.random.Generator) -> None:
@@ -201,7 +203,8 @@ def _trees(p: Painter, cam: Camera, rng: np.random.Generator, x: float) -> None:
             p.ellipse((cx, cy), (r, r * 0.8), _jitter(rng, green, 12))
 
 
-def _road(p: Painter, cam: Camera, rng: np.random.Generator) -> None:
+def _road(p: Painter, cam: Camera, rng: np.random.Generator) -> int | None:
+    """Asphalt, kerbs, edge lines and lane markings; returns the lanes the markings show (None: unmarked)."""
     asphalt = _grey(rng, 105, 25, 5)
     rw = cam.road_width
     p.poly(cam.quad(0, rw, 0.5, FAR), asphalt)
@@ -224,6 +227,7 @@ def _road(p: Painter, cam: Camera, rng: np.random.Generator) -> None:
             phase = rng.uniform(0, 9)
             starts = np.arange(0.5 - phase, 120, 9.0)
             p.polys([cam.quad(x - 0.07, x + 0.07, max(z, 0.5), z + 3.0) for z in starts if z + 3.0 > 0.5], white)
+    return None if centre == "none" else lanes
 
 
 def _power_lines(p: Painter, cam: Camera, rng: np.random.Generator, x_left: float, x_right: float) -> None:

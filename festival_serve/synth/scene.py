@@ -20,11 +20,21 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from festival_serve.places import side_of
 from festival_serve.synth import hazards, signs
 from festival_serve.synth.backdrop import draw_backdrop, random_camera
 from festival_serve.synth.effects import apply_camera
 from festival_serve.synth.geometry import Camera, Painter
-from festival_serve.synth.truth import INFO_TEXTS, SIGN_CLASSES, SPEED_LIMITS, TEXT_CLASSES, Scene, SignTruth
+from festival_serve.synth.truth import (
+    INFO_TEXTS,
+    SIGN_CLASSES,
+    SPEED_LIMITS,
+    TEXT_CLASSES,
+    RoadUser,
+    Scene,
+    SceneFacts,
+    SignTruth,
+)
 from festival_serve.yolic import CellLayout, load_layout
 
 REF_HEIGHT = 480  # sizes below are pixels at 848x480 and scale with the frame's height
@@ -39,6 +49,10 @@ OCCLUDE_PROBABILITY = 0.15
 
 SIGN_COUNT_WEIGHTS = (0.1, 0.3, 0.3, 0.2, 0.1)  # P(0..4 signs)
 EMPTY_ROAD = 0.10  # P(no hazard object)
+
+ROAD_USER_CLASSES = ("Vehicle", "Creature")
+ROAD_USER_MIN_SHARE = 0.001  # of the frame's pixels: less is a speck no description should mention
+NEAR_M = 15.0  # metres: a road user this close or closer is "near"
 #: Text signs are drawn more often: they carry both the detector's and the OCR's ground truth.
 SIGN_WEIGHTS = {c: 1.0 for c in SIGN_CLASSES} | {"speed_limit": 1.8, "info": 2.6}
 
@@ -81,14 +95,32 @@ def render_scene(seed: int, *, size: tuple[int, int] = (848, 480), info_texts: S
     walks = draw_backdrop(painter, cam, rng)
 
     objects: list[str] = []
-    for spot in _hazard_spots(cam, rng, walks):
+    spots = _hazard_spots(cam, rng, walks)
+    for spot in spots:
         objects.append(spot.hazard)
         hazards.draw(painter, cam, rng, spot, len(objects))
     placed = _draw_signs(painter, cam, rng, objects, info_texts)
     cells = cell_truth(labels, objects, layout)
     truths = tuple(_sign_truth(labels, sign) for sign in placed)
+    facts = SceneFacts(sky=walks["sky"], lanes=walks["lanes"], road_users=_road_users(labels, spots))
     image, _ = apply_camera(image, rng)
-    return Draft(Scene(image=image, signs=truths, cells=cells, seed=int(seed)), labels, tuple(objects))
+    return Draft(Scene(image=image, signs=truths, cells=cells, seed=int(seed), facts=facts), labels, tuple(objects))
+
+
+def _road_users(labels: np.ndarray, spots: list[hazards.Placement]) -> tuple[RoadUser, ...]:
+    """The vehicles and people a viewer can see (object id k + 1 is spots[k]), nearest first."""
+    height, width = labels.shape
+    min_pixels = ROAD_USER_MIN_SHARE * height * width
+    users = []
+    for k, spot in enumerate(spots):
+        if spot.hazard not in ROAD_USER_CLASSES:
+            continue
+        _, xs = np.nonzero(labels == k + 1)
+        if xs.size < min_pixels:
+            continue
+        distance = "near" if spot.z <= NEAR_M else "far"
+        users.append((spot.z, RoadUser(spot.hazard, side_of(xs.mean() / width), distance)))
+    return tuple(user for _, user in sorted(users, key=lambda item: item[0]))
 
 
 def _hazard_spots(cam: Camera, rng: np.random.Generator, walks: dict) -> list[hazards.Placement]:

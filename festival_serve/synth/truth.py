@@ -68,9 +68,30 @@ class SignTruth:
     occluded: float  # fraction of the face hidden, 0..1
 
 
+#: What only the image shows, as the scene describer words it.
+SKIES = ("clear", "hazy", "overcast", "dusk")
+
+
+@dataclass(frozen=True)
+class RoadUser:
+    kind: str  # YOLIC class: "Vehicle" or "Creature" (a person)
+    side: str  # places.SIDES: which third of the frame holds the centre of its visible pixels
+    distance: str  # places.DISTANCES: scene.NEAR_M metres from the camera or closer is near
+
+
+@dataclass(frozen=True)
+class SceneFacts:
+    """Generator parameters a description may state that no detector reports."""
+
+    sky: str  # one of SKIES
+    lanes: int | None  # lanes the road markings divide the road into; None when it has no lane markings
+    road_users: tuple[RoadUser, ...]  # visible vehicles and people, near first
+
+
 @dataclass(frozen=True)
 class Scene:
     image: np.ndarray  # (H, W, 3) uint8 RGB
     signs: tuple[SignTruth, ...]
     cells: np.ndarray  # (104, 11) bool: YOLIC outdoor-layout cells x hazard classes (layout order)
     seed: int
+    facts: SceneFacts | None = None

@@ -50,6 +50,7 @@ from festival_serve import vietnamese
 from festival_serve.cache import build_once, file_sha256
 from festival_serve.synth import signs as sign_art
 from festival_serve.synth.effects import lighting_lut
+from festival_serve.training.schedule import learning_rate, use_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -567,23 +568,6 @@ def production_reader(out_dir: Path):
 # --------------------------------------------------------------------------------------------------
 # Training
 
-def _learning_rate(base: float, step: int, done: float, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine from ``base`` to 2% of it as ``done`` goes 0 -> 1."""
-    ramp = min(1.0, (step + 1) / max(1, warmup))
-    return base * ramp * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, done))))
-
-
-def _use_bf16(precision: str) -> bool:
-    """``auto``: bfloat16 autocast where the CPU computes bf16 natively (AVX512-BF16/AMX: 2.4x the lines/s
-    of float32 at the same loss, measured on this machine's Xeon), float32 elsewhere (emulated bf16 is slower)."""
-    torch = _torch()
-    if precision == "auto":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
-    return precision == "bf16"
-
-
 def train_sign_text(
     out_dir: Path,
     *,
@@ -625,7 +609,7 @@ def train_sign_text(
     else:
         model, previous = build_crnn(config), {}
     parameters = sum(p.numel() for p in model.parameters())
-    bf16 = _use_bf16(precision)
+    bf16 = use_bf16(precision)
     # channels_last: oneDNN's bf16 convolutions run ~25% faster on it than on NCHW (measured).
     model = model.to(memory_format=torch.channels_last)
     logger.info("sign-text: training in %s", "bfloat16 autocast" if bf16 else "float32")
@@ -666,7 +650,7 @@ def train_sign_text(
                 break
             done = max(step / steps if steps else 0.0, elapsed / budget_s)
             for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(lr, step, done, warmup)
+                group["lr"] = learning_rate(lr, step, done, warmup)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 logits = model(x.to(memory_format=torch.channels_last))
             log_probs = logits.float().log_softmax(-1).permute(1, 0, 2)  # (T, N, classes), as CTCLoss wants
