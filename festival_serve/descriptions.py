@@ -31,10 +31,12 @@ def findings_from_truth(signs: Iterable, cells: np.ndarray, classes: Sequence[st
     """The findings a perfect detector, reader and hazard classifier would report for a scene: its signs
     (class, printed text) and, per hazard class flagged in any cell, the cell count and where they are.
     ``cells``: (cells, classes) bool; ``boxes``: the layout's (cells, 4) normalised boxes."""
+    # Every class the ingress reports, TrafficSign cells included (the prompt lists them; descriptions say
+    # the signs themselves instead), sorted by label as the ingress sorts them.
     hazards = []
-    for k, label in enumerate(classes):
+    for k, label in sorted(enumerate(classes), key=lambda item: item[1]):
         flagged = np.flatnonzero(cells[:, k])
-        if label in HAZARD_WORDS and flagged.size:
+        if flagged.size:
             hazards.append((label, int(flagged.size), place_of(boxes[flagged])))
     return Findings(signs=tuple((s.sign_class, s.text) for s in signs), hazards=tuple(hazards))
 

@@ -61,6 +61,10 @@ CEILINGS = {"ocr.cer": 0.03}
 #: issue's own bar for text never seen.
 SIGN_TEXTS = ("world", "held-out")
 HELD_OUT_TARGETS = {"ocr.exact_match": 0.85}
+#: With --describe: how faithful the descriptions are (``descriptions.faithfulness``), read over the answers.
+DESCRIBE_TARGETS = {"descriptions.mention_recall": 0.90, "descriptions.lighting_accuracy": 0.85,
+                    "descriptions.lanes_accuracy": 0.85}
+DESCRIBE_CEILINGS = {"descriptions.hallucinations_per_description": 0.05}
 #: Letters listed in a report's ``ocr.confusions``, worst first.
 CONFUSIONS_SHOWN = 15
 DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((848, 480), (1280, 720))
@@ -397,6 +401,9 @@ class Outcome:
     timings_ms: dict[str, float] = field(default_factory=dict)
     degraded: list[str] = field(default_factory=list)
     error: str | None = None
+    facts: Any = None  # synth SceneFacts: what only the image shows
+    description: str | None = None  # the answer's, when it was asked for one
+    findings: Any = None  # vlm.Findings the describer was given, rebuilt from the answer's signs and cells
 
 
 def info_texts(sign_texts: str) -> tuple[str, ...]:
@@ -417,7 +424,8 @@ def _scenes(seeds: Sequence[int], sizes: Sequence[tuple[int, int]], quality: int
     for i, seed in enumerate(seeds):
         size = tuple(sizes[i % len(sizes)])
         scene = synth.generate_scene(seed, size=size, info_texts=texts)
-        truth = Outcome(seed, size, truths_from_scene(scene.signs), np.asarray(scene.cells, dtype=bool))
+        truth = Outcome(seed, size, truths_from_scene(scene.signs), np.asarray(scene.cells, dtype=bool),
+                        facts=scene.facts)
         yield truth, encode_jpeg(scene.image, quality)
 
 
@@ -436,6 +444,9 @@ def _post(client, url: str, outcome: Outcome, jpeg: bytes, classes: Sequence[str
         body = reply.json()
         outcome.signs = predictions_from_api(body.get("signs") or [])
         outcome.hazards = hazard_array(body.get("hazards") or [], classes, outcome.cells.shape[0])
+        if describe:
+            outcome.description = body.get("description")
+            outcome.findings = findings_from_answer(body)
     except httpx.HTTPError as e:
         outcome.error = type(e).__name__
         return outcome
@@ -448,6 +459,39 @@ def _post(client, url: str, outcome: Outcome, jpeg: bytes, classes: Sequence[str
     outcome.timings_ms = {k: float(v) for k, v in (body.get("timings_ms") or {}).items()}
     outcome.degraded = [degraded_line(entry) for entry in body.get("degraded") or []]
     return outcome
+
+
+def findings_from_answer(body: dict[str, Any]):
+    """The findings the ingress gave the describer for this answer: its signs (label, text) and its hazard
+    cells placed as the ingress places them (``places.hazard_places``)."""
+    from festival_serve.places import hazard_places
+    from festival_serve.vlm import Findings
+
+    size = (int(body["image"]["width"]), int(body["image"]["height"]))
+    cells = [([lab["label"] for lab in cell["labels"]], cell["box"]) for cell in body.get("hazards") or []]
+    return Findings(signs=tuple((s["label"], s.get("text") or "") for s in body.get("signs") or []),
+                    hazards=hazard_places(cells, size))
+
+
+def description_metrics(outcomes: Sequence[Outcome], classes: Sequence[str]) -> dict[str, Any]:
+    """Faithfulness of every answer's description (``descriptions.faithfulness``) against the findings it was
+    given and the scene's truth, summarised; answers that came back without one are counted apart."""
+    from festival_serve import descriptions
+
+    scores, words = [], []
+    for o in outcomes:
+        if o.error is None and o.description:
+            truth_hazards = [label for k, label in enumerate(classes) if o.cells[:, k].any()]
+            scores.append(descriptions.faithfulness(
+                o.description, o.findings, truth_signs=[(t.label, t.text) for t in o.truths],
+                truth_hazards=truth_hazards, facts=o.facts))
+            words.append(len(o.description.split()))
+    asked = [o for o in outcomes if o.error is None]
+    return {**descriptions.summarize(scores), "without_description": len(asked) - len(scores),
+            "words": latency_summary(words),
+            "missed": dict(collections.Counter(m.split(":")[0] + ":" + m.split(":")[1] for s in scores
+                                               for m in s.missed).most_common(10)),
+            "hallucinated": dict(collections.Counter(h for s in scores for h in s.hallucinated).most_common(10))}
 
 
 def _check_reachable(client, url: str) -> None:
@@ -503,7 +547,8 @@ def run_requests(
 
 
 def report(outcomes: Sequence[Outcome], *, sign_classes: Sequence[str] | None = None,
-           wall_s: float | None = None, sign_texts: str = "world") -> dict[str, Any]:
+           wall_s: float | None = None, sign_texts: str = "world", describe: bool = False,
+           hazard_classes: Sequence[str] | None = None) -> dict[str, Any]:
     """The full report from every scene's outcome; a failed scene scores as entirely missed."""
     signs = sign_metrics([(o.signs if o.error is None else [], o.truths) for o in outcomes], classes=sign_classes)
     ocr = ocr_metrics(_text_pairs(outcomes, detected_only=True))
@@ -531,9 +576,13 @@ def report(outcomes: Sequence[Outcome], *, sign_classes: Sequence[str] | None = 
             "stages": {s: latency_summary([o.timings_ms[s] for o in answered if s in o.timings_ms]) for s in stages},
         },
     }
+    if describe:
+        from festival_serve.yolic import load_layout
+
+        result["descriptions"] = description_metrics(outcomes, hazard_classes or load_layout("outdoor").classes)
     if wall_s:
         result["throughput_images_per_s"] = round(len(answered) / wall_s, 2)
-    result["targets"] = check_targets(result, sign_texts)
+    result["targets"] = check_targets(result, sign_texts, describe)
     return result
 
 
@@ -551,22 +600,26 @@ def _text_pairs(outcomes: Sequence[Outcome], *, detected_only: bool) -> list[tup
     return pairs
 
 
-def targets_for(sign_texts: str = "world") -> dict[str, tuple[float, str]]:
+def targets_for(sign_texts: str = "world", describe: bool = False) -> dict[str, tuple[float, str]]:
     """``metric path -> (target, "min" | "max")`` for scenes whose signs say ``sign_texts`` (``SIGN_TEXTS``):
-    held-out phrases are held to ``HELD_OUT_TARGETS`` instead of the world's OCR targets."""
+    held-out phrases are held to ``HELD_OUT_TARGETS`` instead of the world's OCR targets; ``describe`` adds
+    the descriptions' targets."""
     if sign_texts not in SIGN_TEXTS:
         raise ValueError(f"sign_texts must be one of {', '.join(SIGN_TEXTS)}, not {sign_texts!r}")
     floors, ceilings = dict(TARGETS), dict(CEILINGS)
     if sign_texts == "held-out":
         floors = {k: v for k, v in floors.items() if not k.startswith("ocr.")} | HELD_OUT_TARGETS
         ceilings = {}
+    if describe:
+        floors, ceilings = floors | DESCRIBE_TARGETS, ceilings | DESCRIBE_CEILINGS
     return {k: (v, "min") for k, v in floors.items()} | {k: (v, "max") for k, v in ceilings.items()}
 
 
-def check_targets(result: dict[str, Any], sign_texts: str = "world") -> dict[str, dict[str, Any]]:
+def check_targets(result: dict[str, Any], sign_texts: str = "world",
+                  describe: bool = False) -> dict[str, dict[str, Any]]:
     """The issue's targets: each metric's value, its target, which way it must lie, whether it is met."""
     out = {}
-    for path, (target, bound) in targets_for(sign_texts).items():
+    for path, (target, bound) in targets_for(sign_texts, describe).items():
         section, key = path.split(".")
         value = (result.get(section) or {}).get(key)
         met = value is not None and (value >= target if bound == "min" else value <= target)
@@ -602,7 +655,7 @@ def evaluate(
         concurrency=concurrency, timeout=timeout, describe=describe, progress=progress,
     )
     result = report(outcomes, sign_classes=synth.SIGN_CLASSES, wall_s=time.perf_counter() - started,
-                    sign_texts=sign_texts)
+                    sign_texts=sign_texts, describe=describe, hazard_classes=classes)
     result["config"] = {"url": url, "seed_split": seed_split, "sign_texts": sign_texts, "seeds": [seeds[0], seeds[-1]],
                         "sizes": [list(s) for s in sizes], "concurrency": concurrency, "jpeg_quality": jpeg_quality,
                         "iou": IOU_THRESHOLD, "occlusion_limit": OCCLUSION_LIMIT, "describe": describe}
@@ -638,6 +691,12 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(f"         most misread (share read right): {worst}")
     if h:
         lines.append(f"hazards  precision {pct(h['precision'])}  recall {pct(h['recall'])}  F1 {pct(h['f1'])}")
+    d = result.get("descriptions")
+    if d:
+        lines.append(f"describe mention recall {pct(d['mention_recall'])}  hallucinated signs/hazards "
+                     f"{d['hallucinations_per_description']} a description  lighting {pct(d['lighting_accuracy'])}  "
+                     f"lanes {pct(d['lanes_accuracy'])}  vehicles/people placed {pct(d['road_users_accuracy'])}  "
+                     f"({d['descriptions']} described, {d['without_description']} without)")
     for name, values in (("client", lat["client"]), ("server", lat["server_total"])):
         if values:
             lines.append(f"latency  {name:6} p50 {values['p50']:.0f} ms  p95 {values['p95']:.0f} ms  p99 {values['p99']:.0f} ms")
@@ -676,7 +735,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--sign-texts", choices=SIGN_TEXTS, default="world",
                         help="what the information signs say: the world's phrases, or phrases and places no "
                              "recognizer training line contained (scored to the held-out OCR target)")
-    parser.add_argument("--describe", action="store_true", help="also run the scene describer (slower; not scored)")
+    parser.add_argument("--describe", action="store_true",
+                        help="also run the scene describer and score its descriptions' faithfulness (slower)")
     parser.add_argument("--out", help="also write the report to this JSON file")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target of the issue is missed")
     parser.add_argument("--no-progress", action="store_true")

@@ -17,7 +17,6 @@ with ``Retry-After``) — "nothing there" and "never looked" must not look the s
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -28,7 +27,7 @@ import numpy as np
 
 from festival_serve.admission import SAFETY_STAGES, Admission, Budget
 from festival_serve.imaging import crop
-from festival_serve.places import place_of
+from festival_serve.places import hazard_places
 from festival_serve.settings import IngressSettings
 from festival_serve.vlm import Findings
 
@@ -272,12 +271,7 @@ def hazard_json(cell) -> dict:
 def findings_of(found_signs: list, texts: list, hazards: list, frame_size: tuple[int, int]) -> Findings:
     """What the describer is told: each sign with its text, each hazard label with its cell count and where
     its cells are (``frame_size`` = (width, height) of the frame the cell boxes are in)."""
-    width, height = frame_size
-    boxes: dict[str, list] = collections.defaultdict(list)
-    for cell in hazards:
-        for lab in cell.labels:
-            boxes[lab.label].append(np.asarray(cell.box, np.float64) / (width, height, width, height))
     return Findings(
         signs=tuple((s.label, t.text if t is not None else "") for s, t in zip(found_signs, texts)),
-        hazards=tuple((label, len(boxes[label]), place_of(np.asarray(boxes[label]))) for label in sorted(boxes)),
+        hazards=hazard_places((((lab.label for lab in cell.labels), cell.box) for cell in hazards), frame_size),
     )

@@ -30,3 +30,16 @@ def place_of(boxes: np.ndarray) -> str:
     centre_x = float(((boxes[:, 0] + boxes[:, 2]) / 2).mean())
     lowest_y = float(((boxes[:, 1] + boxes[:, 3]) / 2).max())
     return f"{side_of(centre_x)}, {'near' if lowest_y >= NEAR_ROW_Y else 'far'}"
+
+
+def hazard_places(cells, frame_size: tuple[int, int]) -> tuple[tuple[str, int, str], ...]:
+    """``cells``: (labels, (x1, y1, x2, y2) pixel box) of each flagged cell in a frame of ``frame_size`` =
+    (width, height) -> (label, cells flagged with it, place_of those cells) per label, sorted by label: the
+    hazards the describer is told about (the ingress builds them from its cells, the eval from the answer's)."""
+    width, height = frame_size
+    scale = np.array([width, height, width, height], np.float64)
+    boxes: dict[str, list[np.ndarray]] = {}
+    for labels, box in cells:
+        for label in labels:
+            boxes.setdefault(label, []).append(np.asarray(box, np.float64) / scale)
+    return tuple((label, len(boxes[label]), place_of(np.stack(boxes[label]))) for label in sorted(boxes))

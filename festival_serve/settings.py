@@ -133,11 +133,15 @@ class SignReaderSettings(_Section):
 
 class SceneDescriberSettings(_Section):
     model: str = Field(
-        "scene_describer/SmolVLM-256M-Instruct",
-        description="A transformers Idefics3 model directory (weights, processor, tokenizer).",
+        "scene_describer/festival-describer",
+        description="A transformers Idefics3 model directory (weights, processor, tokenizer): the small describer "
+        "trained here on the festival world (`festival-serve train describer`), or pull_into after `models pull`.",
     )
     hub_id: str = Field(
-        "HuggingFaceTB/SmolVLM-256M-Instruct", description="Where `festival-serve models pull` fetches it from."
+        "HuggingFaceTB/SmolVLM-256M-Instruct", description="The real model `festival-serve models pull` fetches."
+    )
+    pull_into: str = Field(
+        "scene_describer/SmolVLM-256M-Instruct", description="Where `models pull` puts hub_id; set model to it to serve it."
     )
     device: Device = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(

@@ -56,6 +56,10 @@ class Findings:
                                                   for h in self.hazards))
 
 
+#: The config.json key the describer trained here carries (what it was trained on); /v1/models shows it.
+TRAINED_ON_KEY = "festival_serve_trained_on"
+
+
 class WeightsMissing(RuntimeError):
     """The scene describer's model directory is absent or incomplete."""
 
@@ -93,7 +97,9 @@ def model_dir(settings: SceneDescriberSettings, *, model_store: Path) -> Path:
 
 def check_weights(path: Path) -> None:
     """Raise ``WeightsMissing`` naming what is absent; cheap, imports nothing heavy."""
-    hint = "run `festival-serve models pull` to fetch it (needs internet access to the Hugging Face hub)"
+    hint = ("the describer trained here ships in the project's models/scene_describer/festival-describer "
+            "(`festival-serve train describer` remakes it); for SmolVLM-256M-Instruct run `festival-serve models "
+            "pull` (needs internet access to the Hugging Face hub) and set scene_describer.model to its pull_into")
     if not path.is_dir():
         raise WeightsMissing(f"{MODEL_NAME}: model directory {path} does not exist; {hint}")
     missing = []
@@ -234,6 +240,9 @@ class SceneDescriber:
         return {
             **network,
             "weights": str(self.path),
+            # The small describer trained here says so in its config (`train describer`); anything else is as given.
+            "trained_on": getattr(self.model.config, TRAINED_ON_KEY, None),
+            "pull": {"hub_id": self.settings.hub_id, "into": self.settings.pull_into},
             "dtype": self.dtype,
             "image_splitting": self.settings.do_image_splitting,
             "image_tokens_per_image": self.image_tokens_per_image(),
@@ -279,10 +288,10 @@ def _until_stop(row: list[int], stop: set[int]) -> list[int]:
 
 
 def pull(settings: SceneDescriberSettings, *, model_store: Path) -> Path:
-    """Download ``settings.hub_id`` into the model directory (needs internet); return the directory."""
+    """Download ``settings.hub_id`` into ``settings.pull_into`` (needs internet); return the directory."""
     from huggingface_hub import snapshot_download
 
-    path = model_dir(settings, model_store=model_store)
+    path = in_store(settings.pull_into, model_store)
     path.mkdir(parents=True, exist_ok=True)
     logger.info("%s: downloading %s into %s", MODEL_NAME, settings.hub_id, path)
     snapshot_download(repo_id=settings.hub_id, local_dir=path)

@@ -147,7 +147,7 @@ def baseline(store, keys_file=None) -> TestClient:
         "hazard_cells": FindsNothing({"weights": str(store / "hazard_cells" / "yolic_m2.pth.tar")}),
         "sign_reader": FindsNothing({"weights": "det=rapidocr-3.4.0/PP-OCRv6_det_small.onnx "
                                                 f"rec={store}/sign_reader/rec.onnx dict=/home/someone/dict.txt"}),
-        "scene_describer": DescribesNothing({"weights": str(store / "scene_describer" / "SmolVLM-256M-Instruct")}),
+        "scene_describer": DescribesNothing({"weights": str(store / "scene_describer" / "festival-describer")}),
     }
     return TestClient(build_app(args, models))
 
@@ -215,7 +215,7 @@ def test_v1_models_shows_weights_relative_to_the_store_and_other_paths_by_name(s
     assert models["hazard_cells"]["weights"] == "hazard_cells/yolic_m2.pth.tar"
     assert models["sign_reader"]["weights"] == \
         "det=rapidocr-3.4.0/PP-OCRv6_det_small.onnx rec=sign_reader/rec.onnx dict=dict.txt"
-    assert models["scene_describer"]["weights"] == "scene_describer/SmolVLM-256M-Instruct"
+    assert models["scene_describer"]["weights"] == "scene_describer/festival-describer"
     assert str(store) not in str(models)
 
 

@@ -41,7 +41,7 @@ def tiny_store(tmp_path_factory, yolic_layout) -> Path:
     build_yolo_checkpoint(store / "sign_detector" / "signs.pt", list(SIGN_CLASSES), class_bias=-1.0)
     build_yolo_classifier(store / "sign_classifier" / "sign_classes.pt", [*SIGN_CLASSES, BACKGROUND], favour="info")
     build_yolic_checkpoint(store / "hazard_cells" / "yolic_m2.pth.tar", yolic_layout, head_bias=0.0)
-    build_tiny_idefics3(store / "scene_describer" / "SmolVLM-256M-Instruct")
+    build_tiny_idefics3(store / "scene_describer" / "festival-describer")
     add_shipped_reader(store)
     return store
 
@@ -200,8 +200,8 @@ def test_stand_ins_fill_only_what_the_store_lacks(tmp_path, tiny_store):
 
     store = tmp_path / "store"
     (store / "scene_describer").mkdir(parents=True)
-    os.symlink(tiny_store / "scene_describer" / "SmolVLM-256M-Instruct",
-               store / "scene_describer" / "SmolVLM-256M-Instruct")
+    os.symlink(tiny_store / "scene_describer" / "festival-describer",
+               store / "scene_describer" / "festival-describer")
     args = PipelineArgs(model_store=str(store))
     lines: list[str] = []
     resolved, sources = with_stand_ins(args, tmp_path / "cache", progress=lines.append)

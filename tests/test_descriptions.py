@@ -109,3 +109,24 @@ def test_summarize_counts_recall_hallucinations_and_facts():
     summary = descriptions.summarize([good, bad])
     assert summary["mention_recall"] == 0.5 and summary["hallucinations_per_description"] == 0.5
     assert summary["lighting_accuracy"] == 0.5 and summary["lanes_accuracy"] == 0.5
+
+
+def test_eval_rebuilds_the_describers_findings_and_scores_the_description():
+    from festival_serve import evaluate
+
+    body = {"image": {"width": 848, "height": 480},
+            "signs": [{"label": "speed_limit", "text": "50", "box": [10, 10, 60, 60], "score": 0.9},
+                      {"label": "no_entry", "text": None, "box": [70, 10, 120, 60], "score": 0.9}],
+            "hazards": [{"cell": 99, "box": [339.2, 408.0, 424.0, 480.0],
+                         "labels": [{"label": "TrafficCone", "score": 0.8}]}]}
+    findings = evaluate.findings_from_answer(body)
+    assert findings == Findings(signs=(("speed_limit", "50"), ("no_entry", "")),
+                                hazards=(("TrafficCone", 1, "ahead, near"),))
+    cells = np.zeros((LAYOUT.num_cells, len(LAYOUT.classes)), bool)
+    outcome = evaluate.Outcome(1, (848, 480), [], cells, facts=FACTS, findings=findings,
+                               description="Speed limit 50 and no entry. Cones ahead close, a car on the left. "
+                                           "At dusk on a two-lane road, a wall ahead.")
+    metrics = evaluate.description_metrics([outcome], LAYOUT.classes)
+    assert metrics["mention_recall"] == 1.0 and metrics["hallucinations_per_description"] == 1.0
+    assert metrics["hallucinated"] == {"hazard:Wall": 1} and metrics["without_description"] == 0
+    assert evaluate.targets_for("world", describe=True)["descriptions.mention_recall"] == (0.90, "min")

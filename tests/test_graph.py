@@ -48,7 +48,7 @@ def model_store(tmp_path_factory, yolic_layout) -> Path:
     build_yolo_classifier(store / "sign_classifier" / "sign_classes.pt", [*SIGN_CLASSES, BACKGROUND],
                           favour="bus_station")
     build_yolic_checkpoint(store / "hazard_cells" / "yolic_m2.pth.tar", yolic_layout, head_bias=0.0)
-    build_tiny_idefics3(store / "scene_describer" / "SmolVLM-256M-Instruct")
+    build_tiny_idefics3(store / "scene_describer" / "festival-describer")
     # The reader's recognizer is a small trained checkpoint the project ships (serve_config.yaml serves it).
     add_shipped_reader(store)
     return store
@@ -340,7 +340,7 @@ def test_v1_models_shows_weights_relative_to_the_model_store(server, model_store
     assert models["sign_detector"]["weights"] == "sign_detector/signs.pt"
     assert models["sign_detector"]["classifier"] == "sign_classifier/sign_classes.pt"
     assert models["hazard_cells"]["weights"] == "hazard_cells/yolic_m2.pth.tar"
-    assert models["scene_describer"]["weights"] == "scene_describer/SmolVLM-256M-Instruct"
+    assert models["scene_describer"]["weights"] == "scene_describer/festival-describer"
     assert str(model_store) not in reply.text
 
 

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: dozen were too few for the hazard cells (their F1 moves by ~0.02 between samples of 40), and with only
 #: signs that print text going to the reader 200 scenes take about a minute on 2 cores.
 SCENES = 200
+DESCRIBED_SCENES = 40  # describe=true: the describer costs ~0.3 s a frame on 2 cores
 pytestmark = pytest.mark.timeout(900)
 
 
@@ -31,25 +32,27 @@ def shipped_args() -> PipelineArgs:
 
 @pytest.fixture(scope="module")
 def shipped_app(shipped_args) -> TestClient:
-    from festival_serve import ocr, signs, yolic
+    from festival_serve import ocr, signs, vlm, yolic
 
     store = Path(shipped_args.model_store)
-    models = {  # the describer is not shipped (pull it); describe=false never calls it
+    models = {
         "sign_detector": signs.SignDetector(shipped_args.sign_detector, model_store=store),
         "hazard_cells": yolic.HazardCellClassifier(shipped_args.hazard_cells, model_store=store),
         "sign_reader": ocr.create_reader(shipped_args.sign_reader, model_store=store),
+        "scene_describer": vlm.SceneDescriber(shipped_args.scene_describer, model_store=store),
     }
     return TestClient(build_app(shipped_args, models))
 
 
-def _outcomes(client: TestClient, shipped_args: PipelineArgs, sign_texts: str) -> list[evaluate.Outcome]:
+def _outcomes(client: TestClient, shipped_args: PipelineArgs, sign_texts: str, scenes: int = SCENES,
+              describe: bool = False) -> list[evaluate.Outcome]:
     from festival_serve import yolic
 
     layout = yolic.load_layout(shipped_args.hazard_cells.layout)
-    seeds = synth.scene_seeds("test", SCENES)
-    outcomes = [evaluate._post(client, "", truth, jpeg, layout.classes, describe=False)
+    seeds = synth.scene_seeds("test", scenes)
+    outcomes = [evaluate._post(client, "", truth, jpeg, layout.classes, describe=describe)
                 for truth, jpeg in evaluate._scenes(seeds, evaluate.DEFAULT_SIZES, 90, sign_texts)]
-    assert [o.error for o in outcomes] == [None] * SCENES
+    assert [o.error for o in outcomes] == [None] * scenes
     return outcomes
 
 
@@ -78,6 +81,8 @@ def test_shipped_weights_are_the_served_defaults(shipped_args):
     # The reader: PP-OCRv6's text detector (shipped in rapidocr) + the Vietnamese recognizer trained here.
     assert shipped_args.store_path(shipped_args.sign_reader.rec_model).is_file()
     assert shipped_args.store_path(shipped_args.sign_reader.rec_dict).is_file()
+    # The describer trained here (a transformers model directory), not the hub model `models pull` fetches.
+    assert (shipped_args.store_path(shipped_args.scene_describer.model) / "model.safetensors").is_file()
     sizes = [p.stat().st_size for p in (ROOT / "models").rglob("*") if p.suffix in (".pt", ".tar")]
     assert sum(sizes) < 20 * 1024**2  # the issue's budget for the embedded defaults
 
@@ -99,3 +104,17 @@ def test_phrases_never_trained_on_are_read_with_their_tones(shipped_app, shipped
     print(ocr)
     assert ocr["evaluated"] >= 50
     assert held_out["targets"]["ocr.exact_match"]["met"], (ocr, held_out["ocr"]["confusions"])
+
+
+def test_the_describer_speaks_faithfully_out_of_the_box(shipped_app, shipped_args):
+    """describe=true on the first DESCRIBED_SCENES test scenes: every answer carries a description, which
+    mentions the findings it was given and invents no sign or hazard (issue 15's targets). The image-only
+    facts (sky, lanes: target 0.85) are reported, not yet held: the shipped checkpoint does not meet them."""
+    outcomes = _outcomes(shipped_app, shipped_args, "world", scenes=DESCRIBED_SCENES, describe=True)
+    result = evaluate.report(outcomes, sign_classes=list(synth.SIGN_CLASSES), describe=True)
+    metrics = {k: v for k, v in result["descriptions"].items() if k != "words"}
+    print(metrics, [o.description for o in outcomes[:3]])
+    assert metrics["without_description"] == 0 and metrics["descriptions"] == DESCRIBED_SCENES
+    held = {k: t for k, t in result["targets"].items()
+            if k in ("descriptions.mention_recall", "descriptions.hallucinations_per_description")}
+    assert len(held) == 2 and all(t["met"] for t in held.values()), (held, metrics)

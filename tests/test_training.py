@@ -193,3 +193,36 @@ def test_model_card_records_data_seed_command_time_and_metrics(tmp_path):
                      "from scratch"):
         assert expected in text
     assert json.loads(text.split("```json\n")[1].split("\n```")[0]) == {"epoch": 1, "loss": 0.1}
+
+
+def test_describer_training_writes_a_model_the_production_describer_loads(tmp_path):
+    """Two steps of `train describer` (a small tokenizer corpus): an Idefics3 directory that
+    `vlm.SceneDescriber` loads as it loads SmolVLM, marked as trained here, then continued with --init."""
+    from festival_serve.settings import SceneDescriberSettings
+    from festival_serve.training.describer import collate, train_describer
+    from festival_serve.vlm import TRAINED_ON_KEY, Findings, SceneDescriber
+
+    out = tmp_path / "festival-describer"
+    result = train_describer(out, steps=2, train_scenes=4, batch_size=2, val_scenes=2, corpus_scenes=20,
+                             log_every=1, precision="fp32")
+    assert result["steps"] == 2 and result["first_loss"] > 0
+    assert set(result["val"]) >= {"mention_recall", "hallucinations_per_description", "lighting_accuracy"}
+    describer = SceneDescriber(SceneDescriberSettings(model=str(out), device="cpu", max_new_tokens=4),
+                               model_store=tmp_path)
+    info = describer.describe_info()
+    assert info["trained_on"] and getattr(describer.model.config, TRAINED_ON_KEY)
+    assert info["pull"]["hub_id"] == "HuggingFaceTB/SmolVLM-256M-Instruct"
+    [text] = describer.describe([synth.generate_scene(1).image], [Findings()])
+    assert isinstance(text, str)
+
+    # The loss is on the description only: every prompt position is masked.
+    from festival_serve.training.describer import build_examples
+
+    examples = build_examples(describer.processor, [3, 4], SceneDescriberSettings(), what="test")
+    batch = collate(examples, describer.processor.tokenizer, np.random.default_rng(0))
+    for row, example in zip(batch["labels"], examples):
+        prompt = len(example.prompt_ids)
+        assert (row[:prompt] == -100).all() and (row[prompt:] != -100).any()
+
+    again = train_describer(out, steps=1, train_scenes=2, batch_size=2, val_scenes=1, init=out, precision="fp32")
+    assert again["steps"] == 1 and again["vocabulary"] == result["vocabulary"]

@@ -98,7 +98,7 @@ def test_empty_store_raises_weights_missing_naming_the_pull_command(tmp_path):
     with pytest.raises(WeightsMissing) as error:
         SceneDescriber(SceneDescriberSettings(), model_store=tmp_path)
     message = str(error.value)
-    assert str(tmp_path / "scene_describer" / "SmolVLM-256M-Instruct") in message
+    assert str(tmp_path / "scene_describer" / "festival-describer") in message
     assert "festival-serve models pull" in message
 
 

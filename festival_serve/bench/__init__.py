@@ -39,7 +39,7 @@ class Plan:
     describe_duration_s: float
     warmup_s: float
     scenes: int  # distinct held-out images cycled by the client
-    new_tokens: int  # the describer's fixed number of new tokens
+    new_tokens: int  # the SmolVLM-shaped stand-in's fixed number of new tokens (trained weights stop on their own)
     micro_batches: tuple[int, ...]
     vlm_batches: tuple[int, ...]
     micro_repeats: int
@@ -223,8 +223,12 @@ def bench_args(config: dict, options: argparse.Namespace, plan: Plan, progress) 
     store = Path(raw.get("model_store", "models")).expanduser()
     raw["model_store"] = str(store if store.is_absolute() else (Path.cwd() / store).resolve())
     args, sources = with_stand_ins(PipelineArgs.model_validate(raw), options.stand_ins, progress=progress)
-    describer = args.scene_describer.model_copy(update={"max_new_tokens": plan.new_tokens})
-    return args.model_copy(update={"scene_describer": describer}), sources
+    if any(s.stage == "scene_describer" and s.kind == "stand-in" for s in sources):
+        # The stand-in never stops on its own: the plan fixes what each description costs. Trained weights
+        # generate until they end the description (or the config's max_new_tokens), as users get them.
+        describer = args.scene_describer.model_copy(update={"max_new_tokens": plan.new_tokens})
+        args = args.model_copy(update={"scene_describer": describer})
+    return args, sources
 
 
 def summarize(systems: dict[str, dict]) -> dict:
@@ -342,8 +346,15 @@ def run(options: argparse.Namespace, progress=print) -> dict:
 
     micro = []
     if not options.no_micro:
+        from festival_serve.standins.store import RECIPE, default_cache, smolvlm_stand_in
+
+        # The real SmolVLM's cost, beside the served describer's (the same model when nothing is trained).
+        cost_model = args.scene_describer.model_copy(update={"model": str(smolvlm_stand_in(
+            (options.stand_ins or default_cache()) / f"recipe-{RECIPE}", progress=progress)),
+            "max_new_tokens": plan.new_tokens})
         micro = run_micro(args, batch_sizes=list(plan.micro_batches), vlm_batch_sizes=list(plan.vlm_batches),
-                          threads=None, repeats=plan.micro_repeats, min_seconds=plan.micro_min_s, progress=progress)
+                          threads=None, repeats=plan.micro_repeats, min_seconds=plan.micro_min_s, progress=progress,
+                          describer_cost_model=cost_model)
 
     result = {
         "mode": plan.mode,

@@ -78,7 +78,10 @@ def sign_crops(count: int, seed: int = 10_000_000) -> list[np.ndarray]:
 
 
 def run_micro(args: PipelineArgs, *, batch_sizes: list[int], vlm_batch_sizes: list[int], threads: int | None,
-              repeats: int, min_seconds: float, progress: Callable[[str], None] = print) -> list[dict]:
+              repeats: int, min_seconds: float, progress: Callable[[str], None] = print,
+              describer_cost_model=None) -> list[dict]:
+    """Per-model throughput at each batch size. ``describer_cost_model``: SceneDescriberSettings of a second
+    describer measured beside the served one (the bench's SmolVLM-256M-shaped stand-in)."""
     from festival_serve import ocr, vlm
     from festival_serve.devices import cuda_available
     from festival_serve.signs import YoloCheckpoint
@@ -132,22 +135,33 @@ def run_micro(args: PipelineArgs, *, batch_sizes: list[int], vlm_batch_sizes: li
                     rows[-1]["served_speedup"] = round(ratio, 2)
                     progress(f"  sign_reader at batch {n}: {ratio:.2f}x the crops/s of the PP-OCRv6 baseline")
 
-    progress("microbenchmarks: scene describer (batched generate)")
-    frames = [generate_scene(10_000_000 + i).image for i in range(max(vlm_batch_sizes))]
+    progress("microbenchmarks: scene describer (batched generate on held-out scenes and their true findings)")
+    from festival_serve.descriptions import findings_from_truth
+
+    layout = load_layout(args.hazard_cells.layout)
+    scenes = [generate_scene(10_000_000 + i) for i in range(max(vlm_batch_sizes))]
+    frames = [scene.image for scene in scenes]
+    findings = [findings_from_truth(scene.signs, scene.cells, layout.classes, layout.boxes) for scene in scenes]
     variants = [("cpu", "float32")] + ([("cuda", "float32"), ("cuda", "float16")] if cuda else [])
-    for device, dtype in variants:
-        settings = args.scene_describer.model_copy(update={"device": device, "dtype": dtype, "threads": threads})
-        describer = vlm.SceneDescriber(settings, model_store=store)
-        findings = [vlm.Findings()] * max(vlm_batch_sizes)
-        for n in vlm_batch_sizes:
-            generated: list[int] = []
-            seconds = _median_s(lambda: generated.append(sum(map(len, describer.generate_ids(frames[:n], findings[:n])))),
-                                1, 0.0)
-            new_tokens = generated[-1]  # trained weights may stop before max_new_tokens
-            rows.append({"model": "scene_describer", "backend": "torch", "device": device,
-                         "precision": "fp16" if dtype == "float16" else "fp32", "batch": n,
-                         "ms_per_batch": round(seconds * 1000, 1), "items_per_s": round(n / seconds, 3),
-                         "tokens_per_s": round(new_tokens / seconds, 1), "unit": "frames"})
-            progress(f"  scene_describer torch/{device}/{dtype} batch {n}: {rows[-1]['tokens_per_s']} new tokens/s")
-        del describer
+    describers = [("scene_describer", args.scene_describer)]
+    if describer_cost_model is not None and describer_cost_model.model != args.scene_describer.model:
+        describers.append(("scene_describer (SmolVLM-256M stand-in)", describer_cost_model))
+    for name, base in describers:
+        for device, dtype in variants:
+            settings = base.model_copy(update={"device": device, "dtype": dtype, "threads": threads})
+            describer = vlm.SceneDescriber(settings, model_store=store)
+            for n in vlm_batch_sizes:
+                generated: list[int] = []
+                seconds = _median_s(lambda: generated.append(sum(map(len, describer.generate_ids(frames[:n],
+                                                                                                 findings[:n])))),
+                                    1, 0.0)
+                new_tokens = generated[-1]  # trained weights stop when the description ends
+                rows.append({"model": name, "backend": "torch", "device": device,
+                             "precision": "fp16" if dtype == "float16" else "fp32", "batch": n,
+                             "ms_per_batch": round(seconds * 1000, 1), "items_per_s": round(n / seconds, 3),
+                             "tokens_per_s": round(new_tokens / seconds, 1), "new_tokens_per_item": round(new_tokens / n, 1),
+                             "unit": "frames"})
+                progress(f"  {name} torch/{device}/{dtype} batch {n}: {rows[-1]['ms_per_batch']} "
+                         f"ms, {rows[-1]['new_tokens_per_item']} new tokens a frame, {rows[-1]['tokens_per_s']} tokens/s")
+            del describer
     return rows

@@ -47,8 +47,9 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
         + f". Whole run: {result['elapsed_s']:.0f} s.",
         "",
         "Models: " + "; ".join(f"{m['stage']} = {m['kind']}" for m in result["models"])
-        + f". The describer generates exactly {result['plan']['new_tokens']} new tokens per frame (stand-in) "
-          "or up to that many (trained weights).",
+        + f". A stand-in describer generates exactly {result['plan']['new_tokens']} new tokens per frame; trained "
+          "weights generate until the description ends (the config's max_new_tokens at most). The microbenchmarks "
+          "time the served describer and the SmolVLM-256M-shaped stand-in (the real model's cost).",
         "",
         "## Headline (graph against baseline, same run)",
         "",

@@ -45,6 +45,17 @@ def _built(target: Path, build: Callable[[Path], None], progress: Callable[[str]
     return target
 
 
+def smolvlm_stand_in(cache: Path, *, progress: Callable[[str], None] = print) -> Path:
+    """The SmolVLM-256M-shaped random model (built once under ``cache``, a recipe folder): the real model's
+    cost, generating exactly ``max_new_tokens`` every time."""
+    from festival_serve.standins.vlm import SMOLVLM_256M, build_idefics3
+
+    # bf16 on disk halves the size; SceneDescriber casts to its own dtype when loading.
+    return _built(cache / "scene_describer" / "SmolVLM-256M-shape",
+                  lambda tmp: build_idefics3(tmp, SMOLVLM_256M, fixed_new_tokens=True, dtype="bfloat16"),
+                  progress, "SmolVLM-256M (Idefics3, 256M parameters)")
+
+
 def with_stand_ins(
     args: PipelineArgs, cache: Path | None = None, *, progress: Callable[[str], None] = print
 ) -> tuple[PipelineArgs, list[ModelSource]]:
@@ -104,12 +115,7 @@ def with_stand_ins(
         vlm.check_weights(describer)
         sources.append(ModelSource("scene_describer", "trained", str(describer)))
     except vlm.WeightsMissing:
-        from festival_serve.standins.vlm import SMOLVLM_256M, build_idefics3
-
-        # bf16 on disk halves the size; SceneDescriber casts to its own dtype when loading.
-        path = _built(cache / "scene_describer" / "SmolVLM-256M-shape",
-                      lambda tmp: build_idefics3(tmp, SMOLVLM_256M, fixed_new_tokens=True, dtype="bfloat16"),
-                      progress, "SmolVLM-256M (Idefics3, 256M parameters)")
+        path = smolvlm_stand_in(cache, progress=progress)
         update["scene_describer"] = {"model": str(path)}
         sources.append(ModelSource("scene_describer", "stand-in", str(path)))
 

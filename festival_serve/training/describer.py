@@ -31,7 +31,14 @@ from festival_serve.settings import SceneDescriberSettings
 from festival_serve.standins.vlm import VlmSize, build_idefics3, build_tokenizer
 from festival_serve.synth.scene import outdoor_layout
 from festival_serve.training.schedule import learning_rate, use_bf16
-from festival_serve.vlm import Findings, SceneDescriber, build_prompt, image_processor_kwargs, prepare_inputs
+from festival_serve.vlm import (
+    TRAINED_ON_KEY,
+    Findings,
+    SceneDescriber,
+    build_prompt,
+    image_processor_kwargs,
+    prepare_inputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +50,7 @@ MODEL_DIR = Path("models/scene_describer/festival-describer")
 CARD = "MODEL_CARD.md"
 FRAME = (848, 480)  # the world's frame size (width, height)
 CORPUS_SCENES = 1500  # scenes whose prompts and descriptions the tokenizer is trained on
+TRAINED_ON = "the festival synthetic road world (demo weights; `festival-serve models pull` fetches the real SmolVLM)"
 
 
 @dataclass
@@ -150,6 +158,8 @@ def train_describer(
     init: Path | None = None,
     val_scenes: int = 48,
     val_minutes: float = 15.0,
+    corpus_scenes: int = CORPUS_SCENES,
+    vision_lr_scale: float = 1.0,
     log_every: int = 25,
     precision: str = "auto",
 ) -> dict[str, Any]:
@@ -167,14 +177,15 @@ def train_describer(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if init is None:
-        logger.info("describer: training the tokenizer on %d scenes' prompts and descriptions", CORPUS_SCENES)
-        tokenizer = build_tokenizer(corpus=corpus(synth.scene_seeds("train", CORPUS_SCENES)), bpe_size=BPE_SIZE)
+        logger.info("describer: training the tokenizer on %d scenes' prompts and descriptions", corpus_scenes)
+        tokenizer = build_tokenizer(corpus=corpus(synth.scene_seeds("train", corpus_scenes)), bpe_size=BPE_SIZE)
         build_idefics3(out_dir, DESCRIBER, seed=seed, tokenizer=tokenizer)
         init = out_dir
     else:
         init = Path(init)
     processor = AutoProcessor.from_pretrained(init, local_files_only=True)
     model = AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32, local_files_only=True)
+    setattr(model.config, TRAINED_ON_KEY, TRAINED_ON)
     parameters = sum(p.numel() for p in model.parameters())
     logger.info("describer: %s, %.1f M parameters, from %s", DESCRIBER.name, parameters / 1e6,
                 "scratch" if init == out_dir else init)
@@ -183,7 +194,12 @@ def train_describer(
                               what="training")
     val_seeds = synth.scene_seeds("val", val_scenes)
     bf16 = use_bf16(precision)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    # The vision tower and connector may learn faster than the text model: it finds the findings' words in the
+    # prompt within minutes, while what only the image shows (sky, lanes) is a few tokens a description.
+    vision = [p for n, p in model.named_parameters() if n.startswith(("model.vision_model", "model.connector"))]
+    text = [p for n, p in model.named_parameters() if not n.startswith(("model.vision_model", "model.connector"))]
+    optimizer = torch.optim.AdamW([{"params": text, "lr_scale": 1.0},
+                                   {"params": vision, "lr_scale": vision_lr_scale}], lr=lr, weight_decay=weight_decay)
     budget_s = hours * 3600 if hours else math.inf
     history: list[dict[str, Any]] = []
 
@@ -215,7 +231,7 @@ def train_describer(
                 break
             done = max(step / steps if steps else 0.0, elapsed / budget_s)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(lr, step, done, warmup)
+                group["lr"] = learning_rate(lr, step, done, warmup) * group["lr_scale"]
             batch = collate([examples[i] for i in rng.integers(len(examples), size=batch_size)],
                             processor.tokenizer, rng)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -248,7 +264,7 @@ def train_describer(
     return {
         "out": str(out_dir), "parameters": parameters, "size": asdict(DESCRIBER), "vocabulary": len(processor.tokenizer),
         "steps": step, "examples_seen": step * batch_size, "train_scenes": train_scenes, "train_skip": train_skip,
-        "batch_size": batch_size, "lr": lr, "seed": seed, "threads": torch.get_num_threads(),
+        "batch_size": batch_size, "lr": lr, "vision_lr_scale": vision_lr_scale, "seed": seed, "threads": torch.get_num_threads(),
         "precision": "bf16" if bf16 else "fp32", "interrupted": interrupted,
         "first_loss": first_loss, "final_loss": final_loss,
         "val": {"scenes": len(val_seeds), **val}, "history": history,
@@ -268,6 +284,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--train-skip", type=int, default=0, help="skip the split's first N scenes (fresh ones)")
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--vision-lr-scale", type=float, default=1.0,
+                        help="the vision tower's and connector's learning rate, as a multiple of --lr")
     parser.add_argument("--weight-decay", type=float, default=1e-2)
     parser.add_argument("--warmup", type=int, default=200, help="warm-up steps")
     parser.add_argument("--seed", type=int, default=0)
@@ -288,7 +306,8 @@ def cmd_train(args: argparse.Namespace, command: str) -> int:
                              train_skip=args.train_skip, batch_size=args.batch_size, lr=args.lr,
                              weight_decay=args.weight_decay, warmup=args.warmup, seed=args.seed, threads=args.threads,
                              init=args.init, val_scenes=args.val_scenes, val_minutes=args.val_minutes,
-                             log_every=args.log_every, precision=args.precision)
+                             log_every=args.log_every, precision=args.precision,
+                             vision_lr_scale=args.vision_lr_scale)
     size = result["size"]
     write_model_card(
         args.out / CARD,
