@@ -118,3 +118,19 @@ def test_the_describer_speaks_faithfully_out_of_the_box(shipped_app, shipped_arg
     held = {k: t for k, t in result["targets"].items()
             if k in ("descriptions.mention_recall", "descriptions.hallucinations_per_description")}
     assert len(held) == 2 and all(t["met"] for t in held.values()), (held, metrics)
+
+
+def test_the_shipped_describer_batches_as_it_describes_one_frame(shipped_args):
+    """Batched greedy generation (left-padded prompts of different lengths) says what one-at-a-time says."""
+    from festival_serve import descriptions, vlm
+    from festival_serve.synth.scene import outdoor_layout
+
+    layout = outdoor_layout()
+    describer = vlm.SceneDescriber(shipped_args.scene_describer.model_copy(update={"device": "cpu"}),
+                                   model_store=Path(shipped_args.model_store))
+    scenes = [synth.generate_scene(seed) for seed in synth.scene_seeds("test", 4)]
+    findings = [descriptions.findings_from_truth(s.signs, s.cells, layout.classes, layout.boxes) for s in scenes]
+    assert len({vlm.build_prompt(f) for f in findings}) == 4  # different prompts, so padding differs
+    batched = describer.describe([s.image for s in scenes], findings)
+    single = [describer.describe([s.image], [f])[0] for s, f in zip(scenes, findings)]
+    assert batched == single and all(batched)
