@@ -159,7 +159,7 @@ def target_description(findings: Findings, facts: SceneFacts, rng: np.random.Gen
         listed = _join([signs[i] for i in order])
         sentences.append(_pick(rng, (f"Signs show {listed}.", f"There is {listed}.", f"Ahead: {listed}.")))
     # Vehicles and people are said where the image shows them; other hazards where their cells are.
-    users = [user for user in facts.road_users]
+    users = list(facts.road_users)
     said_by_users = {user.kind for user in users}
     hazards = [_hazard_phrase(label, place, rng) for label, _, place in findings.hazards
                if label in HAZARD_WORDS and label not in said_by_users]
