@@ -50,8 +50,8 @@ class ModelDeployment:
     ``_load`` in ``__init__``; the method the table names is the one the ingress calls."""
 
     STAGE: ClassVar[Stage]
-    #: The ``@serve.batch`` method, when the stage's entry method (``STAGE.method``) only counts the work in
-    #: flight for the autoscaler and hands over to it; None when the entry method is the batched one.
+    #: The batched method (``@serve.batch`` or ``@paced_batch``), when the stage's entry method (``STAGE.method``)
+    #: only counts the work in flight for the autoscaler and hands over to it; None when the entry method is it.
     BATCHED: ClassVar[str | None] = None
 
     @property

@@ -8,6 +8,7 @@ from ray import serve
 from deployments.base import ModelDeployment
 from festival_serve import vlm
 from festival_serve.autoscaling import TOKENS_IN_FLIGHT, InFlight
+from festival_serve.batching import paced_batch
 from festival_serve.flow import Ticket
 from festival_serve.settings import SceneDescriberSettings
 from festival_serve.stages import stage
@@ -28,7 +29,9 @@ class SceneDescriber(ModelDeployment):
         with self.tokens_in_flight.add(self.max_new_tokens):
             return await self._describe_batch(image, findings, ticket)
 
-    @serve.batch  # sizes and waits: user_config in serve_config.yaml (reconfigure)
+    # Paced by the model, not @serve.batch: a batch takes seconds here, and every frame that arrives meanwhile must
+    # go into the next one (festival_serve.batching.PacedBatcher says why). Sizes and waits: user_config.
+    @paced_batch
     async def _describe_batch(self, images: list[np.ndarray], findings: list[vlm.Findings],
                               tickets: list[Ticket]) -> list[str]:
         """Frames and what was found in them → one short description each (one generate call)."""

@@ -87,8 +87,16 @@ SKY_WORDS = {
 }
 LANE_NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 NO_LANES = ("the road has no lane markings", "an unmarked road")
+#: Any lane statement: "a two-lane road", "a road with three lanes", "no lane markings", "unmarked".
+LANES_PATTERN = r"\b\w+[- ]lanes?\b|no lane markings|\bunmarked\b"
 
 assert set(SKY_WORDS) == set(SKY_PATTERN) == set(SKIES) and set(SIDE_WORDS) == set(SIDES) and set(DISTANCE_WORDS) == set(DISTANCES)
+
+
+def image_fact_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of ``text`` that state what only the image shows: the sky and the lanes."""
+    patterns = [*SKY_PATTERN.values(), LANES_PATTERN]
+    return [m.span() for pattern in patterns for m in re.finditer(pattern, text, flags=re.IGNORECASE)]
 
 
 def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:

@@ -52,7 +52,7 @@ class Network:
 class Stage:
     name: str  # the key in answers, settings (``PipelineArgs.<name>``), metrics and /v1/models
     deployment: str  # the Ray Serve deployment's name
-    method: str  # its ``@serve.batch`` method, which the ingress calls
+    method: str  # the deployment method the ingress calls (batched, or handing over to the batched one)
     loader: str  # "module:callable" taking (settings, *, model_store, gpu_only, gpu_fraction)
     #: Exceptions that mean "weights absent": the deployment stays up, answers degraded, says why.
     missing: tuple[str, ...]

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from deployments.base import ModelDeployment
 from deployments.sign_reader import SignReader, _crop_count
-from festival_serve.batching import is_out_of_memory, run_isolating
+from festival_serve.batching import is_out_of_memory, paced_batch, run_isolating
 from festival_serve.flow import StageError, Ticket
 from festival_serve.settings import BatchConfig, IngressSettings
 from festival_serve.stages import STAGE_NAMES
@@ -205,3 +205,112 @@ def test_crops_whose_deadline_passed_in_the_queue_are_answered_unread():
     answers = read(deployment, [[crop(1), crop(2)], [crop(3)]], [stale, live])
     assert [a.code for a in answers[0]] == ["timeout", "timeout"] and answers[1] == ["3"]
     assert deployment.expired_items == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# PacedBatcher: the next batch is taken when the model is free (the describer's batching)
+
+class SlowModel:
+    """Doubles each item; each batch takes ``seconds`` (awaited, as a replica awaits its model's thread)."""
+
+    def __init__(self, seconds: float = 0.05, fail: bool = False) -> None:
+        self.seconds, self.fail = seconds, fail
+        self.batches: list[list] = []
+
+    @paced_batch
+    async def double(self, items: list, tags: list) -> list:
+        self.batches.append(list(items))
+        await asyncio.sleep(self.seconds)
+        if self.fail and POISON in items:
+            raise ValueError("bad batch")
+        return [(2 * item, tag) for item, tag in zip(items, tags)]
+
+
+def test_calls_that_arrive_while_a_batch_runs_all_go_into_the_next_batch():
+    """@serve.batch would run the eight late calls as the one-window batches they arrived in; paced, the model
+    takes all of them (up to max_batch_size) as soon as it is free."""
+    model = SlowModel(seconds=0.2)
+    model.double.set_max_batch_size(16)
+    model.double.set_batch_wait_timeout_s(0.0)
+
+    async def scenario():
+        first = asyncio.ensure_future(model.double(0, "a"))
+        await asyncio.sleep(0.02)  # the first batch is running
+        late = []
+        for i in range(1, 9):  # arrive one by one, 10 ms apart, while it runs
+            late.append(asyncio.ensure_future(model.double(i, f"t{i}")))
+            await asyncio.sleep(0.01)
+        return await asyncio.gather(first, *late)
+
+    results = asyncio.run(scenario())
+    assert results == [(2 * i, "a" if i == 0 else f"t{i}") for i in range(9)]  # each call its own result
+    assert model.batches == [[0], list(range(1, 9))]
+
+
+def test_batches_respect_max_batch_size_and_weigh_calls_by_size_fn():
+    class Crops:
+        @paced_batch(size_fn=lambda args: len(args[0]))
+        async def read(self, requests: list) -> list:
+            self.batches.append([len(r) for r in requests])
+            await asyncio.sleep(0.01)
+            return [len(r) for r in requests]
+
+    crops = Crops()
+    crops.batches = []
+    crops.read.set_max_batch_size(5)
+    crops.read.set_batch_wait_timeout_s(0.5)  # long enough that the queue is full before a batch is taken
+
+    async def scenario():
+        return await asyncio.gather(*(crops.read(["c"] * n) for n in (2, 2, 2, 3, 1)))
+
+    assert asyncio.run(scenario()) == [2, 2, 2, 3, 1]
+    assert crops.batches == [[2, 2], [2, 3], [1]]  # 4 <= 5, then 2 + 3 = 5, then what is left
+    with pytest.raises(ValueError, match="larger than max_batch_size"):
+        asyncio.run(crops.read(["c"] * 6))
+
+
+def test_a_lone_call_waits_for_company_only_up_to_the_timeout():
+    model = SlowModel(seconds=0.0)
+    model.double.set_max_batch_size(8)
+    model.double.set_batch_wait_timeout_s(0.3)
+
+    async def scenario():
+        first = asyncio.ensure_future(model.double(1, "a"))
+        await asyncio.sleep(0.05)  # within the wait: joins the first call's batch
+        second = asyncio.ensure_future(model.double(2, "b"))
+        await asyncio.gather(first, second)
+        await asyncio.sleep(0.01)
+        return await model.double(3, "c")  # alone: answered once its wait has passed
+
+    asyncio.run(scenario())
+    assert model.batches == [[1, 2], [3]]
+
+
+def test_a_failed_batch_answers_each_of_its_calls_with_the_error_and_the_next_batch_still_runs():
+    model = SlowModel(seconds=0.01, fail=True)
+    model.double.set_max_batch_size(4)
+    model.double.set_batch_wait_timeout_s(0.05)
+
+    async def scenario():
+        failed = await asyncio.gather(model.double(POISON, "x"), model.double(1, "y"), return_exceptions=True)
+        return failed, await model.double(5, "z")
+
+    failed, after = asyncio.run(scenario())
+    assert all(isinstance(e, ValueError) for e in failed) and after == (10, "z")
+
+
+def test_a_call_cancelled_while_it_queues_is_never_run():
+    model = SlowModel(seconds=0.1)
+    model.double.set_max_batch_size(8)
+
+    async def scenario():
+        running = asyncio.ensure_future(model.double(1, "a"))
+        await asyncio.sleep(0.02)
+        gone = asyncio.ensure_future(model.double(2, "b"))
+        kept = asyncio.ensure_future(model.double(3, "c"))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # its client gave up (the ingress cancels a call past its budget)
+        return await asyncio.gather(running, kept)
+
+    assert asyncio.run(scenario()) == [(2, "a"), (6, "c")]
+    assert model.batches == [[1], [3]]

@@ -1,6 +1,7 @@
 """Training commands on tiny generated data: the artefacts they write load through the production loaders."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -199,7 +200,7 @@ def test_describer_training_writes_a_model_the_production_describer_loads(tmp_pa
     """Two steps of `train describer` (a small tokenizer corpus): an Idefics3 directory that
     `vlm.SceneDescriber` loads as it loads SmolVLM, marked as trained here, then continued with --init."""
     from festival_serve.settings import SceneDescriberSettings
-    from festival_serve.training.describer import collate, train_describer
+    from festival_serve.training.describer import collate, train_describer, weighted_loss
     from festival_serve.vlm import TRAINED_ON_KEY, Findings, SceneDescriber
 
     out = tmp_path / "festival-describer"
@@ -223,6 +224,18 @@ def test_describer_training_writes_a_model_the_production_describer_loads(tmp_pa
     for row, example in zip(batch["labels"], examples):
         prompt = len(example.prompt_ids)
         assert (row[:prompt] == -100).all() and (row[prompt:] != -100).any()
+    # Weighted 1 everywhere, the loss is transformers' own; --fact-weight lands on the sky and lane words only.
+    import torch
+
+    with torch.no_grad():
+        plain = describer.model(**{k: v for k, v in batch.items() if k != "loss_weights"}).loss
+        assert float(weighted_loss(describer.model, batch)) == pytest.approx(float(plain), rel=1e-5)
+    weighted = collate(examples, describer.processor.tokenizer, np.random.default_rng(0), fact_weight=8.0)
+    tokenizer = describer.processor.tokenizer
+    for ids, weights in zip(weighted["input_ids"], weighted["loss_weights"]):
+        said = tokenizer.decode([int(t) for t, w in zip(ids, weights) if w == 8.0])
+        assert re.search(r"lane|unmarked", said) and re.search(r"clear|hazy|overcast|dusk", said)
+        assert not re.search(r"sign|ahead|left|right", said)
 
     again = train_describer(out, steps=1, train_scenes=2, batch_size=2, val_scenes=1, init=out, precision="fp32")
     assert again["steps"] == 1 and again["vocabulary"] == result["vocabulary"]

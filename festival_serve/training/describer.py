@@ -95,25 +95,45 @@ def build_examples(processor, seeds: list[int], settings: SceneDescriberSettings
     return examples
 
 
-def collate(examples: list[Example], tokenizer, rng: np.random.Generator) -> dict[str, Any]:
-    """Prompt + a freshly phrased target per example, right-padded; loss only on the target and its end."""
+def collate(examples: list[Example], tokenizer, rng: np.random.Generator, fact_weight: float = 1.0) -> dict[str, Any]:
+    """Prompt + a freshly phrased target per example, right-padded; loss only on the target and its end, each
+    target token weighted 1 except those that state the sky or the lanes (``fact_weight``)."""
     import torch
 
-    rows, labels = [], []
+    rows, labels, weights = [], [], []
     for ex in examples:
         target = " " + descriptions.target_description(ex.findings, ex.facts, rng) + "<end_of_utterance>"
-        answer = tokenizer(target, add_special_tokens=False)["input_ids"]
+        encoded = tokenizer(target, add_special_tokens=False, return_offsets_mapping=True)
+        answer = encoded["input_ids"]
+        facts = descriptions.image_fact_spans(target)
         rows.append(ex.prompt_ids + answer)
         labels.append([-100] * len(ex.prompt_ids) + answer)
+        weights.append([0.0] * len(ex.prompt_ids) + [
+            fact_weight if any(start < end_ and end > start_ for start_, end_ in facts) else 1.0
+            for start, end in encoded["offset_mapping"]])
     width = max(map(len, rows))
     pad = tokenizer.pad_token_id
     return {
         "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
         "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
         "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
+        "loss_weights": torch.tensor([w + [0.0] * (width - len(w)) for w in weights]),
         "pixel_values": torch.stack([ex.pixel_values for ex in examples]).float(),
         "pixel_attention_mask": torch.stack([ex.pixel_attention_mask for ex in examples]),
     }
+
+
+def weighted_loss(model, batch: dict[str, Any]):
+    """Next-token cross-entropy over the target tokens, each weighted by ``loss_weights`` (all 1: the mean that
+    transformers' own ``labels`` loss gives)."""
+    import torch.nn.functional as F
+
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_weights")}
+    logits = model(**inputs).logits[:, :-1].float()  # (batch, tokens - 1, vocabulary): predicts token t + 1
+    labels, weights = batch["labels"][:, 1:], batch["loss_weights"][:, 1:]
+    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                                reduction="none").view_as(weights)
+    return (per_token * weights).sum() / weights.sum()
 
 
 def evaluate_describer(model_dir: Path, seeds: list[int], *, batch: int = 8,
@@ -160,6 +180,7 @@ def train_describer(
     val_minutes: float = 15.0,
     corpus_scenes: int = CORPUS_SCENES,
     vision_lr_scale: float = 1.0,
+    fact_weight: float = 1.0,
     log_every: int = 25,
     precision: str = "auto",
 ) -> dict[str, Any]:
@@ -233,9 +254,9 @@ def train_describer(
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(lr, step, done, warmup) * group["lr_scale"]
             batch = collate([examples[i] for i in rng.integers(len(examples), size=batch_size)],
-                            processor.tokenizer, rng)
+                            processor.tokenizer, rng, fact_weight)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = model(**batch).loss
+                loss = weighted_loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -264,7 +285,7 @@ def train_describer(
     return {
         "out": str(out_dir), "parameters": parameters, "size": asdict(DESCRIBER), "vocabulary": len(processor.tokenizer),
         "steps": step, "examples_seen": step * batch_size, "train_scenes": train_scenes, "train_skip": train_skip,
-        "batch_size": batch_size, "lr": lr, "vision_lr_scale": vision_lr_scale, "seed": seed, "threads": torch.get_num_threads(),
+        "batch_size": batch_size, "lr": lr, "vision_lr_scale": vision_lr_scale, "fact_weight": fact_weight, "seed": seed, "threads": torch.get_num_threads(),
         "precision": "bf16" if bf16 else "fp32", "interrupted": interrupted,
         "first_loss": first_loss, "final_loss": final_loss,
         "val": {"scenes": len(val_seeds), **val}, "history": history,
@@ -286,6 +307,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--vision-lr-scale", type=float, default=1.0,
                         help="the vision tower's and connector's learning rate, as a multiple of --lr")
+    parser.add_argument("--fact-weight", type=float, default=1.0,
+                        help="loss weight of the tokens that state the sky and the lanes (what only the image shows; "
+                             "a few tokens of each ~50-token description)")
     parser.add_argument("--weight-decay", type=float, default=1e-2)
     parser.add_argument("--warmup", type=int, default=200, help="warm-up steps")
     parser.add_argument("--seed", type=int, default=0)
@@ -307,7 +331,7 @@ def cmd_train(args: argparse.Namespace, command: str) -> int:
                              weight_decay=args.weight_decay, warmup=args.warmup, seed=args.seed, threads=args.threads,
                              init=args.init, val_scenes=args.val_scenes, val_minutes=args.val_minutes,
                              log_every=args.log_every, precision=args.precision,
-                             vision_lr_scale=args.vision_lr_scale)
+                             vision_lr_scale=args.vision_lr_scale, fact_weight=args.fact_weight)
     size = result["size"]
     write_model_card(
         args.out / CARD,
@@ -329,7 +353,7 @@ def cmd_train(args: argparse.Namespace, command: str) -> int:
         metrics={"val": {k: v for k, v in result["val"].items() if k != "samples"}, "steps": result["steps"],
                  "first_loss": result["first_loss"], "final_loss": result["final_loss"],
                  "seconds": result["seconds"], "history": result["history"]},
-        notes=("Cross-entropy on the description tokens only, AdamW, warm-up then cosine learning rate over the time "
+        notes=(f"Cross-entropy on the description tokens only (sky and lane tokens weighted {result['fact_weight']:g}), AdamW, warm-up then cosine learning rate over the time "
                f"budget, gradients clipped at 1, {result['precision']} arithmetic. Samples: "
                + json.dumps(result["val"]["samples"], ensure_ascii=False)
                + f". Serve it with `scene_describer: {{model: scene_describer/{args.out.name}}}`; continue training "
