@@ -181,7 +181,7 @@ class _Call:
 class paced_batch:  # noqa: N801 - used as a decorator, like serve.batch
     """``@paced_batch`` (or ``@paced_batch(size_fn=...)``) on an async method: each instance gets its own
     ``PacedBatcher`` around the method, made on first access (so also on an instance made without
-    ``__init__``). ``__wrapped__`` is the method itself."""
+    ``__init__``), behind an ``async def`` that carries its ``set_*`` knobs. ``__wrapped__`` is the method."""
 
     def __init__(self, func: Callable | None = None, *, size_fn: Callable[[tuple], int] | None = None) -> None:
         self.size_fn = size_fn
@@ -203,5 +203,15 @@ class paced_batch:  # noqa: N801 - used as a decorator, like serve.batch
         if instance is None:
             return self
         batcher = PacedBatcher(functools.partial(self.__wrapped__, instance), size_fn=self.size_fn)
-        instance.__dict__[self.name] = batcher  # later lookups find it there, before this descriptor
-        return batcher
+
+        # A real ``async def`` (Serve calls a deployment method by its kind and name), with the batcher's knobs.
+        @functools.wraps(self.__wrapped__)
+        async def batched(*args: Any) -> Any:
+            return await batcher(*args)
+
+        for knob in ("set_max_batch_size", "set_batch_wait_timeout_s", "_get_max_batch_size",
+                     "_get_batch_wait_timeout_s"):
+            setattr(batched, knob, getattr(batcher, knob))
+        batched.batcher = batcher
+        instance.__dict__[self.name] = batched  # later lookups find it there, before this descriptor
+        return batched

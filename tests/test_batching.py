@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import sys
 import time
 import types
@@ -230,6 +231,8 @@ def test_calls_that_arrive_while_a_batch_runs_all_go_into_the_next_batch():
     """@serve.batch would run the eight late calls as the one-window batches they arrived in; paced, the model
     takes all of them (up to max_batch_size) as soon as it is free."""
     model = SlowModel(seconds=0.2)
+    # Serve calls a deployment method by its kind and name: it must stay an `async def` called "double".
+    assert inspect.iscoroutinefunction(model.double) and model.double.__name__ == "double"
     model.double.set_max_batch_size(16)
     model.double.set_batch_wait_timeout_s(0.0)
 
