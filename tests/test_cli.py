@@ -34,12 +34,12 @@ def test_local_profile_sizes_threads_and_replicas_to_the_cores(tmp_path):
     app = profiled["applications"][0]
     assert {d["name"]: d["autoscaling_config"]["max_replicas"] for d in app["deployments"]} == dict.fromkeys(
         ["SignDetector", "HazardCells", "SignReader", "SceneDescriber", "PipelineIngress"], 1)
-    assert [app["args"][s]["threads"] for s in STAGE_NAMES] == [1, 1, 1, 2]
+    assert [app["args"][s]["threads"] for s in STAGE_NAMES] == [1, 1, 1, 1]
     assert any("at most 1 replica" in c for c in changes)
     big, _ = local.local_profile(config, host="127.0.0.1", port=8123, model_store=None, has_gpu=False,
                                  base_dir=tmp_path, cpus=16)
     assert big["applications"][0]["deployments"][0]["autoscaling_config"]["max_replicas"] == 4
-    assert [big["applications"][0]["args"][s]["threads"] for s in STAGE_NAMES] == [8, 8, 8, 16]
+    assert [big["applications"][0]["args"][s]["threads"] for s in STAGE_NAMES] == [8, 8, 8, 8]
 
 
 def test_local_profile_keeps_gpus_when_there_is_one(tmp_path):
