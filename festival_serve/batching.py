@@ -104,11 +104,6 @@ class PacedBatcher:
     def _get_batch_wait_timeout_s(self) -> float:
         return self._wait_s
 
-    @property
-    def queued(self) -> int:
-        """Calls waiting for the model (not the batch it is running)."""
-        return len(self._queue)
-
     async def __call__(self, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         call = _Call(args, loop.create_future(), loop.time(), self._size_fn(args) if self._size_fn else 1)
@@ -212,6 +207,5 @@ class paced_batch:  # noqa: N801 - used as a decorator, like serve.batch
         for knob in ("set_max_batch_size", "set_batch_wait_timeout_s", "_get_max_batch_size",
                      "_get_batch_wait_timeout_s"):
             setattr(batched, knob, getattr(batcher, knob))
-        batched.batcher = batcher
         instance.__dict__[self.name] = batched  # later lookups find it there, before this descriptor
         return batched

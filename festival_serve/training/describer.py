@@ -285,7 +285,8 @@ def train_describer(
     return {
         "out": str(out_dir), "parameters": parameters, "size": asdict(DESCRIBER), "vocabulary": len(processor.tokenizer),
         "steps": step, "examples_seen": step * batch_size, "train_scenes": train_scenes, "train_skip": train_skip,
-        "batch_size": batch_size, "lr": lr, "vision_lr_scale": vision_lr_scale, "fact_weight": fact_weight, "seed": seed, "threads": torch.get_num_threads(),
+        "batch_size": batch_size, "lr": lr, "vision_lr_scale": vision_lr_scale, "fact_weight": fact_weight,
+        "seed": seed, "threads": torch.get_num_threads(),
         "precision": "bf16" if bf16 else "fp32", "interrupted": interrupted,
         "first_loss": first_loss, "final_loss": final_loss,
         "val": {"scenes": len(val_seeds), **val}, "history": history,
@@ -353,7 +354,8 @@ def cmd_train(args: argparse.Namespace, command: str) -> int:
         metrics={"val": {k: v for k, v in result["val"].items() if k != "samples"}, "steps": result["steps"],
                  "first_loss": result["first_loss"], "final_loss": result["final_loss"],
                  "seconds": result["seconds"], "history": result["history"]},
-        notes=(f"Cross-entropy on the description tokens only (sky and lane tokens weighted {result['fact_weight']:g}), AdamW, warm-up then cosine learning rate over the time "
+        notes=("Cross-entropy on the description tokens only (sky and lane tokens weighted "
+               f"{result['fact_weight']:g}), AdamW, warm-up then cosine learning rate over the time "
                f"budget, gradients clipped at 1, {result['precision']} arithmetic. Samples: "
                + json.dumps(result["val"]["samples"], ensure_ascii=False)
                + f". Serve it with `scene_describer: {{model: scene_describer/{args.out.name}}}`; continue training "
