@@ -228,7 +228,7 @@ def test_describer_training_writes_a_model_the_production_describer_loads(tmp_pa
     import torch
 
     with torch.no_grad():
-        plain = describer.model(**{k: v for k, v in batch.items() if k != "loss_weights"}).loss
+        plain = describer.model(**{k: v for k, v in batch.items() if k not in ("loss_weights", "fact_labels")}).loss
         assert float(weighted_loss(describer.model, batch)) == pytest.approx(float(plain), rel=1e-5)
     weighted = collate(examples, describer.processor.tokenizer, np.random.default_rng(0), fact_weight=8.0)
     tokenizer = describer.processor.tokenizer
@@ -237,5 +237,20 @@ def test_describer_training_writes_a_model_the_production_describer_loads(tmp_pa
         assert re.search(r"lane|unmarked", said) and re.search(r"clear|hazy|overcast|dusk", said)
         assert not re.search(r"sign|ahead|left|right", said)
 
-    again = train_describer(out, steps=1, train_scenes=2, batch_size=2, val_scenes=1, init=out, precision="fp32")
-    assert again["steps"] == 1 and again["vocabulary"] == result["vocabulary"]
+    # The image-fact probe: its labels are the scenes' sky and lanes, its loss trains the vision tower, and it is
+    # not saved with the model.
+    from festival_serve.training.describer import ImageFactProbe, fact_classes
+
+    assert batch["fact_labels"].tolist() == [list(fact_classes(ex.facts)) for ex in examples]
+    probe = ImageFactProbe(describer.model, describer.model.config.text_config.hidden_size)
+    describer.model(**{k: v for k, v in batch.items() if k not in ("loss_weights", "fact_labels")})
+    probe.loss(batch["fact_labels"]).backward()
+    assert describer.model.model.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+
+    again = train_describer(out, steps=1, train_scenes=2, batch_size=2, val_scenes=1, init=out, precision="fp32",
+                            probe_weight=0.5)
+    assert again["steps"] == 1 and again["vocabulary"] == result["vocabulary"] and again["probe_weight"] == 0.5
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as saved:
+        assert saved.keys() and not any("sky" in name or "lanes" in name for name in saved.keys())

@@ -120,7 +120,43 @@ def collate(examples: list[Example], tokenizer, rng: np.random.Generator, fact_w
         "loss_weights": torch.tensor([w + [0.0] * (width - len(w)) for w in weights]),
         "pixel_values": torch.stack([ex.pixel_values for ex in examples]).float(),
         "pixel_attention_mask": torch.stack([ex.pixel_attention_mask for ex in examples]),
+        "fact_labels": torch.tensor([fact_classes(ex.facts) for ex in examples]),
     }
+
+
+#: Lane counts the probe tells apart: index = lanes (0 = no lane markings); the world draws 2 or 3.
+LANE_CLASSES = 6
+NOT_MODEL_INPUTS = ("labels", "loss_weights", "fact_labels")
+
+
+def fact_classes(facts: synth.truth.SceneFacts) -> tuple[int, int]:
+    """(sky index in SKIES, lane class) of a scene: the image-only facts the probe is trained on."""
+    return synth.truth.SKIES.index(facts.sky), min(facts.lanes or 0, LANE_CLASSES - 1)
+
+
+class ImageFactProbe:
+    """A training-only linear probe on the image tokens the text model reads (the connector's output, mean over
+    a frame's tokens): it predicts the sky and the lane count, so the vision tower gets a gradient for them on
+    every example rather than from two or three words of a ~50-token description. Not saved with the model."""
+
+    def __init__(self, model, hidden: int):
+        import torch
+
+        self.heads = torch.nn.ModuleDict({"sky": torch.nn.Linear(hidden, len(synth.truth.SKIES)),
+                                          "lanes": torch.nn.Linear(hidden, LANE_CLASSES)})
+        self._tokens = None  # (frames, image tokens, hidden) of the last forward pass
+        model.model.connector.register_forward_hook(lambda _module, _inputs, output: setattr(self, "_tokens", output))
+
+    def parameters(self):
+        return self.heads.parameters()
+
+    def loss(self, fact_labels):
+        """Cross-entropy of sky + lanes over the last forward pass's frames (one frame an example)."""
+        import torch.nn.functional as F
+
+        pooled = self._tokens.float().mean(dim=1)
+        return (F.cross_entropy(self.heads["sky"](pooled), fact_labels[:, 0])
+                + F.cross_entropy(self.heads["lanes"](pooled), fact_labels[:, 1]))
 
 
 def weighted_loss(model, batch: dict[str, Any]):
@@ -128,7 +164,7 @@ def weighted_loss(model, batch: dict[str, Any]):
     transformers' own ``labels`` loss gives)."""
     import torch.nn.functional as F
 
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_weights")}
+    inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
     logits = model(**inputs).logits[:, :-1].float()  # (batch, tokens - 1, vocabulary): predicts token t + 1
     labels, weights = batch["labels"][:, 1:], batch["loss_weights"][:, 1:]
     per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
@@ -181,6 +217,7 @@ def train_describer(
     corpus_scenes: int = CORPUS_SCENES,
     vision_lr_scale: float = 1.0,
     fact_weight: float = 1.0,
+    probe_weight: float = 0.0,
     log_every: int = 25,
     precision: str = "auto",
 ) -> dict[str, Any]:
@@ -219,8 +256,11 @@ def train_describer(
     # prompt within minutes, while what only the image shows (sky, lanes) is a few tokens a description.
     vision = [p for n, p in model.named_parameters() if n.startswith(("model.vision_model", "model.connector"))]
     text = [p for n, p in model.named_parameters() if not n.startswith(("model.vision_model", "model.connector"))]
-    optimizer = torch.optim.AdamW([{"params": text, "lr_scale": 1.0},
-                                   {"params": vision, "lr_scale": vision_lr_scale}], lr=lr, weight_decay=weight_decay)
+    groups = [{"params": text, "lr_scale": 1.0}, {"params": vision, "lr_scale": vision_lr_scale}]
+    probe = ImageFactProbe(model, model.config.text_config.hidden_size) if probe_weight > 0 else None
+    if probe is not None:
+        groups.append({"params": list(probe.parameters()), "lr_scale": vision_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     budget_s = hours * 3600 if hours else math.inf
     history: list[dict[str, Any]] = []
 
@@ -242,7 +282,7 @@ def train_describer(
         val_seconds += time.perf_counter() - began
         return metrics
 
-    step, first_loss, running, val_seconds, interrupted = 0, None, [], 0.0, False
+    step, first_loss, running, probe_running, val_seconds, interrupted = 0, None, [], [], 0.0, False
     model.train()
     train_started = window_started = last_val = time.perf_counter()
     try:
@@ -257,6 +297,10 @@ def train_describer(
                             processor.tokenizer, rng, fact_weight)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = weighted_loss(model, batch)
+                if probe is not None:
+                    probe_loss = probe.loss(batch["fact_labels"])
+                    probe_running.append(float(probe_loss.item()))
+                    loss = loss + probe_weight * probe_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -267,10 +311,12 @@ def train_describer(
             running.append(value)
             if step % log_every == 0:
                 now = time.perf_counter()
-                logger.info("describer: step %d  loss %.3f  lr %.1e  %.1f scenes/s  %.0f min", step,
-                            sum(running) / len(running), optimizer.param_groups[0]["lr"],
-                            log_every * batch_size / (now - window_started), (now - train_started) / 60)
-                running, window_started = [], now
+                logger.info("describer: step %d  loss %.3f%s  lr %.1e  %.1f scenes/s  %.0f min", step,
+                            sum(running) / len(running),
+                            f"  probe {sum(probe_running) / len(probe_running):.3f}" if probe_running else "",
+                            optimizer.param_groups[0]["lr"], log_every * batch_size / (now - window_started),
+                            (now - train_started) / 60)
+                running, probe_running, window_started = [], [], now
             if time.perf_counter() - last_val >= val_minutes * 60:
                 validate(step)
                 model.train()
@@ -286,7 +332,7 @@ def train_describer(
         "out": str(out_dir), "parameters": parameters, "size": asdict(DESCRIBER), "vocabulary": len(processor.tokenizer),
         "steps": step, "examples_seen": step * batch_size, "train_scenes": train_scenes, "train_skip": train_skip,
         "batch_size": batch_size, "lr": lr, "vision_lr_scale": vision_lr_scale, "fact_weight": fact_weight,
-        "seed": seed, "threads": torch.get_num_threads(),
+        "probe_weight": probe_weight, "seed": seed, "threads": torch.get_num_threads(),
         "precision": "bf16" if bf16 else "fp32", "interrupted": interrupted,
         "first_loss": first_loss, "final_loss": final_loss,
         "val": {"scenes": len(val_seeds), **val}, "history": history,
@@ -311,6 +357,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--fact-weight", type=float, default=1.0,
                         help="loss weight of the tokens that state the sky and the lanes (what only the image shows; "
                              "a few tokens of each ~50-token description)")
+    parser.add_argument("--probe-weight", type=float, default=0.0,
+                        help="weight of a training-only linear probe's loss (sky and lane count from the image "
+                             "tokens), added to the description loss; 0: no probe")
     parser.add_argument("--weight-decay", type=float, default=1e-2)
     parser.add_argument("--warmup", type=int, default=200, help="warm-up steps")
     parser.add_argument("--seed", type=int, default=0)
@@ -332,7 +381,8 @@ def cmd_train(args: argparse.Namespace, command: str) -> int:
                              weight_decay=args.weight_decay, warmup=args.warmup, seed=args.seed, threads=args.threads,
                              init=args.init, val_scenes=args.val_scenes, val_minutes=args.val_minutes,
                              log_every=args.log_every, precision=args.precision,
-                             vision_lr_scale=args.vision_lr_scale, fact_weight=args.fact_weight)
+                             vision_lr_scale=args.vision_lr_scale, fact_weight=args.fact_weight,
+                             probe_weight=args.probe_weight)
     size = result["size"]
     write_model_card(
         args.out / CARD,
@@ -355,7 +405,8 @@ def cmd_train(args: argparse.Namespace, command: str) -> int:
                  "first_loss": result["first_loss"], "final_loss": result["final_loss"],
                  "seconds": result["seconds"], "history": result["history"]},
         notes=("Cross-entropy on the description tokens only (sky and lane tokens weighted "
-               f"{result['fact_weight']:g}), AdamW, warm-up then cosine learning rate over the time "
+               f"{result['fact_weight']:g}; plus {result['probe_weight']:g} x a training-only linear probe's "
+               "sky and lane-count loss on the image tokens), AdamW, warm-up then cosine learning rate over the time "
                f"budget, gradients clipped at 1, {result['precision']} arithmetic. Samples: "
                + json.dumps(result["val"]["samples"], ensure_ascii=False)
                + f". Serve it with `scene_describer: {{model: scene_describer/{args.out.name}}}`; continue training "
