@@ -95,8 +95,8 @@ class Client:
     overload points (~100 req/s) httpx cost this 2-core machine ~0.7 of a core and fell behind its own
     arrival schedule, so the client's lag showed up as the server's latency; aiohttp costs a fraction."""
 
-    def __init__(self, limit: int, timeout_s: float) -> None:
-        self.limit, self.timeout_s = limit, timeout_s
+    def __init__(self, limit: int, timeout_s: float, multipart: bool = False) -> None:
+        self.limit, self.timeout_s, self.multipart = limit, timeout_s, multipart
 
     async def __aenter__(self) -> "Client":
         import aiohttp
@@ -109,13 +109,30 @@ class Client:
         await self.session.close()
 
     async def post(self, url: str, body: bytes, describe: bool, headers: Mapping[str, str] | None = None) -> Reply:
-        async with self.session.post(url, data=body, params={"describe": "true" if describe else "false"},
-                                     headers={"content-type": "image/jpeg", **(headers or {})}) as reply:
+        flag = "true" if describe else "false"
+        content_type = "image/jpeg"
+        if self.multipart:
+            body, content_type = multipart_body(body, flag)
+        async with self.session.post(url, data=body, params={"describe": flag},
+                                     headers={"content-type": content_type, **(headers or {})}) as reply:
             return Reply(reply.status, reply.headers, await reply.read())
 
 
+MULTIPART_BOUNDARY = "festival-serve-load-5f1c"
+
+
+def multipart_body(image: bytes, describe: str) -> tuple[bytes, str]:
+    """``image`` as the file part ``image`` of a multipart form, with ``describe`` as a field too (a server that
+    reads only the form, as LitServe's does, gets the flag there); returns (body, content type)."""
+    head = (f"--{MULTIPART_BOUNDARY}\r\nContent-Disposition: form-data; name=\"describe\"\r\n\r\n{describe}\r\n"
+            f"--{MULTIPART_BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"frame.jpg\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode()
+    return head + image + f"\r\n--{MULTIPART_BOUNDARY}--\r\n".encode(), \
+        f"multipart/form-data; boundary={MULTIPART_BOUNDARY}"
+
+
 async def closed_loop(url: str, bodies: list[bytes], *, concurrency: int, duration_s: float, describe: bool,
-                      warmup_s: float = 0.0, timeout_s: float = 120.0) -> LoadResult:
+                      warmup_s: float = 0.0, timeout_s: float = 120.0, multipart: bool = False) -> LoadResult:
     """``concurrency`` clients, each sending its next request when the last is answered.
 
     Warm-up: every client sends at least one request, and keeps going for ``warmup_s``; none of those
@@ -126,7 +143,7 @@ async def closed_loop(url: str, bodies: list[bytes], *, concurrency: int, durati
     window: dict[str, float] = {}
     all_warm = asyncio.Event()
     warmed = 0
-    async with Client(concurrency, timeout_s) as client:
+    async with Client(concurrency, timeout_s, multipart) as client:
         warm_until = time.perf_counter() + warmup_s
 
         async def worker(index: int) -> None:
@@ -155,10 +172,10 @@ async def closed_loop(url: str, bodies: list[bytes], *, concurrency: int, durati
 
 
 async def open_loop(url: str, bodies: list[bytes], *, rate: float, duration_s: float, describe: bool,
-                    timeout_s: float = 120.0, seed: int = 0) -> LoadResult:
+                    timeout_s: float = 120.0, seed: int = 0, multipart: bool = False) -> LoadResult:
     """Poisson arrivals at ``rate`` per second for ``duration_s``; waits for every request to finish."""
     result = LoadResult("open", rate, describe)
-    async with Client(OPEN_LOOP_MAX_IN_FLIGHT, timeout_s) as client:
+    async with Client(OPEN_LOOP_MAX_IN_FLIGHT, timeout_s, multipart) as client:
 
         def launch(i: int, scheduled: float, in_flight: int):
             if in_flight >= OPEN_LOOP_MAX_IN_FLIGHT:
@@ -332,13 +349,14 @@ def _error_code(reply: Reply) -> str:
 
 async def overload(url: str, bodies: list[bytes], *, rate: float | Callable[[float], float], duration_s: float,
                    budget_s: float, describe: bool = False, hang_after_s: float = 30.0, seed: int = 0,
-                   progress: Callable[[OverloadResult], Awaitable[None]] | None = None) -> OverloadResult:
+                   progress: Callable[[OverloadResult], Awaitable[None]] | None = None,
+                   multipart: bool = False) -> OverloadResult:
     """Poisson arrivals at ``rate`` per second (or ``rate(seconds since the start)``) for ``duration_s``, each
     request carrying ``budget_s`` in Ray Serve's ``x-request-timeout-seconds``; latency counts from the scheduled
     arrival. A request with no reply ``hang_after_s`` past its budget counts as hung. ``progress``, if given,
     runs beside the arrivals (e.g. printing what has come back) and is cancelled when they end."""
     result = OverloadResult(rate if not callable(rate) else 0.0, budget_s, describe)
-    async with Client(OPEN_LOOP_MAX_IN_FLIGHT, budget_s + hang_after_s) as client:
+    async with Client(OPEN_LOOP_MAX_IN_FLIGHT, budget_s + hang_after_s, multipart) as client:
 
         def launch(i: int, scheduled: float, in_flight: int):
             return _post_with_budget(client, url, bodies[i % len(bodies)], result, scheduled)

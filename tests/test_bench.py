@@ -244,6 +244,55 @@ def test_baseline_answers_the_same_api_one_model_call_per_image_or_crop(tiny_sto
     assert client.get("/v1/nothing").json()["error"]["code"] == "not_found"
 
 
+def test_litserve_peer_batches_each_model_once_and_answers_what_the_baseline_answers(tiny_store):
+    """The peer's worker on a batch of three frames (one to describe): one call per model for the batch, the
+    reader over every text sign's crop of the batch, and the same signs, hazards and description as the
+    baseline's one-frame-at-a-time answers."""
+    import io
+    from types import SimpleNamespace
+
+    from fastapi import HTTPException
+
+    from festival_serve.baseline import build_app
+    from festival_serve.bench.peer import PipelineAPI
+
+    args = _tiny_args(tiny_store)
+    api = PipelineAPI(args)
+    api.setup("cpu")
+    calls = {}
+    for name, model in api.models.items():
+        method = {"sign_detector": "detect", "hazard_cells": "classify", "sign_reader": "read",
+                  "scene_describer": "describe"}[name]
+        original = getattr(model, method)
+
+        def counted(*batch, _name=name, _original=original):
+            calls.setdefault(_name, []).append(len(batch[0]))
+            return _original(*batch)
+
+        setattr(model, method, counted)
+    images = [encode_jpeg(generate_scene(seed).image) for seed in (10_000_000, 10_000_001, 10_000_002)]
+    form = [{"image": SimpleNamespace(file=io.BytesIO(body)), "describe": describe}
+            for body, describe in zip(images, ("false", "true", "false"))]
+    answers = [api.encode_response(a) for a in api.predict([api.decode_request(f) for f in form])]
+    assert calls["sign_detector"] == [3] and calls["hazard_cells"] == [3] and calls["scene_describer"] == [1]
+    reads = calls.get("sign_reader", [])
+    assert len(reads) <= 1 and sum(reads) >= sum(1 for a in answers for sign in a["signs"] if sign["text"] is not None)
+    assert [a["description"] is not None for a in answers] == [False, True, False]
+
+    client = TestClient(build_app(args))
+    for body, describe, answer in zip(images, ("false", "true", "false"), answers):
+        expected = client.post(f"/v1/analyze?describe={describe}", content=body,
+                               headers={"content-type": "image/jpeg"}).json()
+        for key in ("image", "signs", "hazards", "description"):
+            assert answer[key] == expected[key], key
+
+    with pytest.raises(HTTPException) as bad:
+        api.decode_request({"image": SimpleNamespace(file=io.BytesIO(b"not an image"))})
+    assert bad.value.status_code == 400
+    with pytest.raises(HTTPException):
+        api.decode_request({"describe": "true"})
+
+
 # -- summary and report -------------------------------------------------------------------------------------
 
 
@@ -308,7 +357,8 @@ def test_bench_quick_plumbing_end_to_end(tiny_store, tmp_path, capsys):
     out = tmp_path / "bench"
     code = main(["bench", "--quick", "--config", str(tmp_path / "serve_config.yaml"), "--model-store", str(tiny_store),
                  "--stand-ins", str(tmp_path / "stand-ins"), "--out", str(out),
-                 "--graph-port", str(free_port()), "--baseline-port", str(free_port()),
+                 "--graph-port", str(free_port()), "--baseline-port", str(free_port()), "--peer-port", str(free_port()),
+                 "--split-concurrency", "1",
                  "--concurrency", "1,2", "--describe-concurrency", "2", "--rate-fractions", "1",
                  "--duration", "2", "--describe-duration", "2", "--warmup", "0.5", "--scenes", "2",
                  "--new-tokens", "2", "--micro-batches", "1,2", "--vlm-batches", "2",
@@ -326,26 +376,32 @@ def test_bench_quick_plumbing_end_to_end(tiny_store, tmp_path, capsys):
     assert 0 <= latest["overload_within_budget_5x"] <= 1 and latest["overload_hung_5x"] == 0
     assert "overload_goodput_ratio_5x" in latest and "overload_shed_fast_5x" in latest
     assert "baseline_overload_within_budget_5x" in latest
+    # Against the LitServe peer: at one client on every frame set (no 16-client point in this plan).
+    for tag in ("", "_text", "_no_text"):
+        assert isinstance(latest[f"peer_p50_delta_ms_c1{tag}"], float), tag
+    assert latest["peer_peak_rps_nodescribe"] > 0 and latest["peer_peak_rps_describe"] > 0
 
     result = json.loads((out / "quick.json").read_text())
-    for name in ("baseline", "graph"):
+    for name in ("baseline", "graph", "peer"):
         points = result["systems"][name]["points"]
-        assert [(p["mode"], p["level"], p["describe"]) for p in points][:2] == [("closed", 1, False), ("closed", 2, False)]
+        assert [(p["mode"], p["level"], p["describe"], p["frames"]) for p in points][:4] == [
+            ("closed", 1, False, "mixed"), ("closed", 2, False, "mixed"), ("closed", 1, False, "text_signs"),
+            ("closed", 1, False, "no_text")]
         assert all(p["ok"] > 0 and p["errors"] == 0 and p["degraded"] == 0 for p in points), points
-        assert all(p["resources"]["cpu_cores"] > 0 for p in points)
+        assert all(p["resources"]["cpu_cores"] > 0 and p["cpu_ms_per_answer"] > 0 for p in points)
         described = [p for p in points if p["describe"]]
-        assert described and all(p["batches"]["scene_describer"]["batches"] > 0 for p in described)
+        assert described and (name == "peer" or all(p["batches"]["scene_describer"]["batches"] > 0 for p in described))
     graph_processes = result["systems"]["graph"]["processes"]
     assert {"SignDetector", "HazardCells", "SignReader", "SceneDescriber", "PipelineIngress"} <= set(graph_processes)
     models = {(r["model"], r["backend"], r["batch"]) for r in result["micro"]}
     assert {("sign_detector", "onnxruntime", 2), ("hazard_cells", "torch", 1), ("sign_reader", "onnxruntime", 2),
             ("scene_describer", "torch", 2)} <= models
     assert all(r["items_per_s"] > 0 for r in result["micro"])
-    for name in ("baseline", "graph"):
+    for name in ("baseline", "graph", "peer"):
         rows = result["systems"][name]["overload"]
         assert [r["multiple"] for r in rows] == [1.0, 5.0] and all(r["sent"] > 0 for r in rows)
         assert all(r["sent"] == r["answered"] + r["shed"] + r["errors"] + r["hung"] for r in rows)
-    for name in ("quick.md", "quick-latency.png", "quick-micro.png", "quick-overload.png"):
+    for name in ("quick.md", "quick-latency.png", "quick-goodput.png", "quick-micro.png", "quick-overload.png"):
         assert (out / name).stat().st_size > 0
     assert "| metric | value | target | met |" in (out / "quick.md").read_text()
 

@@ -1,5 +1,5 @@
-"""``festival-serve bench``: the Serve graph against the single-process baseline, same models, same
-images, same load client; then per-model microbenchmarks. Writes JSON, Markdown and plots, and
+"""``festival-serve bench``: the Serve graph against the single-process baseline and a LitServe peer
+(``bench.peer``), same models, same images, same load client; then per-model microbenchmarks. Writes JSON, Markdown and plots, and
 ``docs/bench/latest.json`` with the headline ratios (printed last).
 
 The models are the production architectures at production size: trained weights where the model
@@ -49,6 +49,8 @@ class Plan:
     overload_multiples: tuple[float, ...] = (1.0, 2.0, 5.0)
     overload_duration_s: float = 10.0
     overload_budget_s: float = 2.0
+    # Closed-loop clients (describe=false) on frames that print text (the reader runs) and on frames that do not.
+    split_concurrency: tuple[int, ...] = (1, 16)
 
 
 QUICK = Plan("quick", (1, 4, 16), (1, 8), (0.5, 1.0, 1.5), 6.0, 15.0, 2.0, 16, 16,
@@ -61,9 +63,15 @@ FULL_CPU_DESCRIBE_CONCURRENCY = (1, 4, 16)
 
 #: Targets of the performance issue (2-core CPU machine, ratios from one run), and of the crowd-load issue
 #: at 5x the graph's capacity: answers within budget + 0.25 s, refusals fast and with Retry-After, goodput kept.
+#: And of the peers issue: against LitServe at 16 clients (mixed frames and text-sign frames), and p50 at one client.
 TARGETS = {"overhead_ms_p50": 10.0, "throughput_ratio_nodescribe": 1.0, "throughput_ratio_describe": 1.5,
            "graph_rss_gb": 6.0, "overload_within_budget_5x": 0.99, "overload_shed_fast_5x": 0.95,
-           "overload_goodput_ratio_5x": 0.8}
+           "overload_goodput_ratio_5x": 0.8, "peer_goodput_ratio_c16": 1.0, "peer_goodput_ratio_c16_text": 1.0,
+           "peer_p50_delta_ms_c1": 10.0}
+AT_MOST = ("overhead_ms_p50", "graph_rss_gb", "peer_p50_delta_ms_c1")  # targets that are ceilings
+SYSTEMS = ("baseline", "graph", "peer")
+#: The frame sets: "mixed" (the held-out scenes as they come), "text_signs" (each prints text) and "no_text".
+FRAME_SETS = ("mixed", "text_signs", "no_text")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -83,8 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="report folder (default: %(default)s)")
     parser.add_argument("--graph-port", type=int, default=8701)
     parser.add_argument("--baseline-port", type=int, default=8702)
+    parser.add_argument("--peer-port", type=int, default=8703)
     parser.add_argument("--start-timeout", type=float, default=900, help="seconds for a server to become ready")
-    parser.add_argument("--systems", default="baseline,graph", help="which systems to run (default: both)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help="which systems to run (default: %(default)s; peer is LitServe with the same models)")
     parser.add_argument("--no-micro", action="store_true", help="skip the per-model microbenchmarks")
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs in OUT/logs/")
     parser.add_argument("--graph-env", action="append", default=[], metavar="NAME=VALUE",
@@ -103,6 +113,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     override.add_argument("--overload-multiples", type=_floats)
     override.add_argument("--overload-duration", type=float, dest="overload_duration_s")
     override.add_argument("--overload-budget", type=float, dest="overload_budget_s")
+    override.add_argument("--split-concurrency", type=_ints,
+                          help="clients for the text-sign and no-text frame sets (describe=false)")
     return parser
 
 
@@ -130,24 +142,32 @@ def _batch_delta(before: list[dict], after: list[dict]) -> dict:
     return out
 
 
-def measure(server, load) -> dict:
-    """Run one load point against ``server``: latency/throughput, batch sizes, CPU and memory."""
+def measure(server, load, frames: str = "mixed") -> dict:
+    """Run one load point against ``server``: latency/throughput, batch sizes, CPU (and CPU per answer)
+    and memory."""
     before = server.models()
     sampler = TreeSampler(server.process.pid).start()
     result = asyncio.run(load)
     sampler.stop()
     summary = result.summary()
+    summary["frames"] = frames
     summary["goodput_rps"] = result.goodput_rps()
     summary["batches"] = _batch_delta(before, server.models())
     summary["resources"] = sampler.summary()
+    cores = summary["resources"].get("cpu_cores")
+    summary["cpu_ms_per_answer"] = (round(cores * 1000 / summary["goodput_rps"], 1)
+                                    if cores is not None and summary["goodput_rps"] else None)
     return summary
 
 
-def run_system(server, bodies: list[bytes], plan: Plan, rates: dict[bool, float] | None, progress) -> dict:
+def run_system(server, frame_sets: dict[str, list[bytes]], plan: Plan, rates: dict[bool, float] | None,
+               progress) -> dict:
     """Every load point of the plan against one started server; ``rates`` are the open-loop base rates
-    (the baseline's peak; measured from this system's closed loop when ``None``)."""
+    (the baseline's peak; measured from this system's closed loop when ``None``). Every system gets the same
+    client: multipart bodies (the image part and a ``describe`` field), as a LitServe user's client sends."""
     started = time.perf_counter()
     url = f"{server.url}/v1/analyze"
+    bodies = frame_sets["mixed"]
     points: list[dict] = []
     whole = TreeSampler(server.process.pid).start()
     base_rates: dict[bool, float] = {}
@@ -156,17 +176,28 @@ def run_system(server, bodies: list[bytes], plan: Plan, rates: dict[bool, float]
         duration = plan.describe_duration_s if describe else plan.duration_s
         for c in levels:
             point = measure(server, loadgen.closed_loop(url, bodies, concurrency=c, duration_s=duration,
-                                                        describe=describe, warmup_s=plan.warmup_s, timeout_s=600))
+                                                        describe=describe, warmup_s=plan.warmup_s, timeout_s=600,
+                                                        multipart=True))
             points.append(point)
             progress(_point_line(server.name, point))
-        peak = max((p["goodput_rps"] for p in points if p["describe"] == describe), default=0.0)
+        if not describe:
+            for frames in FRAME_SETS[1:]:
+                for c in plan.split_concurrency if frame_sets.get(frames) else ():
+                    point = measure(server, loadgen.closed_loop(url, frame_sets[frames], concurrency=c,
+                                                                duration_s=duration, describe=False,
+                                                                warmup_s=plan.warmup_s, timeout_s=600, multipart=True),
+                                    frames)
+                    points.append(point)
+                    progress(_point_line(server.name, point))
+        peak = max((p["goodput_rps"] for p in points if p["describe"] == describe and p["frames"] == "mixed"),
+                   default=0.0)
         base_rates[describe] = (rates or {}).get(describe) or peak
         for fraction in plan.rate_fractions:
             rate = round(fraction * base_rates[describe], 3)
             if rate <= 0:
                 continue
             point = measure(server, loadgen.open_loop(url, bodies, rate=rate, duration_s=duration,
-                                                      describe=describe, timeout_s=600))
+                                                      describe=describe, timeout_s=600, multipart=True))
             points.append(point)
             progress(_point_line(server.name, point))
     overload = run_overload(server, bodies, plan, points, progress)
@@ -180,7 +211,7 @@ def run_overload(server, bodies: list[bytes], plan: Plan, points: list[dict], pr
     """Open-loop arrivals at multiples of this system's own capacity (its peak describe=false goodput),
     every request with ``plan.overload_budget_s``: is excess load turned away fast, and does what is admitted
     keep its latency?"""
-    capacity = max((p["goodput_rps"] for p in points if not p["describe"]), default=0.0)
+    capacity = max((p["goodput_rps"] for p in points if not p["describe"] and p["frames"] == "mixed"), default=0.0)
     if capacity <= 0:
         return []
     url, rows = f"{server.url}/v1/analyze", []
@@ -201,12 +232,13 @@ def run_overload(server, bodies: list[bytes], plan: Plan, points: list[dict], pr
 
 def _overload_point(url: str, bodies: list[bytes], rate: float, duration_s: float, budget_s: float) -> dict:
     """One overload point, run in the client's own process (``run_overload``)."""
-    return asyncio.run(loadgen.overload(url, bodies, rate=rate, duration_s=duration_s, budget_s=budget_s)).summary()
+    return asyncio.run(loadgen.overload(url, bodies, rate=rate, duration_s=duration_s, budget_s=budget_s,
+                                        multipart=True)).summary()
 
 
 def _point_line(name: str, p: dict) -> str:
     level = f"c={p['level']:g}" if p["mode"] == "closed" else f"rate={p['level']:g}/s"
-    return (f"  {name:8} describe={str(p['describe']).lower():5} {p['mode']:6} {level:12} "
+    return (f"  {name:8} describe={str(p['describe']).lower():5} {p['frames']:10} {p['mode']:6} {level:12} "
             f"{p['goodput_rps']:7.2f} req/s  p50 {p['p50_ms']} ms  p95 {p['p95_ms']} ms  "
             f"errors {p['errors']}  degraded {p['degraded']}  cpu {p['resources']['cpu_cores']} cores")
 
@@ -232,8 +264,21 @@ def bench_args(config: dict, options: argparse.Namespace, plan: Plan, progress) 
 
 
 def summarize(systems: dict[str, dict]) -> dict:
-    def points(name: str, describe: bool) -> list[dict]:
-        return [p for p in systems.get(name, {}).get("points", []) if p["describe"] == describe]
+    def points(name: str, describe: bool, frames: str = "mixed") -> list[dict]:
+        return [p for p in systems.get(name, {}).get("points", [])
+                if p["describe"] == describe and p.get("frames", "mixed") == frames]
+
+    def closed(name: str, clients: int, frames: str) -> dict | None:
+        return next((p for p in points(name, False, frames) if p["mode"] == "closed" and p["level"] == clients), None)
+
+    def against_peer(frames: str, tag: str) -> dict:
+        """Graph / peer goodput at 16 clients and graph - peer p50 at one client, describe=false."""
+        graph16, peer16 = closed("graph", 16, frames), closed("peer", 16, frames)
+        graph1, peer1 = closed("graph", 1, frames), closed("peer", 1, frames)
+        return {f"peer_goodput_ratio_c16{tag}": ratio(graph16 and graph16["goodput_rps"], peer16 and peer16["goodput_rps"]),
+                f"peer_p50_delta_ms_c1{tag}": (round(graph1["p50_ms"] - peer1["p50_ms"], 2)
+                                                if graph1 and peer1 and graph1["p50_ms"] is not None
+                                                and peer1["p50_ms"] is not None else None)}
 
     def peak(name: str, describe: bool) -> float | None:
         values = [p["goodput_rps"] for p in points(name, describe)]
@@ -262,6 +307,10 @@ def summarize(systems: dict[str, dict]) -> dict:
         "graph_rss_gb": systems.get("graph", {}).get("peak_rss_gb"),
         "graph_pss_gb_at_end": systems.get("graph", {}).get("resident_at_end", {}).get("pss_gb"),
         "baseline_rss_gb": systems.get("baseline", {}).get("peak_rss_gb"),
+        "peer_rss_gb": systems.get("peer", {}).get("peak_rss_gb"),
+        "peer_peak_rps_nodescribe": peak("peer", False),
+        "peer_peak_rps_describe": peak("peer", True),
+        **against_peer("mixed", ""), **against_peer("text_signs", "_text"), **against_peer("no_text", "_no_text"),
         **overload_summary(systems.get("graph", {}).get("overload", []), prefix="overload"),
         **overload_summary(systems.get("baseline", {}).get("overload", []), prefix="baseline_overload"),
     }
@@ -269,7 +318,7 @@ def summarize(systems: dict[str, dict]) -> dict:
     for key, target in TARGETS.items():
         value = summary.get(key)
         if value is not None:
-            met[key] = value <= target if key in ("overhead_ms_p50", "graph_rss_gb") else value >= target
+            met[key] = value <= target if key in AT_MOST else value >= target
     summary["targets"] = TARGETS
     summary["targets_met"] = met
     return summary
@@ -293,19 +342,17 @@ def overload_summary(rows: list[dict], *, prefix: str) -> dict:
 def run(options: argparse.Namespace, progress=print) -> dict:
     from festival_serve.bench import report
     from festival_serve.bench.micro import run_micro
-    from festival_serve.bench.servers import baseline_server, graph_server
+    from festival_serve.bench.servers import baseline_server, graph_server, peer_server
     from festival_serve.devices import cuda_available
-    from festival_serve.imaging import encode_jpeg
     from festival_serve.local import load_config
-    from festival_serve.synth import generate_scene, scene_seeds
 
     plan = plan_from(options, cuda=cuda_available())
     graph_env = _env_pairs(options.graph_env)
     wanted = [s.strip() for s in options.systems.split(",") if s.strip()]
-    unknown = set(wanted) - {"baseline", "graph"}
+    unknown = set(wanted) - set(SYSTEMS)
     if unknown:
-        raise ValueError(f"unknown system(s) {', '.join(sorted(unknown))}; choose from baseline, graph")
-    for port in (options.graph_port, options.baseline_port):
+        raise ValueError(f"unknown system(s) {', '.join(sorted(unknown))}; choose from {', '.join(SYSTEMS)}")
+    for port in (options.graph_port, options.baseline_port, options.peer_port):
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 raise RuntimeError(f"port {port} is already in use; stop what serves there or pass another port")
@@ -315,8 +362,7 @@ def run(options: argparse.Namespace, progress=print) -> dict:
     args, sources = bench_args(config, options, plan, progress)
     for source in sources:
         progress(f"  {source.stage:16} {source.kind:9} {source.path}")
-    bodies = [encode_jpeg(generate_scene(seed).image) for seed in scene_seeds("test", plan.scenes)]
-    progress(f"  {len(bodies)} held-out 848x480 scenes as JPEG (test split)")
+    frame_sets = held_out_frames(plan.scenes, progress)
 
     systems: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="festival-bench-") as tmp:
@@ -326,9 +372,10 @@ def run(options: argparse.Namespace, progress=print) -> dict:
             "baseline": lambda: baseline_server(args, port=options.baseline_port, workdir=workdir),
             "graph": lambda: graph_server(config, args, port=options.graph_port, workdir=workdir,
                                           env=graph_env),
+            "peer": lambda: peer_server(args, port=options.peer_port, workdir=workdir),
         }
         rates = None
-        for name in ("baseline", "graph"):
+        for name in SYSTEMS:
             if name not in wanted:
                 continue
             server = factories[name]()
@@ -336,7 +383,7 @@ def run(options: argparse.Namespace, progress=print) -> dict:
             server.start(options.start_timeout, progress)
             try:
                 startup = round(time.perf_counter() - t, 1)
-                result = run_system(server, bodies, plan, rates, progress)
+                result = run_system(server, frame_sets, plan, rates, progress)
                 result["startup_s"] = startup
                 systems[name] = result
                 if name == "baseline":
@@ -371,6 +418,27 @@ def run(options: argparse.Namespace, progress=print) -> dict:
     }
     report.write(result, Path(options.out))
     return result
+
+
+def held_out_frames(count: int, progress) -> dict[str, list[bytes]]:
+    """JPEGs of held-out scenes (test split): ``count`` as they come ("mixed"), and ``count`` each of scenes
+    with a sign that prints text ("text_signs") and scenes without ("no_text"), drawn from the same split."""
+    from festival_serve.imaging import encode_jpeg
+    from festival_serve.synth import TEXT_CLASSES, generate_scene, scene_seeds
+
+    sets: dict[str, list[bytes]] = {name: [] for name in FRAME_SETS}
+    for k, seed in enumerate(scene_seeds("test", count * 8)):
+        scene = generate_scene(seed)
+        frames = "text_signs" if any(sign.sign_class in TEXT_CLASSES for sign in scene.signs) else "no_text"
+        wanted = [name for name in (("mixed",) if k < count else ()) + (frames,) if len(sets[name]) < count]
+        if wanted:
+            body = encode_jpeg(scene.image)
+            for name in wanted:
+                sets[name].append(body)
+        if all(len(v) >= count for v in sets.values()):
+            break
+    progress(f"  held-out 848x480 scenes as JPEG (test split): " + ", ".join(f"{len(v)} {k}" for k, v in sets.items()))
+    return sets
 
 
 def portable_path(path: str) -> str:

@@ -1,16 +1,20 @@
 """The bench's outputs: ``<mode>.json`` (everything), ``<mode>.md`` (tables), ``<mode>-latency.png``
-(latency against throughput, both systems), ``<mode>-micro.png`` (throughput against batch size per
-model) and ``latest.json`` (the headline numbers of the last run, whatever its mode)."""
+(latency against throughput, every system), ``<mode>-goodput.png`` (goodput against clients per frame set),
+``<mode>-micro.png`` (throughput against batch size per model) and ``latest.json`` (the headline numbers of
+the last run, whatever its mode)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from festival_serve.bench import AT_MOST
 from festival_serve.stages import STAGE_NAMES
 
 HEADLINE = ("overhead_ms_p50", "throughput_ratio_nodescribe", "throughput_ratio_describe", "graph_rss_gb",
-            "overload_within_budget_5x", "overload_shed_fast_5x", "overload_goodput_ratio_5x")
+            "overload_within_budget_5x", "overload_shed_fast_5x", "overload_goodput_ratio_5x",
+            "peer_goodput_ratio_c16", "peer_goodput_ratio_c16_text", "peer_p50_delta_ms_c1")
+FRAME_LABELS = {"mixed": "mixed held-out scenes", "text_signs": "scenes with a text sign", "no_text": "scenes without"}
 
 
 def write(result: dict, out: Path) -> dict[str, Path]:
@@ -51,14 +55,14 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
           "weights generate until the description ends (the config's max_new_tokens at most). The microbenchmarks "
           "time the served describer and the SmolVLM-256M-shaped stand-in (the real model's cost).",
         "",
-        "## Headline (graph against baseline, same run)",
+        "## Headline (the graph against the baseline and the LitServe peer, same run)",
         "",
         "| metric | value | target | met |",
         "| --- | --- | --- | --- |",
     ]
     for key in HEADLINE:
         met = s["targets_met"].get(key)
-        op = "≤" if key in ("overhead_ms_p50", "graph_rss_gb") else "≥"
+        op = "≤" if key in AT_MOST else "≥"
         lines.append(f"| {key} | {_fmt(s.get(key), 3)} | {op} {s['targets'].get(key)} | "
                      f"{'–' if met is None else ('yes' if met else '**no**')} |")
     lines += ["", f"p50 at concurrency 1, describe=false: graph {_fmt(s['graph_p50_ms_c1'])} ms, baseline "
@@ -70,20 +74,22 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
                   f"{_fmt(s['graph_pss_gb_at_end'], 2)} GB); baseline peak RSS {_fmt(s['baseline_rss_gb'], 2)} GB.", ""]
     if "latency" in plots:
         lines += [f"![latency against throughput]({plots['latency']})", ""]
+    lines += _peer_lines(result, plots)
 
     lines += _overload_lines(result, plots)
     lines += ["## Load points", "",
-              "| system | describe | load | goodput req/s | p50 ms | p95 ms | p99 ms | errors | degraded | "
-              "CPU cores | peak RSS GB | mean batch (signs / hazards / OCR crops / VLM) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| system | describe | frames | load | goodput req/s | p50 ms | p95 ms | p99 ms | errors | degraded | "
+              "CPU cores | CPU ms / answer | peak RSS GB | mean batch (signs / hazards / OCR crops / VLM) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, system in result["systems"].items():
         for p in system["points"]:
             load = f"{p['level']:g} clients" if p["mode"] == "closed" else f"{p['level']:g}/s open"
             batches = " / ".join(_fmt((p["batches"].get(stage) or {}).get("mean"), 2)
                                  for stage in STAGE_NAMES)
-            lines.append(f"| {name} | {str(p['describe']).lower()} | {load} | {_fmt(p['goodput_rps'], 2)} | "
+            lines.append(f"| {name} | {str(p['describe']).lower()} | {p.get('frames', 'mixed')} | {load} | "
+                         f"{_fmt(p['goodput_rps'], 2)} | "
                          f"{_fmt(p['p50_ms'])} | {_fmt(p['p95_ms'])} | {_fmt(p['p99_ms'])} | {p['errors']} | "
-                         f"{p['degraded']} | {_fmt(p['resources']['cpu_cores'], 2)} | "
+                         f"{p['degraded']} | {_fmt(p['resources']['cpu_cores'], 2)} | {_fmt(p.get('cpu_ms_per_answer'))} | "
                          f"{_fmt(p['resources']['peak_rss_gb'], 2)} | {batches} |")
     lines += ["", "## Processes (peak RSS over the whole load, CPU cores averaged over it)", "",
               "| system | process | count | peak RSS MB | CPU cores |", "| --- | --- | --- | --- | --- |"]
@@ -104,6 +110,63 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
                          f"{_fmt(r['ms_per_batch'])} | {_fmt(r['items_per_s'], 2)} {r['unit']} | "
                          f"{_fmt(r.get('tokens_per_s'))} | {speedup} |")
     return "\n".join(lines) + "\n"
+
+
+def _closed_points(system: dict, frames: str) -> list[dict]:
+    """describe=false closed-loop points of one frame set, by clients."""
+    return sorted((p for p in system.get("points", []) if not p["describe"] and p["mode"] == "closed"
+                   and p.get("frames", "mixed") == frames), key=lambda p: p["level"])
+
+
+def _peer_lines(result: dict, plots: dict[str, str]) -> list[str]:
+    """Per frame set and client count: goodput, p50 and CPU per answer of every system, and graph / peer."""
+    systems = result["systems"]
+    if "peer" not in systems:
+        return []
+    names = list(systems)
+    lines = ["## Against the LitServe peer (describe=false, closed loop, same client and frames)", ""]
+    if "goodput" in plots:
+        lines += [f"![goodput against clients]({plots['goodput']})", ""]
+    lines += ["| frames | clients | " + " | ".join(f"{n} req/s (p50 ms, CPU ms/answer)" for n in names)
+              + " | graph / peer |", "| --- | --- | " + "--- | " * len(names) + "--- |"]
+    for frames, label in FRAME_LABELS.items():
+        by_system = {n: {p["level"]: p for p in _closed_points(systems[n], frames)} for n in names}
+        for clients in sorted({c for points in by_system.values() for c in points}):
+            cells = []
+            for n in names:
+                p = by_system[n].get(clients)
+                cells.append("–" if p is None else f"{_fmt(p['goodput_rps'], 2)} ({_fmt(p['p50_ms'])}, "
+                                                   f"{_fmt(p.get('cpu_ms_per_answer'), 0)})")
+            graph, peer = by_system.get("graph", {}).get(clients), by_system["peer"].get(clients)
+            ratio = (f"{graph['goodput_rps'] / peer['goodput_rps']:.2f}x"
+                     if graph and peer and peer["goodput_rps"] else "–")
+            lines.append(f"| {label} | {clients:g} | " + " | ".join(cells) + f" | {ratio} |")
+    return lines + [""]
+
+
+def _goodput_plot(result: dict, out: Path, plt) -> Path | None:
+    """Goodput against closed-loop clients (describe=false), one panel per frame set, a line per system."""
+    systems = result["systems"]
+    sets = [f for f in FRAME_LABELS if any(_closed_points(system, f) for system in systems.values())]
+    if not sets:
+        return None
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.8), squeeze=False)
+    for ax, frames in zip(axes[0], sets):
+        for name, system in systems.items():
+            points = _closed_points(system, frames)
+            if points:
+                ax.plot([p["level"] for p in points], [p["goodput_rps"] for p in points], "o-", label=name)
+        ax.set_title(FRAME_LABELS[frames])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("clients (closed loop)")
+        ax.set_ylabel("goodput (answers/s)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / f"{result['mode']}-goodput.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def _overload_lines(result: dict, plots: dict[str, str]) -> list[str]:
@@ -166,7 +229,8 @@ def _plots(result: dict, out: Path) -> dict[str, Path]:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for ax, describe in zip(axes, (False, True)):
             for name, system in systems.items():
-                pts = sorted((p for p in system["points"] if p["describe"] == describe and p["p50_ms"] is not None),
+                pts = sorted((p for p in system["points"] if p["describe"] == describe and p["p50_ms"] is not None
+                              and p.get("frames", "mixed") == "mixed"),
                              key=lambda p: p["goodput_rps"])
                 if not pts:
                     continue
@@ -179,14 +243,15 @@ def _plots(result: dict, out: Path) -> dict[str, Path]:
             ax.set_yscale("log")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        fig.suptitle(f"festival-serve bench ({mode}): graph vs single-process baseline")
+        fig.suptitle(f"festival-serve bench ({mode}): " + " vs ".join(systems))
         fig.tight_layout()
         paths["latency"] = out / f"{mode}-latency.png"
         fig.savefig(paths["latency"], dpi=90)
         plt.close(fig)
-        overload = _overload_plot(result, out, plt)
-        if overload is not None:
-            paths["overload"] = overload
+        for key, plot in (("overload", _overload_plot), ("goodput", _goodput_plot)):
+            path = plot(result, out, plt)
+            if path is not None:
+                paths[key] = path
     if result["micro"]:
         models = list(dict.fromkeys(r["model"] for r in result["micro"]))
         fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.6), squeeze=False)

@@ -1,7 +1,8 @@
-"""The two systems under test, each started as its own process tree on a local port:
+"""The systems under test, each started as its own process tree on a local port:
 
 - ``graph``: ``festival-serve up`` (local Ray + Serve, the local profile of serve_config.yaml);
-- ``baseline``: ``python -m festival_serve.baseline`` (one uvicorn worker, models in-process).
+- ``baseline``: ``python -m festival_serve.baseline`` (one uvicorn worker, models in-process);
+- ``peer``: ``python -m festival_serve.bench.peer`` (LitServe, one inference worker batching every model).
 """
 
 from __future__ import annotations
@@ -92,8 +93,16 @@ def graph_server(config: dict, args: PipelineArgs, *, port: int, workdir: Path, 
 
 
 def baseline_server(args: PipelineArgs, *, port: int, workdir: Path) -> Server:
-    path = workdir / "baseline_args.json"
+    return _server_on_args("baseline", "festival_serve.baseline", args, port=port, workdir=workdir)
+
+
+def peer_server(args: PipelineArgs, *, port: int, workdir: Path) -> Server:
+    return _server_on_args("peer", "festival_serve.bench.peer", args, port=port, workdir=workdir)
+
+
+def _server_on_args(name: str, module: str, args: PipelineArgs, *, port: int, workdir: Path) -> Server:
+    """``python -m module --args ARGS.json``: a one-process server of the same models and settings."""
+    path = workdir / f"{name}_args.json"
     path.write_text(args.model_dump_json(indent=2))
-    command = [sys.executable, "-m", "festival_serve.baseline", "--args", str(path), "--host", "127.0.0.1",
-               "--port", str(port)]
-    return Server("baseline", command, port, workdir / "baseline.log")
+    command = [sys.executable, "-m", module, "--args", str(path), "--host", "127.0.0.1", "--port", str(port)]
+    return Server(name, command, port, workdir / f"{name}.log")

@@ -144,6 +144,9 @@ class ImageFactProbe:
 
         self.heads = torch.nn.ModuleDict({"sky": torch.nn.Linear(hidden, len(synth.truth.SKIES)),
                                           "lanes": torch.nn.Linear(hidden, LANE_CLASSES)})
+        for head in self.heads.values():  # zero: the probe starts at chance, not with a burst of gradient
+            torch.nn.init.zeros_(head.weight)
+            torch.nn.init.zeros_(head.bias)
         self._tokens = None  # (frames, image tokens, hidden) of the last forward pass
         model.model.connector.register_forward_hook(lambda _module, _inputs, output: setattr(self, "_tokens", output))
 
@@ -155,6 +158,7 @@ class ImageFactProbe:
         import torch.nn.functional as F
 
         pooled = self._tokens.float().mean(dim=1)
+        pooled = F.layer_norm(pooled, pooled.shape[-1:])  # the image tokens' scale is the text model's, not ours
         return (F.cross_entropy(self.heads["sky"](pooled), fact_labels[:, 0])
                 + F.cross_entropy(self.heads["lanes"](pooled), fact_labels[:, 1]))
 
