@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import logging
 import multiprocessing
 import os
 import platform
@@ -347,6 +348,8 @@ def run(options: argparse.Namespace, progress=print) -> dict:
     from festival_serve.local import load_config
 
     plan = plan_from(options, cuda=cuda_available())
+    # The bench polls /v1/models around every point: httpx's line per request would bury the progress lines.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     graph_env = _env_pairs(options.graph_env)
     wanted = [s.strip() for s in options.systems.split(",") if s.strip()]
     unknown = set(wanted) - set(SYSTEMS)
