@@ -243,9 +243,19 @@ def test_describer_training_writes_a_model_the_production_describer_loads(tmp_pa
 
     assert batch["fact_labels"].tolist() == [list(fact_classes(ex.facts)) for ex in examples]
     probe = ImageFactProbe(describer.model, describer.model.config.text_config.hidden_size)
-    describer.model(**{k: v for k, v in batch.items() if k not in ("loss_weights", "fact_labels")})
+    inputs = {k: v for k, v in batch.items() if k not in ("loss_weights", "fact_labels")}
+    describer.model(**inputs)
+    first = probe.loss(batch["fact_labels"])
+    assert float(first) == pytest.approx(np.log(4) + np.log(6), rel=1e-5)  # zero heads: chance, no gradient burst
+    first.backward()
+    patch = describer.model.model.vision_model.embeddings.patch_embedding.weight
+    assert all(p.grad.abs().sum() > 0 for p in probe.parameters()) and patch.grad.abs().sum() == 0
+    with torch.no_grad():  # once the heads have learnt something, the vision tower gets the probe's gradient
+        for head in probe.heads.values():
+            head.weight.normal_()
+    describer.model(**inputs)
     probe.loss(batch["fact_labels"]).backward()
-    assert describer.model.model.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+    assert patch.grad.abs().sum() > 0
 
     again = train_describer(out, steps=1, train_scenes=2, batch_size=2, val_scenes=1, init=out, precision="fp32",
                             probe_weight=0.5)
