@@ -164,10 +164,9 @@ def _refuse_without_safety(run: _Frame, found_signs, hazards) -> None:
 async def _read_signs(run: _Frame, stages: Mapping[str, StageCall], image: np.ndarray, found_signs: list) -> list:
     """Text of each sign that prints some, most confident first within what the budget allows."""
     texts: list = [None] * len(found_signs)
-    with_text = [i for i, s in enumerate(found_signs) if s.has_text]  # pictograms have nothing to read
+    with_text = signs_with_text(found_signs)
     if not with_text:
         return texts
-    with_text.sort(key=lambda i: -found_signs[i].score)  # if only some can be read, read the surest
     capped = with_text[: run.settings.max_signs_read]
     fits = run.admission.reader_items(len(capped), run.budget.remaining() - run.settings.answer_margin_s)
     to_read = capped[:fits]
@@ -182,6 +181,12 @@ async def _read_signs(run: _Frame, stages: Mapping[str, StageCall], image: np.nd
     for i, text in zip(to_read, read):
         texts[i] = None if isinstance(text, StageError) else text
     return texts
+
+
+def signs_with_text(found_signs: list) -> list[int]:
+    """Indices of the signs that print text (pictograms have nothing to read), surest first: if only some can
+    be read, those are."""
+    return sorted((i for i, s in enumerate(found_signs) if s.has_text), key=lambda i: -found_signs[i].score)
 
 
 async def _stage(run: _Frame, stages: Mapping[str, StageCall], name: str, items: int, *args):

@@ -260,9 +260,10 @@ def test_litserve_peer_batches_each_model_once_and_answers_what_the_baseline_ans
     api = PipelineAPI(args)
     api.setup("cpu")
     calls = {}
-    for name, model in api.models.items():
-        method = {"sign_detector": "detect", "hazard_cells": "classify", "sign_reader": "read",
-                  "scene_describer": "describe"}[name]
+    from festival_serve.stages import STAGES
+
+    for stage in STAGES:
+        name, model, method = stage.name, api.models[stage.name], stage.method
         original = getattr(model, method)
 
         def counted(*batch, _name=name, _original=original):

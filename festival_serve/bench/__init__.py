@@ -286,10 +286,8 @@ def summarize(systems: dict[str, dict]) -> dict:
         return max(values) if values else None
 
     def p50_at_1(name: str) -> float | None:
-        for p in points(name, False):
-            if p["mode"] == "closed" and p["level"] == 1:
-                return p["p50_ms"]
-        return None
+        point = closed(name, 1, "mixed")
+        return point["p50_ms"] if point else None
 
     def ratio(a, b):
         return round(a / b, 3) if a is not None and b else None

@@ -24,7 +24,8 @@ from typing import Any
 import litserve as ls
 from fastapi import HTTPException
 
-from festival_serve.flow import findings_of, hazard_json, sign_json
+from festival_serve.api import ApiError, parse_bool
+from festival_serve.flow import findings_of, hazard_json, sign_json, signs_with_text
 from festival_serve.imaging import InvalidImage, crop, decode_image
 from festival_serve.settings import PipelineArgs
 from festival_serve.stages import STAGE_NAMES
@@ -56,9 +57,9 @@ class PipelineAPI(ls.LitAPI):
             raise HTTPException(400, "send the image as the multipart file part named 'image'")
         try:
             image = decode_image(upload.file.read(), max_pixels=self.args.ingress.max_image_pixels)
-        except InvalidImage as e:
+            return image, parse_bool(str(request.get("describe", "true")), "describe")
+        except (InvalidImage, ApiError) as e:
             raise HTTPException(400, str(e)) from None
-        return image, str(request.get("describe", "true")).lower() in ("1", "true", "yes")
 
     def predict(self, batch: list[tuple[Any, bool]]) -> list[dict]:
         started = time.perf_counter()
@@ -87,8 +88,7 @@ class PipelineAPI(ls.LitAPI):
         texts: list[list] = [[None] * len(found) for found in signs]
         wanted = []  # (frame, sign) of each crop, in the reader call's order
         for f, found in enumerate(signs):
-            with_text = sorted((k for k, s in enumerate(found) if s.has_text), key=lambda k: -found[k].score)
-            wanted += [(f, k) for k in with_text[: ingress.max_signs_read]]
+            wanted += [(f, k) for k in signs_with_text(found)[: ingress.max_signs_read]]
         if wanted:
             read = self.models["sign_reader"].read([crop(images[f], signs[f][k].box, ingress.crop_padding)
                                                     for f, k in wanted])
