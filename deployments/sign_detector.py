@@ -7,6 +7,7 @@ from ray import serve
 
 from deployments.base import ModelDeployment
 from festival_serve import signs
+from festival_serve.batching import paced_batch
 from festival_serve.flow import Ticket
 from festival_serve.settings import SignDetectorSettings
 from festival_serve.stages import stage
@@ -19,7 +20,7 @@ class SignDetector(ModelDeployment):
     def __init__(self, settings: SignDetectorSettings, model_store: str, gpu_only: bool = False) -> None:
         self._load(settings, model_store, gpu_only)
 
-    @serve.batch  # sizes and waits: user_config in serve_config.yaml (reconfigure)
+    @paced_batch  # paced by the model (festival_serve.batching); sizes and waits: user_config (reconfigure)
     async def detect(self, images: list[np.ndarray], tickets: list[Ticket]) -> list[list[signs.SignDetection]]:
         """(H, W, 3) uint8 RGB frames → the signs found in each, boxes in frame pixels."""
         return await self._run_batch(images, lambda batch: self.model.detect(batch), tickets)

@@ -11,6 +11,7 @@ from ray import serve
 from deployments.base import ModelDeployment
 from festival_serve import ocr
 from festival_serve.autoscaling import CROPS_IN_FLIGHT, InFlight
+from festival_serve.batching import paced_batch
 from festival_serve.flow import StageError, Ticket
 from festival_serve.settings import SignReaderSettings
 from festival_serve.stages import stage
@@ -24,8 +25,8 @@ def _is_crop_list(request: object) -> bool:
 
 
 def _crop_count(requests: list) -> int:
-    """A batch's weight for Serve: its number of crops. Never raises: an exception here stops Serve's
-    batching loop and every later request on the replica hangs (Ray issue 66140). A request that is not a
+    """Requests' weight in a batch: their number of crops. Never raises (it weighs every call as it arrives; with
+    ``@serve.batch`` an exception here stopped the batching loop, Ray issue 66140). A request that is not a
     list of crops weighs 1, and ``read`` answers it with an error."""
     try:
         total = 0
@@ -57,7 +58,8 @@ class SignReader(ModelDeployment):
         with self.crops_in_flight.add(_crop_count([crops])):
             return await self._read_batch(crops, ticket)
 
-    @serve.batch(batch_size_fn=_crop_count)  # sizes and waits: user_config in serve_config.yaml (reconfigure)
+    # Paced by the model (festival_serve.batching), weighed in crops; sizes and waits: user_config (reconfigure).
+    @paced_batch(size_fn=lambda call: _crop_count(call[:1]))
     async def _read_batch(self, requests: list[list[np.ndarray]],
                           tickets: list[Ticket]) -> list[list[ocr.SignText] | StageError]:
         readable = [_is_crop_list(request) for request in requests]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from festival_serve.settings import PipelineArgs
 from festival_serve.stages import STAGE_NAMES
 
 logger = logging.getLogger(__name__)
@@ -29,8 +30,6 @@ def load_config(path: Path) -> dict:
 
 def pipeline_args(config: dict, model_store: str | None = None):
     """The application's typed ``args`` from a Serve config, ``model_store`` overridden when given."""
-    from festival_serve.settings import PipelineArgs
-
     args = dict(config["applications"][0].get("args") or {})
     if model_store:
         args["model_store"] = model_store
@@ -101,11 +100,18 @@ def local_profile(config: dict, *, host: str, port: int, model_store: str | None
                 if deployment.get("user_config") is not None:
                     deployment["user_config"].setdefault("niceness", LOCAL_MODEL_NICENESS)
             changes.append(f"model replicas at CPU niceness {LOCAL_MODEL_NICENESS}: the request path runs first")
+            # Cores by need: each ONNX Runtime run takes `threads`, and a batch runs as up to cores / threads slices
+            # at once, so the stage with the longest queue (the largest batches) spreads over every core while
+            # the idle ones hold none (docs/DESIGN.md). The describer (torch generate) keeps its fixed threads.
             for section in STAGE_NAMES:
                 settings = args.setdefault(section, {})
                 if settings.get("threads") is None:
                     settings["threads"] = max(1, cores // 2)
                     changes.append(f"{section}: {settings['threads']} CPU thread(s)")
+                if "batch_slices" in PipelineArgs.model_fields[section].annotation.model_fields \
+                        and settings.get("batch_slices") is None:
+                    settings["batch_slices"] = max(1, cores // settings["threads"])
+                    changes.append(f"{section}: a batch runs as up to {settings['batch_slices']} slices at once")
     return config, changes
 
 

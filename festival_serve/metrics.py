@@ -19,9 +19,9 @@ Where each is measured:
 
 Ray Serve keeps its own series beside these (``ray_serve_num_http_requests_total``,
 ``ray_serve_http_request_latency_ms``, ``ray_serve_deployment_processing_latency_ms``,
-``ray_serve_deployment_queued_queries``, ``ray_serve_replica_processing_queries``,
-``ray_serve_actual_batch_size``, ``ray_serve_batch_wait_time_ms`` …); the README's "Metrics" section
-lists both and ``cluster/grafana-dashboard.json`` plots both.
+``ray_serve_deployment_queued_queries``, ``ray_serve_replica_processing_queries`` …; batch sizes and waits
+are only ours: the models batch with ``festival_serve.batching.PacedBatcher``, not ``@serve.batch``); the
+README's "Metrics" section lists both and ``cluster/grafana-dashboard.json`` plots both.
 
 The metric objects are made once per process, on first use: Serve's labels are read from the replica
 that makes them, and a process that records nothing (the CLI, the baseline, the tests) never needs Ray.

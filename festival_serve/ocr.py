@@ -372,7 +372,8 @@ class PPOCROnnxReader:
         # fp32: PP-OCR's exports are fp32 and small; CTC scores near the threshold are sensitive to precision.
         # Two sessions, one arena each: each gets half of the replica's GPU share.
         session_share = gpu_fraction / 2 if gpu_fraction else None
-        load = dict(device=self.device, threads=settings.threads, placement=Placement(gpu_only, session_share))
+        load = dict(device=self.device, threads=settings.threads,
+                    placement=Placement(gpu_only, session_share, batch_slices=settings.batch_slices or 1))
         self.det = OnnxRuntimeBackend.from_file(str(det_path), name="sign_reader.det", **load)
         self.rec = OnnxRuntimeBackend.from_file(str(rec_path), name="sign_reader.rec", **load)
         # A dictionary file is split on "\n" only, as PaddleOCR reads it (some characters are

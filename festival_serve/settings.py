@@ -54,6 +54,14 @@ class BatchConfig(_Section):
     )
 
 
+#: ONNX Runtime on the CPU: how a batch spreads over the cores (the detectors and the reader share it).
+BATCH_SLICES_DOC = (
+    "CPU only: a batch of N items runs as min(N, batch_slices) slices at once, each on `threads` "
+    "threads, so the stage with a queue gets the cores and an idle one holds none (null: one run per batch; the "
+    "local profile sets cores / threads)."
+)
+
+
 class _NetworkSettings(_Section):
     """What a stage that runs exportable networks (ONNX / TensorRT) is run with."""
 
@@ -70,6 +78,7 @@ class _NetworkSettings(_Section):
         "outputs stay float32).",
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for the runtime (None: runtime default).")
+    batch_slices: int | None = Field(None, ge=1, description=BATCH_SLICES_DOC)
     build_engines: bool = Field(
         False,
         description="Let a replica build a missing TensorRT engine at start-up. Off: replicas only load engines "
@@ -128,7 +137,8 @@ class SignReaderSettings(_Section):
     det_size: int = Field(320, ge=32, multiple_of=32, description="Square side each crop is letterboxed to for text detection.")
     rec_height: int = Field(48, ge=16, description="Recognizer input height, pixels.")
     min_text_score: float = Field(0.5, ge=0, le=1, description="Text lines scoring below this are dropped.")
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, description="CPU threads for each ONNX Runtime session (None: its default).")
+    batch_slices: int | None = Field(None, ge=1, description=BATCH_SLICES_DOC)
 
 
 class SceneDescriberSettings(_Section):

@@ -151,7 +151,7 @@ class SignDetector:
         self.checkpoint = YoloCheckpoint(self.weights, settings.image_size)
         self.names = self.checkpoint.names
         run = dict(device=device, fp16=resolve_fp16(settings.fp16, device), threads=settings.threads,
-                   placement=Placement(gpu_only, gpu_fraction, settings.build_engines))
+                   placement=Placement(gpu_only, gpu_fraction, settings.build_engines, settings.batch_slices or 1))
         self.backend = create_backend(settings.backend, self.checkpoint, **run)
         self.classifier = None
         if settings.classifier:

@@ -204,7 +204,8 @@ class HazardCellClassifier:
         network = YolicNetwork(self.weights, self.layout)
         self.backend = create_backend(
             settings.backend, network, device=device, fp16=resolve_fp16(settings.fp16, device),
-            threads=settings.threads, placement=Placement(gpu_only, gpu_fraction, settings.build_engines),
+            threads=settings.threads,
+            placement=Placement(gpu_only, gpu_fraction, settings.build_engines, settings.batch_slices or 1),
         )
         self.backend.forward(np.zeros((1, 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32))  # warm-up
 

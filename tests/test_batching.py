@@ -1,5 +1,5 @@
 """A bad item fails alone (``festival_serve.batching``), the deployments' batches keep that promise and count
-whole-batch failures for ``check_health``, the reader's ``batch_size_fn`` never raises, and ``/readyz``'s
+whole-batch failures for ``check_health``, the reader's crop weighing never raises, batches are paced by the model, and ``/readyz``'s
 required stages are names from the stage table. No Ray cluster: the deployments' classes run as plain objects."""
 
 from __future__ import annotations

@@ -35,11 +35,15 @@ def test_local_profile_sizes_threads_and_replicas_to_the_cores(tmp_path):
     assert {d["name"]: d["autoscaling_config"]["max_replicas"] for d in app["deployments"]} == dict.fromkeys(
         ["SignDetector", "HazardCells", "SignReader", "SceneDescriber", "PipelineIngress"], 1)
     assert [app["args"][s]["threads"] for s in STAGE_NAMES] == [1, 1, 1, 1]
+    # Cores by need: the ONNX Runtime stages spread a batch over both cores; the describer has no such setting.
+    assert {s: app["args"][s].get("batch_slices") for s in STAGE_NAMES} == {
+        "sign_detector": 2, "hazard_cells": 2, "sign_reader": 2, "scene_describer": None}
     assert any("at most 1 replica" in c for c in changes)
     big, _ = local.local_profile(config, host="127.0.0.1", port=8123, model_store=None, has_gpu=False,
                                  base_dir=tmp_path, cpus=16)
     assert big["applications"][0]["deployments"][0]["autoscaling_config"]["max_replicas"] == 4
     assert [big["applications"][0]["args"][s]["threads"] for s in STAGE_NAMES] == [8, 8, 8, 8]
+    assert big["applications"][0]["args"]["sign_reader"]["batch_slices"] == 2
 
 
 def test_local_profile_keeps_gpus_when_there_is_one(tmp_path):

@@ -254,6 +254,20 @@ def test_onnx_runtime_matches_the_torch_network(onnx_detector, torch_detector):
     np.testing.assert_allclose(from_onnx[:, 4:], from_torch[:, 4:], atol=1e-4)  # class scores
 
 
+def test_a_batch_run_in_slices_at_once_equals_one_run(onnx_detector, store):
+    """batch_slices (cores by need): a batch of 3 split over 2 concurrent runs gives the one-run outputs, in order."""
+    sliced = SignDetector(settings(backend="onnxruntime", threads=1, batch_slices=2), model_store=store)
+    batch, _ = letterbox_batch(frames(), SIZE)
+
+    (whole,) = onnx_detector.backend.forward(batch)
+    (in_slices,) = sliced.backend.forward(batch)
+
+    assert sliced.backend.describe()["batch_slices"] == 2
+    assert in_slices.shape == whole.shape == (3, 4 + len(NAMES), ANCHORS)
+    np.testing.assert_allclose(in_slices, whole, rtol=1e-4, atol=1e-3)
+    assert [d.box for d in sliced.detect(frames())[1]] == [d.box for d in sliced.detect([frames()[1]])[0]]
+
+
 def test_detect_batch_equals_single_image_calls(onnx_detector):
     images = frames()
 

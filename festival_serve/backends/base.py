@@ -48,6 +48,9 @@ class Placement:
     gpu_only: bool = False  # prove the network runs on the GPU, at load and on the first batch
     gpu_fraction: float | None = None  # the replica's Ray num_gpus share: caps its GPU memory
     build_engines: bool = False  # TensorRT: build a missing engine at load instead of refusing
+    # CPU (ONNX Runtime): a batch of N items runs as min(N, batch_slices) slices at once, each on the session's
+    # threads: a stage with a queue spreads over the cores, an idle one holds none (docs/DESIGN.md, "Cores by need").
+    batch_slices: int = 1
 
 
 #: No GPU-only checks, no GPU share, no engine builds: what tests and tools get unless they say otherwise.

@@ -10,6 +10,7 @@ with CPU fallback disabled (``session.disable_cpu_ep_fallback``), so no node may
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -53,11 +54,16 @@ def check_providers(name: str, device: str, providers: list[str], *, gpu_only: b
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, session, device: str, fp16: bool, threads: int | None = None) -> None:
+    def __init__(self, session, device: str, fp16: bool, threads: int | None = None, batch_slices: int = 1) -> None:
         super().__init__(device, fp16)
         self.session = session
         self.threads = threads
         self.input_name = session.get_inputs()[0].name
+        # CPU only: slices of one batch run at once (a session's run is thread-safe), each on the session's own
+        # threads. On CUDA one run over the whole batch is what fills the device.
+        self.batch_slices = batch_slices if device.split(":")[0] == "cpu" else 1
+        self._slice_pool = (ThreadPoolExecutor(self.batch_slices - 1, thread_name_prefix="ort-slice")
+                            if self.batch_slices > 1 else None)
 
     @classmethod
     def from_source(cls, source: NetworkSource, *, device: str, fp16: bool, threads: int | None = None,
@@ -103,12 +109,23 @@ class OnnxRuntimeBackend(Backend):
                 options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         session = ort.InferenceSession(path, sess_options=options, providers=providers)
         check_providers(name, device, session.get_providers(), gpu_only=placement.gpu_only)
-        backend = cls(session, device, fp16, threads)
+        backend = cls(session, device, fp16, threads, placement.batch_slices)
         backend.memory_cap_bytes = cap
         return backend
 
     def forward(self, batch: np.ndarray) -> list[np.ndarray]:
-        return as_float32(self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}))
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        slices = min(self.batch_slices, len(batch))
+        if slices <= 1:
+            return self._run(batch)
+        # (N, ...) -> `slices` runs at once (this thread takes the first); every output is (N_slice, ...) again.
+        parts = np.array_split(batch, slices)
+        pending = [self._slice_pool.submit(self._run, part) for part in parts[1:]]
+        outputs = [self._run(parts[0])] + [future.result() for future in pending]
+        return [np.concatenate(per_slice) for per_slice in zip(*outputs)]
+
+    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
+        return as_float32(self.session.run(None, {self.input_name: batch}))
 
     def runtime_device(self) -> str:
         first = self.session.get_providers()[0]
@@ -117,4 +134,5 @@ class OnnxRuntimeBackend(Backend):
         return "cpu" if first == PROVIDERS["cpu"] else first
 
     def describe(self) -> dict:
-        return {**super().describe(), "providers": self.session.get_providers(), "threads": self.threads}
+        return {**super().describe(), "providers": self.session.get_providers(), "threads": self.threads,
+                "batch_slices": self.batch_slices}
