@@ -36,8 +36,11 @@ def pipeline_args(config: dict, model_store: str | None = None):
     return PipelineArgs.model_validate(args)
 
 
-#: Niceness of the model replicas on a CPU-only machine (see BatchConfig.niceness).
-LOCAL_MODEL_NICENESS = 10
+#: Niceness of the model replicas on a CPU-only machine (see BatchConfig.niceness). 19, not 10: since a batch runs
+#: on every core (batch_slices), up to six model threads are runnable at once, and at 10 they took enough of the
+#: cores from the proxy and the ingress that at 5x overload only 0.92 of refusals stayed fast (0.98 at 19, same
+#: graph-only bench; closed-loop goodput level within the machine's drift: docs/PERFORMANCE.md).
+LOCAL_MODEL_NICENESS = 19
 
 
 def local_profile(config: dict, *, host: str, port: int, model_store: str | None, has_gpu: bool,
