@@ -13,11 +13,12 @@ from typing import Any, Callable, ClassVar
 import ray
 
 from festival_serve.api import public_path
+from festival_serve.autoscaling import FRAMES_IN_FLIGHT, InFlight
 from festival_serve.batching import is_out_of_memory, run_isolating
 from festival_serve.devices import cuda_available
 from festival_serve.flow import StageError, Ticket
 from festival_serve.gpu_share import process_gpu_memory_bytes
-from festival_serve.metrics import record_batch
+from festival_serve.metrics import record_batch, record_stage_request
 from festival_serve.serve_config import batch_config
 from festival_serve.settings import BatchConfig
 from festival_serve.stages import Stage
@@ -65,8 +66,12 @@ class ModelDeployment:
         weights = self.STAGE.weights(settings)
         self.weights = str(weights) if weights else "bundled"
         self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self.request_calls: collections.Counter[int] = collections.Counter()  # calls per Serve request (call_many)
         self.consecutive_failed_batches = 0  # batches in a row in which every item failed; see check_health
         self.expired_items = 0  # items dropped unrun: their deadline passed while they queued
+        # Calls accepted and not yet answered, however they were grouped into Serve requests: the detectors'
+        # load for the autoscaler (a Serve request may carry several frames, so Serve's own count is too low).
+        self.calls_in_flight = InFlight()
         self.batch_config = BatchConfig()
         self.gpu_fraction = assigned_gpu_fraction()
         try:
@@ -115,6 +120,33 @@ class ModelDeployment:
         self.consecutive_failed_batches = self.consecutive_failed_batches + 1 if failed else 0
         return results
 
+    async def call_many(self, calls: list[tuple]) -> list:
+        """Several calls of the stage's entry method (``STAGE.method``) in one Serve request: the ingress sends
+        the calls it makes in the same turn of its event loop together (``festival_serve.coalesce``), since a
+        Serve request costs milliseconds of CPU whatever it carries. Each call still goes to the batcher on its
+        own, with its own ticket, and gets its own answer, in order. A frame travels as an ``ObjectRef`` inside
+        the list, which Ray does not resolve for us: it is fetched here (one copy in the object store, shared
+        with the other stage that reads it)."""
+        entry = getattr(self, self.STAGE.method)
+
+        async def one(args: tuple):
+            try:
+                resolved = [await arg if isinstance(arg, ray.ObjectRef) else arg for arg in args]
+                return await entry(*resolved)
+            except Exception:  # noqa: BLE001 - one call's failure (e.g. its frame was lost) is that call's answer
+                logger.exception("%s: a call failed", self.stage)
+                return StageError(self.stage, "the stage could not take this frame", "error")
+
+        self.request_calls[len(calls)] += 1
+        record_stage_request(self.STAGE, len(calls))
+        with self.calls_in_flight.add(len(calls)):
+            return list(await asyncio.gather(*(one(args) for args in calls)))
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        # Serve samples this for the autoscaler: frames in flight (GraphMetricPolicy, serve_config.yaml). The
+        # reader and the describer override it with their own weights (crops, tokens).
+        return {FRAMES_IN_FLIGHT: self.calls_in_flight.total}
+
     def _item_error(self, exc: Exception) -> StageError:
         """The answer for an item that failed alone (called inside the ``except``): the traceback goes to the
         log, the client gets a stable code and no exception text."""
@@ -138,6 +170,7 @@ class ModelDeployment:
             "unavailable_reason": self.unavailable,
             **model,
             "batch": {**self.batch_config.model_dump(), "observed_sizes": dict(sorted(self.batch_sizes.items())),
+                      "observed_request_calls": dict(sorted(self.request_calls.items())),
                       "consecutive_failed": self.consecutive_failed_batches, "expired_items": self.expired_items},
         }
 

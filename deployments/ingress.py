@@ -3,7 +3,8 @@
     decode once → ray.put ─┬→ SignDetector ─→ crops → SignReader ─┐
                            └→ HazardCells ────────────────────────┴→ SceneDescriber (if describe)
 
-The frame goes into the object store once; every model reads that one copy. Each request has a time
+The frame goes into the object store once; every model reads that one copy. Under load, the calls to a stage
+travel in few, large Serve requests (``festival_serve.coalesce``). Each request has a time
 budget (``x-request-timeout-seconds``, clamped; else the configured default) that bounds every wait;
 a request whose safety stages' queues could not answer within it is turned away before decoding, with
 ``Retry-After``. A stage that fails, times out or has no weights makes the answer degraded
@@ -28,6 +29,7 @@ from festival_serve.api import BUDGET_HEADER, ApiHandlers, build_http_app, ms_si
     public_model_info, read_image_bytes, request_id_of
 from festival_serve.auth import KeyRing
 from festival_serve.autoscaling import ARRIVALS_PER_S, RateMeter
+from festival_serve.coalesce import CallCoalescer
 from festival_serve.flow import admitted, analyze_frame
 from festival_serve.imaging import Decoder
 from festival_serve.metrics import counting_refusals, record_answer
@@ -56,7 +58,13 @@ class PipelineIngress:
         self.settings = settings
         self.decoder = Decoder(settings.decode_threads, settings.max_image_pixels)  # off the event loop
         self.admission = Admission()  # this replica's view of every stage's queue (festival_serve.admission)
-        self.stages = {stage.name: getattr(models[stage.name], stage.method).remote for stage in STAGES}
+        # A stage's calls that wait while its requests in flight are at the cap leave together as one Serve
+        # request (a request costs milliseconds of CPU whatever it carries); the replica hands them one by one to
+        # its batcher.
+        self.stages = {stage.name: CallCoalescer(models[stage.name].call_many.remote,
+                                                 max_calls=settings.stage_request_max_calls,
+                                                 max_requests=settings.stage_requests_in_flight)
+                       for stage in STAGES}
         self.arrivals = RateMeter()  # every /v1/analyze, admitted or refused: the autoscaler's load
 
     def __serve_build_asgi_app__(self) -> Starlette:

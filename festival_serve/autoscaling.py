@@ -1,8 +1,10 @@
 """Autoscaling on the graph's own measure of load, where Serve's queue length measures the wrong thing.
 
-Serve's default policy scales a deployment by requests in flight per replica. That is right for the two
-detectors (one request = one frame = one unit of work) and wrong for the rest of the graph:
+Serve's default policy scales a deployment by requests in flight per replica. That is wrong for every stage
+of the graph:
 
+- a **detector**'s request may carry several frames (the ingress sends the calls it makes together as one
+  request, ``festival_serve.coalesce``): its load is frames;
 - the **reader**'s request is one frame's crops, 0 to 16 of them: its load is crops, not requests;
 - the **describer**'s request is one frame, but its cost is the tokens it may generate (``max_new_tokens``):
   a target in frames silently changes meaning when ``max_new_tokens`` does;
@@ -10,7 +12,7 @@ detectors (one request = one frame = one unit of work) and wrong for the rest of
   the rest in milliseconds: its requests in flight stay flat in a surge while its real work (decoding and
   refusing arrivals, CPU per request) grows with the arrival rate.
 
-So each such replica reports its own load (``record_autoscaling_stats``: crops or token budget in flight,
+So each replica reports its own load (``record_autoscaling_stats``: frames, crops or token budget in flight,
 arrivals per second), and ``GraphMetricPolicy`` (named in ``serve_config.yaml`` with its metric and its
 target per replica) asks for ``load / target`` replicas. Serve still applies the config's min/max replicas,
 up/down delays and scaling factors around it.
@@ -26,10 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: The metric names replicas report and ``serve_config.yaml`` names.
+FRAMES_IN_FLIGHT = "frames_in_flight"
 CROPS_IN_FLIGHT = "crops_in_flight"
 TOKENS_IN_FLIGHT = "tokens_in_flight"
 ARRIVALS_PER_S = "arrivals_per_s"
-METRICS = (CROPS_IN_FLIGHT, TOKENS_IN_FLIGHT, ARRIVALS_PER_S)
+METRICS = (FRAMES_IN_FLIGHT, CROPS_IN_FLIGHT, TOKENS_IN_FLIGHT, ARRIVALS_PER_S)
 
 
 def desired_replicas(per_replica_load: dict[Any, float], target_per_replica: float) -> float:

@@ -97,6 +97,13 @@ def local_profile(config: dict, *, host: str, port: int, model_store: str | None
             if capped:
                 changes.append(f"{cores} CPU cores: at most {cap} replica(s) each ({', '.join(capped)})"
                                if max_replicas is None else f"at most {cap} replica(s) each ({', '.join(capped)})")
+            # Two requests in flight per model replica the ingress feeds: one running, the next queued behind it;
+            # the frames' calls that arrive meanwhile wait in the ingress and travel together (festival_serve.coalesce).
+            # Measured on 2 cores, one replica each, 16 clients: 2 grouped ~3 calls a request against ~2 at 4.
+            ingress = args.setdefault("ingress", {})
+            if ingress.get("stage_requests_in_flight") is None:
+                ingress["stage_requests_in_flight"] = 2 * cap
+                changes.append(f"ingress: {2 * cap} request(s) in flight per stage (two per model replica)")
             # Models and the request path (proxy, ingress) share the cores: models yield to it, so a crowd beyond
             # capacity is still turned away in milliseconds (measured: without it, sheds took seconds at 5x).
             for deployment in app.get("deployments", []):

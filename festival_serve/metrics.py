@@ -13,6 +13,7 @@ Where each is measured:
   handler (a request refused for its API key, or by the router, never does; Ray's
   ``ray_serve_num_http_requests_total`` counts those by status): the answer's outcome, the latency of
   each stage as the ingress waited for it (the answer's ``timings_ms``), and the whole answer's;
+- the model replicas (``record_stage_request``), once per Serve request: how many calls it carried;
 - the model replicas (``record_batch``), once per batch in ``ModelDeployment._run_batch``: its size, each
   item's wait between the ingress sending it and the batch starting (``time.time()`` on two machines:
   clock skew between nodes adds to it), and the items dropped because their deadline passed meanwhile.
@@ -88,6 +89,7 @@ class _Metrics:
     queue_wait: Any
     batch_size: dict[str, Any]  # by Stage.batch_unit
     expired: Any
+    request_calls: Any
 
 
 @functools.cache
@@ -111,6 +113,10 @@ def _metrics() -> _Metrics:
         batch_size={unit: Histogram(f"festival_batch_size_{unit}", f"Batch sizes in {unit}, per stage.",
                                     boundaries=list(buckets), tag_keys=("stage",))
                     for unit, buckets in BATCH_BUCKETS.items()},
+        request_calls=Histogram("festival_stage_request_frames", "Frames (calls: one frame's work each) per Serve "
+                                "request a model replica received: the ingress sends a stage's waiting calls together "
+                                "(festival_serve.coalesce).",
+                                boundaries=list(BATCH_BUCKETS["frames"]), tag_keys=("stage",)),
         expired=Counter("festival_expired_items_total", "Items dropped unrun because their deadline passed while "
                         "they queued at a stage (frames; crops for the reader).", tag_keys=("stage",)),
     )
@@ -149,6 +155,11 @@ def counting_refusals(endpoint: Handler, log: logging.Logger) -> Handler:
             return response
 
     return call
+
+
+def record_stage_request(stage: Stage, calls: int) -> None:
+    """One Serve request to ``stage`` carrying ``calls`` calls (``ModelDeployment.call_many``)."""
+    _metrics().request_calls.observe(calls, {"stage": stage.name})
 
 
 def record_batch(stage: Stage, waits_s: Sequence[float], expired: int) -> None:

@@ -177,6 +177,17 @@ class IngressSettings(_Section):
         description="Threads that decode request images, per ingress replica (or baseline process), off the event "
         "loop: at most this many frames decode at once, each holding up to max_image_pixels x 3 bytes.",
     )
+    stage_requests_in_flight: int = Field(
+        4, ge=1,
+        description="Serve requests to one stage that one ingress replica keeps in flight at once. While that many "
+        "are out, the frames' calls to the stage wait in the ingress and leave together, as one request, when one "
+        "answers (festival_serve.coalesce): a Serve request costs milliseconds of CPU whatever it carries, so under "
+        "load the requests grow instead of multiplying; a call made while fewer are out leaves at once. Give each "
+        "replica of a stage that this ingress feeds two, so it always has the next request queued.",
+    )
+    stage_request_max_calls: int = Field(
+        16, ge=1, description="Most calls (frames) that travel in one request to a stage (1: every call alone).",
+    )
     crop_padding: float = Field(0.05, ge=0, le=1, description="Sign crops grow by this fraction of the box per side.")
     max_signs_read: int = Field(16, ge=0, description="Most sign crops per image sent to the reader.")
     required_stages: list[str] = Field(

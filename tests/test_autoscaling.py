@@ -61,7 +61,8 @@ def test_serve_config_names_metrics_the_replicas_report_with_policies_that_load(
         if policy:
             loaded = AutoscalingPolicy(**policy).get_policy()(**policy["policy_kwargs"])  # as Serve's controller does
             named[deployment["name"]] = loaded.metric
-    assert named == {"SignReader": "crops_in_flight", "SceneDescriber": "tokens_in_flight",
+    assert named == {"SignDetector": "frames_in_flight", "HazardCells": "frames_in_flight",
+                     "SignReader": "crops_in_flight", "SceneDescriber": "tokens_in_flight",
                      "PipelineIngress": "arrivals_per_s"}
     assert set(named.values()) <= set(METRICS)
 

@@ -39,11 +39,14 @@ def test_local_profile_sizes_threads_and_replicas_to_the_cores(tmp_path):
     assert {s: app["args"][s].get("batch_slices") for s in STAGE_NAMES} == {
         "sign_detector": 2, "hazard_cells": 2, "sign_reader": 2, "scene_describer": None}
     assert any("at most 1 replica" in c for c in changes)
+    # Two requests in flight per stage: one running at the stage's one replica, the next queued behind it.
+    assert app["args"]["ingress"]["stage_requests_in_flight"] == 2
     big, _ = local.local_profile(config, host="127.0.0.1", port=8123, model_store=None, has_gpu=False,
                                  base_dir=tmp_path, cpus=16)
     assert big["applications"][0]["deployments"][0]["autoscaling_config"]["max_replicas"] == 4
     assert [big["applications"][0]["args"][s]["threads"] for s in STAGE_NAMES] == [8, 8, 8, 8]
     assert big["applications"][0]["args"]["sign_reader"]["batch_slices"] == 2
+    assert big["applications"][0]["args"]["ingress"]["stage_requests_in_flight"] == 8
 
 
 def test_local_profile_keeps_gpus_when_there_is_one(tmp_path):
@@ -79,11 +82,13 @@ def test_the_local_cluster_compresses_autoscaling_and_keeps_or_drops_the_graph_p
     assert {s["upscale_delay_s"] for s in scaling.values()} == {COMPRESSED_UPSCALE_DELAY_S}
     policies = {name: s["policy"]["policy_kwargs"] for name, s in scaling.items() if "policy" in s}
     if policy == "queue-length":
-        assert policies == {} and sum("queue-length policy" in c for c in changes) == 3
+        assert policies == {} and sum("queue-length policy" in c for c in changes) == 5
     else:
         assert policies["PipelineIngress"]["target_per_replica"] == LOCAL_TARGETS["arrivals_per_s"]
         assert policies["SignReader"]["target_per_replica"] == LOCAL_TARGETS["crops_in_flight"]
         assert policies["SceneDescriber"]["metric"] == "tokens_in_flight"  # serve_config's target, kept
+        assert policies["SignDetector"] == policies["HazardCells"] == {"metric": "frames_in_flight",
+                                                                         "target_per_replica": 8}
     with pytest.raises(ValueError, match="graph, queue-length"):
         cluster_config(local.load_config(ROOT / "serve_config.yaml"), {**profile, "autoscaling": "cpu"},
                        has_gpu=False)

@@ -499,6 +499,10 @@ def test_metrics_include_queue_waits_batch_sizes_and_ray_serves_own_series(serve
                           stage=model.name)
         waits = _counts(samples, "ray_festival_queue_wait_seconds_count", (), application=FULL_APP, stage=model.name)
         assert batches.get((), 0) >= 1 and waits.get((), 0) >= batches[()], model.name
+        # Every call reached the replica in a Serve request the replica counted (festival_serve.coalesce).
+        requests = _counts(samples, "ray_festival_stage_request_frames_count", (), application=FULL_APP,
+                           stage=model.name)
+        assert requests.get((), 0) >= 1, model.name
         replica = {labels["deployment"] for labels, _ in samples["ray_festival_queue_wait_seconds_count"]
                    if labels.get("stage") == model.name}
         assert replica == {model.deployment}  # measured in the model's own replica
