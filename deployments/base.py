@@ -122,8 +122,8 @@ class ModelDeployment:
 
     async def call_many(self, calls: list[tuple]) -> list:
         """Several calls of the stage's entry method (``STAGE.method``) in one Serve request: the ingress sends
-        the calls it makes in the same turn of its event loop together (``festival_serve.coalesce``), since a
-        Serve request costs milliseconds of CPU whatever it carries. Each call still goes to the batcher on its
+        the calls that waited for a free request slot together (``festival_serve.coalesce``), since a Serve
+        request costs milliseconds of CPU whatever it carries. Each call still goes to the batcher on its
         own, with its own ticket, and gets its own answer, in order. A frame travels as an ``ObjectRef`` inside
         the list, which Ray does not resolve for us: it is fetched here (one copy in the object store, shared
         with the other stage that reads it)."""
