@@ -12,16 +12,16 @@ from typing import Any, Callable, ClassVar
 
 import ray
 
-from festival_serve.api import public_path
-from festival_serve.autoscaling import FRAMES_IN_FLIGHT, InFlight
-from festival_serve.batching import is_out_of_memory, run_isolating
-from festival_serve.devices import cuda_available
-from festival_serve.flow import StageError, Ticket
-from festival_serve.gpu_share import process_gpu_memory_bytes
-from festival_serve.metrics import record_batch, record_stage_request
-from festival_serve.serve_config import batch_config
-from festival_serve.settings import BatchConfig
-from festival_serve.stages import Stage
+from festival_serve.serving.http import public_path
+from festival_serve.serving.autoscaling import FRAMES_IN_FLIGHT, InFlight
+from festival_serve.serving.batching import is_out_of_memory, run_isolating
+from festival_serve.runtime.devices import cuda_available
+from festival_serve.serving.flow import StageError, Ticket
+from festival_serve.runtime.gpu_share import process_gpu_memory_bytes
+from festival_serve.serving.metrics import record_batch, record_stage_request
+from festival_serve.pipeline.serve_config import batch_config
+from festival_serve.pipeline.settings import BatchConfig
+from festival_serve.pipeline.stages import Stage
 
 logger = logging.getLogger("ray.serve")
 
@@ -88,7 +88,7 @@ class ModelDeployment:
         # Batch sizes and waits come from the deployment's user_config only: an empty one (or one without a
         # size or wait) fails the deployment with the fix, rather than batching with the decorator's numbers.
         # (Serve skips reconfigure when there is no user_config at all: `festival-serve up` and the cluster
-        # commands refuse such a config before it is deployed, festival_serve.serve_config.)
+        # commands refuse such a config before it is deployed, festival_serve.pipeline.serve_config.)
         self.batch_config = batch_config(self.STAGE.deployment, user_config)
         batched = getattr(self, self.BATCHED or self.STAGE.method)
         batched.set_max_batch_size(self.batch_config.max_batch_size)
@@ -99,7 +99,7 @@ class ModelDeployment:
         """Run ``work`` (one forward pass: a list of items → one result each, in order) off the event loop, on
         the items whose ``Ticket`` has not expired (one per item; an expired item is answered without being
         computed: nobody is waiting for it). A pass that raises is retried on halves of the batch
-        (``festival_serve.batching``), so only an item that fails alone is answered with a ``StageError``."""
+        (``festival_serve.serving.batching``), so only an item that fails alone is answered with a ``StageError``."""
         if not items:
             return []
         self.batch_sizes[len(items)] += 1
@@ -122,7 +122,7 @@ class ModelDeployment:
 
     async def call_many(self, calls: list[tuple]) -> list:
         """Several calls of the stage's entry method (``STAGE.method``) in one Serve request: the ingress sends
-        the calls that waited for a free request slot together (``festival_serve.coalesce``), since a Serve
+        the calls that waited for a free request slot together (``festival_serve.serving.coalesce``), since a Serve
         request costs milliseconds of CPU whatever it carries. Each call still goes to the batcher on its
         own, with its own ticket, and gets its own answer, in order. A frame travels as an ``ObjectRef`` inside
         the list, which Ray does not resolve for us: it is fetched here (one copy in the object store, shared

@@ -1,10 +1,10 @@
-"""PipelineIngress: the HTTP API (Starlette) and the DAG it drives (``festival_serve.api``).
+"""PipelineIngress: the HTTP API (Starlette) and the DAG it drives (``festival_serve.serving.http``).
 
     decode once → ray.put ─┬→ SignDetector ─→ crops → SignReader ─┐
                            └→ HazardCells ────────────────────────┴→ SceneDescriber (if describe)
 
 The frame goes into the object store once; every model reads that one copy. Under load, the calls to a stage
-travel in few, large Serve requests (``festival_serve.coalesce``). Each request has a time
+travel in few, large Serve requests (``festival_serve.serving.coalesce``). Each request has a time
 budget (``x-request-timeout-seconds``, clamped; else the configured default) that bounds every wait;
 a request whose safety stages' queues could not answer within it is turned away before decoding, with
 ``Retry-After``. A stage that fails, times out or has no weights makes the answer degraded
@@ -24,17 +24,17 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from festival_serve.admission import Admission, Budget
-from festival_serve.api import BUDGET_HEADER, ApiHandlers, build_http_app, ms_since, parse_bool, parse_budget, \
+from festival_serve.serving.admission import Admission, Budget
+from festival_serve.serving.http import BUDGET_HEADER, ApiHandlers, build_http_app, ms_since, parse_bool, parse_budget, \
     public_model_info, read_image_bytes, request_id_of
-from festival_serve.auth import KeyRing
-from festival_serve.autoscaling import ARRIVALS_PER_S, RateMeter
-from festival_serve.coalesce import CallCoalescer
-from festival_serve.flow import admitted, analyze_frame
-from festival_serve.imaging import Decoder
-from festival_serve.metrics import counting_refusals, record_answer
-from festival_serve.settings import IngressSettings
-from festival_serve.stages import STAGES
+from festival_serve.serving.auth import KeyRing
+from festival_serve.serving.autoscaling import ARRIVALS_PER_S, RateMeter
+from festival_serve.serving.coalesce import CallCoalescer
+from festival_serve.serving.flow import admitted, analyze_frame
+from festival_serve.serving.imaging import Decoder
+from festival_serve.serving.metrics import counting_refusals, record_answer
+from festival_serve.pipeline.settings import IngressSettings
+from festival_serve.pipeline.stages import STAGES
 
 logger = logging.getLogger("ray.serve")
 
@@ -44,7 +44,7 @@ logger = logging.getLogger("ray.serve")
 class PipelineIngress:
     def __init__(self, settings: IngressSettings, *, model_store: str | None = None,
                  **models: DeploymentHandle) -> None:
-        """``models``: one handle per stage, keyed by stage name (``festival_serve.stages``); ``model_store``:
+        """``models``: one handle per stage, keyed by stage name (``festival_serve.pipeline.stages``); ``model_store``:
         the models' store, which ``/v1/models`` shows weights relative to (without it: file names only)."""
         self.model_store = model_store
         # Read once: a missing, unreadable or malformed keys file fails the deployment with the reason.
@@ -57,7 +57,7 @@ class PipelineIngress:
         self.models = {stage.name: models[stage.name] for stage in STAGES}
         self.settings = settings
         self.decoder = Decoder(settings.decode_threads, settings.max_image_pixels)  # off the event loop
-        self.admission = Admission()  # this replica's view of every stage's queue (festival_serve.admission)
+        self.admission = Admission()  # this replica's view of every stage's queue (festival_serve.serving.admission)
         # A stage's calls that wait while its requests in flight are at the cap leave together as one Serve
         # request (a request costs milliseconds of CPU whatever it carries); the replica hands them one by one to
         # its batcher.
@@ -68,7 +68,7 @@ class PipelineIngress:
         self.arrivals = RateMeter()  # every /v1/analyze, admitted or refused: the autoscaler's load
 
     def __serve_build_asgi_app__(self) -> Starlette:
-        # Routes, API keys, /openapi.json and the one error mapper are the baseline's too (festival_serve.api).
+        # Routes, API keys, /openapi.json and the one error mapper are the baseline's too (festival_serve.serving.http).
         handlers = ApiHandlers(analyze=counting_refusals(self.analyze, logger), models=self.list_models,
                                healthz=self.healthz, readyz=self.readyz)
         return build_http_app(handlers, keys=self.keys, log=logger)
@@ -90,7 +90,7 @@ class PipelineIngress:
         result = await analyze_frame(image, frame, describe, self.stages, self.settings, timings, budget=budget,
                                      admission=self.admission, request_id=request_id)
         timings["total"] = ms_since(started)
-        record_answer(result, timings)  # refusals are counted by counting_refusals (festival_serve.metrics)
+        record_answer(result, timings)  # refusals are counted by counting_refusals (festival_serve.serving.metrics)
         # Serve's proxy puts the same id in the x-request-id response header.
         return JSONResponse({"request_id": request_id, **result, "timings_ms": timings})
 

@@ -6,11 +6,11 @@ import numpy as np
 from ray import serve
 
 from deployments.base import ModelDeployment
-from festival_serve import signs
-from festival_serve.batching import paced_batch
-from festival_serve.flow import Ticket
-from festival_serve.settings import SignDetectorSettings
-from festival_serve.stages import stage
+from festival_serve.models.sign_detector import detector
+from festival_serve.serving.batching import paced_batch
+from festival_serve.serving.flow import Ticket
+from festival_serve.pipeline.settings import SignDetectorSettings
+from festival_serve.pipeline.stages import stage
 
 
 @serve.deployment
@@ -20,8 +20,8 @@ class SignDetector(ModelDeployment):
     def __init__(self, settings: SignDetectorSettings, model_store: str, gpu_only: bool = False) -> None:
         self._load(settings, model_store, gpu_only)
 
-    @paced_batch  # paced by the model (festival_serve.batching); sizes and waits: user_config (reconfigure)
-    async def detect(self, images: list[np.ndarray], tickets: list[Ticket]) -> list[list[signs.SignDetection]]:
+    @paced_batch  # paced by the model (festival_serve.serving.batching); sizes and waits: user_config (reconfigure)
+    async def detect(self, images: list[np.ndarray], tickets: list[Ticket]) -> list[list[detector.SignDetection]]:
         """(H, W, 3) uint8 RGB frames → the signs found in each, boxes in frame pixels."""
         return await self._run_batch(images, lambda batch: self.model.detect(batch), tickets)
 

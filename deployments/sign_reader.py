@@ -9,12 +9,12 @@ import numpy as np
 from ray import serve
 
 from deployments.base import ModelDeployment
-from festival_serve import ocr
-from festival_serve.autoscaling import CROPS_IN_FLIGHT, InFlight
-from festival_serve.batching import paced_batch
-from festival_serve.flow import StageError, Ticket
-from festival_serve.settings import SignReaderSettings
-from festival_serve.stages import stage
+from festival_serve.models.sign_reader import reader
+from festival_serve.serving.autoscaling import CROPS_IN_FLIGHT, InFlight
+from festival_serve.serving.batching import paced_batch
+from festival_serve.serving.flow import StageError, Ticket
+from festival_serve.pipeline.settings import SignReaderSettings
+from festival_serve.pipeline.stages import stage
 
 logger = logging.getLogger("ray.serve")
 
@@ -52,16 +52,16 @@ class SignReader(ModelDeployment):
         self._load(settings, model_store, gpu_only)
         self.crops_in_flight = InFlight()  # queued or being read: this replica's load for the autoscaler
 
-    async def read(self, crops: list[np.ndarray], ticket: Ticket) -> list[ocr.SignText] | StageError:
+    async def read(self, crops: list[np.ndarray], ticket: Ticket) -> list[reader.SignText] | StageError:
         """The (h, w, 3) uint8 RGB crops of one frame's signs → their text, in order (a crop that fails alone
         gets a ``StageError``); a request that is not a list of crops gets one ``StageError``."""
         with self.crops_in_flight.add(_crop_count([crops])):
             return await self._read_batch(crops, ticket)
 
-    # Paced by the model (festival_serve.batching), weighed in crops; sizes and waits: user_config (reconfigure).
+    # Paced by the model (festival_serve.serving.batching), weighed in crops; sizes and waits: user_config (reconfigure).
     @paced_batch(size_fn=lambda call: _crop_count(call[:1]))
     async def _read_batch(self, requests: list[list[np.ndarray]],
-                          tickets: list[Ticket]) -> list[list[ocr.SignText] | StageError]:
+                          tickets: list[Ticket]) -> list[list[reader.SignText] | StageError]:
         readable = [_is_crop_list(request) for request in requests]
         counts = [len(request) if ok else 0 for request, ok in zip(requests, readable)]
         flat = [crop for request, ok in zip(requests, readable) if ok for crop in request]

@@ -14,21 +14,22 @@ from pathlib import Path
 
 import yaml
 
-from festival_serve import auth
-from festival_serve.backends import BackendUnavailable
+from festival_serve import DATA_DIR
+from festival_serve.serving import auth
+from festival_serve.runtime.backends import BackendUnavailable
 
 DEFAULT_CONFIG = Path("serve_config.yaml")
-SAMPLE_SCENE = Path(__file__).parent / "data" / "sample_scene.jpg"
+SAMPLE_SCENE = DATA_DIR / "sample_scene.jpg"
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from festival_serve import local
-    from festival_serve.devices import cuda_available
-    from festival_serve.serve_config import check_serve_config
+    from festival_serve.ops import up
+    from festival_serve.runtime.devices import cuda_available
+    from festival_serve.pipeline.serve_config import check_serve_config
 
     has_gpu = cuda_available() and not args.cpu
-    config, changes = local.local_profile(
-        local.load_config(args.config), host=args.host, port=args.port, model_store=args.model_store,
+    config, changes = up.local_profile(
+        up.load_config(args.config), host=args.host, port=args.port, model_store=args.model_store,
         has_gpu=has_gpu, base_dir=Path.cwd(), api_keys_file=args.api_keys_file,
     )
     try:  # before Ray starts: a deployment without its batch settings would otherwise fail (or batch) silently
@@ -46,17 +47,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     except auth.KeysFileError as e:
         print(f"festival-serve: {e}", file=sys.stderr)
         return 2
-    if args.metrics_port and local.port_in_use(args.metrics_port):
+    if args.metrics_port and up.port_in_use(args.metrics_port):
         print(f"festival-serve: --metrics-port {args.metrics_port} is in use; pass a free port (0: any free one)",
               file=sys.stderr)
         return 2
     print(f"festival-serve: deploying {args.config} locally")
     for change in changes:
         print(f"  {change}")
-    local.prepare_models(config, has_gpu=has_gpu)
-    local.start(config, offline=not args.allow_network, dashboard=not args.no_dashboard,
+    up.prepare_models(config, has_gpu=has_gpu)
+    up.start(config, offline=not args.allow_network, dashboard=not args.no_dashboard,
                 metrics_port=args.metrics_port or None)
-    print(f"festival-serve: Prometheus metrics at http://127.0.0.1:{local.metrics_port()}/metrics (on every "
+    print(f"festival-serve: Prometheus metrics at http://127.0.0.1:{up.metrics_port()}/metrics (on every "
           "interface; scrape config: cluster/prometheus.yml, dashboard: cluster/grafana-dashboard.json)")
     stopping = False
 
@@ -65,16 +66,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not stopping:
             stopping = True
             print("\nfestival-serve: stopping Serve and Ray …")
-            local.stop()
+            up.stop()
         sys.exit(0)
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
-        local.wait_until_running(args.timeout)
+        up.wait_until_running(args.timeout)
     except (RuntimeError, TimeoutError) as e:
         print(f"festival-serve: {e}", file=sys.stderr)
-        local.stop()
+        up.stop()
         return 1
     url = f"http://{args.host}:{args.port}"
     print(f"festival-serve: serving {url}  (POST {url}/v1/analyze, GET {url}/v1/models; Ctrl-C stops)")
@@ -91,8 +92,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import httpx
 
     if args.scene_seed is not None:
-        from festival_serve.imaging import encode_jpeg
-        from festival_serve.synth import generate_scene
+        from festival_serve.serving.imaging import encode_jpeg
+        from festival_serve.world.synth import generate_scene
 
         data, content_type = encode_jpeg(generate_scene(args.scene_seed).image), "image/jpeg"
     else:
@@ -107,8 +108,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     body = reply.json()
     print(json.dumps(body, indent=2, ensure_ascii=False))
     if args.out and reply.status_code == 200:
-        from festival_serve.annotate import annotate
-        from festival_serve.imaging import decode_image
+        from festival_serve.ops.annotate import annotate
+        from festival_serve.serving.imaging import decode_image
 
         annotate(decode_image(data, max_pixels=1 << 30), body, layout="outdoor").save(args.out)
         print(f"annotated image: {args.out}", file=sys.stderr)
@@ -116,10 +117,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_models_pull(args: argparse.Namespace) -> int:
-    from festival_serve import local, vlm
+    from festival_serve.ops import up
 
-    pipeline = local.pipeline_args(local.load_config(args.config), args.model_store)
-    target = vlm.pull(pipeline.scene_describer, model_store=Path(pipeline.model_store))
+    from festival_serve.models.scene_describer import describer
+    pipeline = up.pipeline_args(up.load_config(args.config), args.model_store)
+    target = describer.pull(pipeline.scene_describer, model_store=Path(pipeline.model_store))
     print(f"scene describer: {pipeline.scene_describer.hub_id} → {target}")
     print("sign detector / hazard cells: copy your checkpoints to "
           f"{pipeline.store_path(pipeline.sign_detector.weights)} and {pipeline.store_path(pipeline.hazard_cells.weights)}")
@@ -127,10 +129,10 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_models_status(args: argparse.Namespace) -> int:
-    from festival_serve import local
-    from festival_serve.stages import STAGES
+    from festival_serve.ops import up
+    from festival_serve.pipeline.stages import STAGES
 
-    pipeline = local.pipeline_args(local.load_config(args.config), args.model_store)
+    pipeline = up.pipeline_args(up.load_config(args.config), args.model_store)
     for stage in STAGES:
         settings = stage.settings(pipeline)
         # A stage's own weights, then any further network it runs (the sign classifier).
@@ -169,17 +171,18 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
 
 def cmd_engines_build(args: argparse.Namespace) -> int:
     """Build (or find cached) TensorRT engines for every exportable network, as serving would load them."""
-    from festival_serve import engines, local
-    from festival_serve.stages import NETWORKS
+    from festival_serve.runtime import tensorrt_engines
+    from festival_serve.ops import up
+    from festival_serve.pipeline.stages import NETWORKS
 
-    pipeline = local.pipeline_args(local.load_config(args.config), args.model_store)
+    pipeline = up.pipeline_args(up.load_config(args.config), args.model_store)
     for network in NETWORKS:
         source = network.source(pipeline)
         if source is None:
             print(f"{network.name}: off in this config, skipped")
             continue
         print(f"{network.name}: building TensorRT {'fp32' if args.fp32 else 'fp16'} engine on {args.device} …")
-        engine_file = engines.build_engine(
+        engine_file = tensorrt_engines.build_engine(
             source.onnx_file(), fp16=not args.fp32, max_batch=args.max_batch, device=args.device,
             rebuild=args.force_rebuild, progress=lambda msg, n=network.name: print(f"{n}: {msg}"),
         )
@@ -225,26 +228,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, help="also write the image annotated with the answer (PNG)")
     demo.set_defaults(func=cmd_demo)
 
-    from festival_serve import evaluate
+    from festival_serve.measure import evaluate
 
     evaluation = sub.add_parser("eval", help="score a running deployment on held-out synthetic scenes (JSON report last)")
     evaluate.add_arguments(evaluation)
     evaluation.set_defaults(func=evaluate.cmd_eval)
 
-    from festival_serve import validate as validate_mod
+    from festival_serve.ops import validate as validate_mod
 
     validate = sub.add_parser("validate", help="check every local backend against torch fp32 on held-out scenes, "
                                                 "and time it (JSON report last with --json; exit 1 on a failure)")
     validate_mod.add_arguments(validate)
     validate.set_defaults(func=validate_mod.cmd_validate)
 
-    from festival_serve import bench
+    from festival_serve.measure.bench import run
 
     benchmark = sub.add_parser("bench", help="benchmark the graph against the single-process baseline (report in docs/bench)")
-    bench.add_arguments(benchmark)
-    benchmark.set_defaults(func=bench.cmd_bench)
+    run.add_arguments(benchmark)
+    benchmark.set_defaults(func=run.cmd_bench)
 
-    from festival_serve import check_gpu
+    from festival_serve.ops import check_gpu
 
     gpu = sub.add_parser("check-gpu", help="where each stage really runs (device, precision, runtime, GPU share) "
                                            "and this machine's GPUs; warns on over-committed GPUs")
@@ -268,12 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     new_key.add_argument("--label", help="a note kept beside the digest (who holds the key), to revoke it by")
     new_key.set_defaults(func=cmd_keys_new)
 
-    from festival_serve import load
+    from festival_serve.measure import load
 
     load_parser = load.add_arguments(sub.add_parser(
         "load", help="drive a running graph through a festival day (profile), recording replicas per second"))
     load_parser.set_defaults(func=load.cmd_load)
-    # Its own parser lives in festival_serve.cluster; main() hands it the rest of the command line.
+    # Its own parser lives in festival_serve.ops.manifests; main() hands it the rest of the command line.
     sub.add_parser("cluster", help="render cluster manifests from serve_config.yaml, or run a multi-node cluster on "
                    "this machine (`cluster local up`; see cluster/README.md)")
 
@@ -306,9 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["cluster"]:
-        from festival_serve import cluster
+        from festival_serve.ops import manifests
 
-        return cluster.main(argv[1:])
+        return manifests.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -12,10 +12,10 @@ from deployments.ingress import PipelineIngress
 from deployments.scene_describer import SceneDescriber
 from deployments.sign_detector import SignDetector
 from deployments.sign_reader import SignReader
-from festival_serve.settings import PipelineArgs
+from festival_serve.pipeline.settings import PipelineArgs
 
 
-#: The model deployments; each names its row of the stage table (``festival_serve.stages``).
+#: The model deployments; each names its row of the stage table (``festival_serve.pipeline.stages``).
 MODELS = (SignDetector, HazardCells, SignReader, SceneDescriber)
 
 

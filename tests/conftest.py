@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from festival_serve.offline import install_network_guard
+from festival_serve.runtime.offline import install_network_guard
 
 install_network_guard()  # before any test module imports a library that might call home
 
 
 @pytest.fixture(scope="session")
 def yolic_layout():
-    from festival_serve.yolic import load_layout
+    from festival_serve.models.hazard_cells.yolic import load_layout
 
     return load_layout("outdoor")

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from festival_serve.admission import Admission, Budget, StageLoad
-from festival_serve.api import error_response
-from festival_serve.flow import Rejected, admit
-from festival_serve.settings import IngressSettings
+from festival_serve.serving.admission import Admission, Budget, StageLoad
+from festival_serve.serving.http import error_response
+from festival_serve.serving.flow import Rejected, admit
+from festival_serve.pipeline.settings import IngressSettings
 
 
 def test_nothing_known_means_no_wait_predicted():
@@ -90,7 +90,7 @@ def test_a_stale_estimate_with_nothing_in_flight_is_forgotten(monkeypatch):
     """A stage that timed out (its node died) leaves a huge cost behind; once nothing is in flight and nothing has
     confirmed it for STALE_AFTER_S, a request is let through to learn the cost again, instead of every request
     being refused forever."""
-    from festival_serve import admission as admission_module
+    from festival_serve.serving import admission as admission_module
 
     now = [1000.0]
     monkeypatch.setattr(admission_module.time, "monotonic", lambda: now[0])
@@ -107,8 +107,8 @@ def test_a_stale_estimate_with_nothing_in_flight_is_forgotten(monkeypatch):
 def test_frames_admitted_but_not_yet_sent_count_as_ahead(monkeypatch):
     """While admitted frames are read and decoded they have not reached any stage, yet they are ahead of the
     next frame; and they keep a stale estimate alive (else a burst would find the gate wide open)."""
-    from festival_serve import admission as admission_module
-    from festival_serve.flow import admitted
+    from festival_serve.serving import admission as admission_module
+    from festival_serve.serving.flow import admitted
 
     settings = IngressSettings(default_budget_s=2, answer_margin_s=0.0, admit_wait_fraction=0.5)
     admission = Admission()

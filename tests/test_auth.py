@@ -1,4 +1,4 @@
-"""API keys (``festival_serve.auth``), ``festival-serve keys new``, and the middleware both servers share,
+"""API keys (``festival_serve.serving.auth``), ``festival-serve keys new``, and the middleware both servers share,
 checked on the baseline's Starlette app; and ``/v1/models`` showing weights relative to the model store.
 
 The key checks sit in front of the models, so the app here runs stand-ins that find nothing (no weights
@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from festival_serve import auth, local
-from festival_serve.api import public_model_info, public_path
-from festival_serve.baseline import build_app
+from festival_serve.serving import auth
+from festival_serve.ops import up
+from festival_serve.serving.http import public_model_info, public_path
+from festival_serve.measure.baseline import build_app
 from festival_serve.cli import main
-from festival_serve.imaging import encode_jpeg
-from festival_serve.settings import PipelineArgs
+from festival_serve.serving.imaging import encode_jpeg
+from festival_serve.pipeline.settings import PipelineArgs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -245,8 +246,8 @@ def test_public_paths_with_a_relative_store_and_without_a_store(tmp_path, monkey
 
 
 def test_up_hands_every_replica_the_keys_file_as_an_absolute_path(tmp_path):
-    config = local.load_config(ROOT / "serve_config.yaml")
-    profiled, changes = local.local_profile(config, host="127.0.0.1", port=8000, model_store=None, has_gpu=False,
+    config = up.load_config(ROOT / "serve_config.yaml")
+    profiled, changes = up.local_profile(config, host="127.0.0.1", port=8000, model_store=None, has_gpu=False,
                                             base_dir=tmp_path, api_keys_file="secrets/keys")
 
     ingress = profiled["applications"][0]["args"]["ingress"]
@@ -254,6 +255,6 @@ def test_up_hands_every_replica_the_keys_file_as_an_absolute_path(tmp_path):
     assert ingress["max_body_bytes"] == config["applications"][0]["args"]["ingress"]["max_body_bytes"]  # kept
     assert any("API keys" in change for change in changes)
     PipelineArgs.model_validate(profiled["applications"][0]["args"])
-    open_config, _ = local.local_profile(config, host="127.0.0.1", port=8000, model_store=None, has_gpu=False,
+    open_config, _ = up.local_profile(config, host="127.0.0.1", port=8000, model_store=None, has_gpu=False,
                                          base_dir=tmp_path)
     assert "api_keys_file" not in open_config["applications"][0]["args"]["ingress"]

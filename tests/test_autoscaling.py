@@ -1,4 +1,4 @@
-"""GraphMetricPolicy (festival_serve.autoscaling) on Serve's own AutoscalingContext, and the load meters the
+"""GraphMetricPolicy (festival_serve.serving.autoscaling) on Serve's own AutoscalingContext, and the load meters the
 replicas report from; serve_config.yaml names only metrics the replicas report."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from festival_serve.autoscaling import METRICS, GraphMetricPolicy, InFlight, RateMeter
+from festival_serve.serving.autoscaling import METRICS, GraphMetricPolicy, InFlight, RateMeter
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""A bad item fails alone (``festival_serve.batching``), the deployments' batches keep that promise and count
+"""A bad item fails alone (``festival_serve.serving.batching``), the deployments' batches keep that promise and count
 whole-batch failures for ``check_health``, the reader's crop weighing never raises, batches are paced by the model, and ``/readyz``'s
 required stages are names from the stage table. No Ray cluster: the deployments' classes run as plain objects."""
 
@@ -17,10 +17,10 @@ from pydantic import ValidationError
 
 from deployments.base import ModelDeployment
 from deployments.sign_reader import SignReader, _crop_count
-from festival_serve.batching import is_out_of_memory, paced_batch, run_isolating
-from festival_serve.flow import StageError, Ticket
-from festival_serve.settings import BatchConfig, IngressSettings
-from festival_serve.stages import STAGE_NAMES
+from festival_serve.serving.batching import is_out_of_memory, paced_batch, run_isolating
+from festival_serve.serving.flow import StageError, Ticket
+from festival_serve.pipeline.settings import BatchConfig, IngressSettings
+from festival_serve.pipeline.stages import STAGE_NAMES
 
 POISON = "poison"
 

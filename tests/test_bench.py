@@ -18,15 +18,17 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from festival_serve import bench, loadgen, procstats
-from festival_serve.bench import report
-from festival_serve.imaging import encode_jpeg
-from festival_serve.settings import PipelineArgs
-from festival_serve.standins.hazards import build_yolic_checkpoint
-from festival_serve.sign_classes import BACKGROUND
-from festival_serve.standins.signs import build_yolo_checkpoint, build_yolo_classifier
-from festival_serve.standins.vlm import SMOLVLM_256M, build_tiny_idefics3
-from festival_serve.synth import SIGN_CLASSES, generate_scene
+from festival_serve.measure.bench import run
+from festival_serve.measure import loadgen
+from festival_serve.measure import procstats
+from festival_serve.measure.bench import report
+from festival_serve.serving.imaging import encode_jpeg
+from festival_serve.pipeline.settings import PipelineArgs
+from festival_serve.training.standins.hazard_cells import build_yolic_checkpoint
+from festival_serve.models.sign_detector.classifier import BACKGROUND
+from festival_serve.training.standins.sign_detector import build_yolo_checkpoint, build_yolo_classifier
+from festival_serve.training.standins.scene_describer import SMOLVLM_256M, build_tiny_idefics3
+from festival_serve.world.synth import SIGN_CLASSES, generate_scene
 
 from tests.ports import free_port
 from tests.stores import add_shipped_reader
@@ -170,7 +172,7 @@ def test_process_labels_name_ray_replicas_by_deployment():
     assert procstats.process_label(Fake(["ray::ServeReplica:festival:SignDetector"])) == "SignDetector"
     assert procstats.process_label(Fake(["ray::ServeController"])) == "ServeController"
     assert procstats.process_label(Fake(["/x/ray/core/src/ray/raylet/raylet", "--flag"])) == "raylet"
-    assert procstats.process_label(Fake(["/v/bin/python", "-m", "festival_serve.baseline", "--port", "1"])) == "baseline"
+    assert procstats.process_label(Fake(["/v/bin/python", "-m", "festival_serve.measure.baseline", "--port", "1"])) == "baseline"
     assert procstats.process_label(Fake(["/v/bin/python", "/v/bin/festival-serve", "up"])) == "driver"
     assert procstats.process_label(Fake(["/v/bin/python", "-u", "/v/ray/_private/log_monitor.py", "--x"])) == "log_monitor"
 
@@ -182,7 +184,7 @@ def test_smolvlm_stand_in_has_the_published_size():
     import torch
     from transformers import Idefics3ForConditionalGeneration
 
-    from festival_serve.standins import vlm as standin
+    from festival_serve.training.standins import scene_describer as standin
 
     tokenizer = standin.build_tokenizer(SMOLVLM_256M.vocab_size)
     assert len(tokenizer) == 49280
@@ -196,7 +198,7 @@ def test_smolvlm_stand_in_has_the_published_size():
 
 
 def test_stand_ins_fill_only_what_the_store_lacks(tmp_path, tiny_store):
-    from festival_serve.standins.store import with_stand_ins
+    from festival_serve.training.standins.store import with_stand_ins
 
     store = tmp_path / "store"
     (store / "scene_describer").mkdir(parents=True)
@@ -221,7 +223,7 @@ def test_stand_ins_fill_only_what_the_store_lacks(tmp_path, tiny_store):
 
 
 def test_baseline_answers_the_same_api_one_model_call_per_image_or_crop(tiny_store):
-    from festival_serve.baseline import build_app
+    from festival_serve.measure.baseline import build_app
 
     client = TestClient(build_app(_tiny_args(tiny_store)))
     image = encode_jpeg(generate_scene(10_000_000).image)
@@ -253,14 +255,14 @@ def test_litserve_peer_batches_each_model_once_and_answers_what_the_baseline_ans
 
     from fastapi import HTTPException
 
-    from festival_serve.baseline import build_app
-    from festival_serve.bench.peer import PipelineAPI
+    from festival_serve.measure.baseline import build_app
+    from festival_serve.measure.bench.peer import PipelineAPI
 
     args = _tiny_args(tiny_store)
     api = PipelineAPI(args)
     api.setup("cpu")
     calls = {}
-    from festival_serve.stages import STAGES
+    from festival_serve.pipeline.stages import STAGES
 
     for stage in STAGES:
         name, model, method = stage.name, api.models[stage.name], stage.method
@@ -311,7 +313,7 @@ def test_summary_ratios_and_target_verdicts():
                              _point(True, "closed", 8, 0.4, 9000.0)], "peak_rss_gb": 6.5,
                   "resident_at_end": {"pss_gb": 4.0}},
     }
-    summary = bench.summarize(systems)
+    summary = run.summarize(systems)
     assert summary["overhead_ms_p50"] == 15.0
     assert summary["throughput_ratio_nodescribe"] == pytest.approx(1.2)
     assert summary["throughput_ratio_describe"] == pytest.approx(2.0)
@@ -322,25 +324,25 @@ def test_summary_ratios_and_target_verdicts():
 def test_plans_quick_full_and_overrides():
     import argparse
 
-    parse = bench.add_arguments(argparse.ArgumentParser()).parse_args
-    assert bench.plan_from(parse(["--quick"])).mode == "quick"
-    full_cpu = bench.plan_from(parse([]), cuda=False)
+    parse = run.add_arguments(argparse.ArgumentParser()).parse_args
+    assert run.plan_from(parse(["--quick"])).mode == "quick"
+    full_cpu = run.plan_from(parse([]), cuda=False)
     assert full_cpu.concurrency == (1, 4, 16, 64) and full_cpu.describe_concurrency == (1, 4, 16)
-    assert bench.plan_from(parse([]), cuda=True).describe_concurrency == (1, 4, 16, 64)
-    custom = bench.plan_from(parse(["--quick", "--concurrency", "2,3", "--duration", "1.5", "--new-tokens", "4"]))
+    assert run.plan_from(parse([]), cuda=True).describe_concurrency == (1, 4, 16, 64)
+    custom = run.plan_from(parse(["--quick", "--concurrency", "2,3", "--duration", "1.5", "--new-tokens", "4"]))
     assert (custom.concurrency, custom.duration_s, custom.new_tokens, custom.mode) == ((2, 3), 1.5, 4, "quick")
 
 
 def test_published_paths_name_no_machine_directories():
-    assert bench.portable_path(str(Path.cwd() / "models" / "signs.pt")) == "models/signs.pt"
-    assert bench.portable_path(str(Path.home() / ".cache" / "x")) == "~/.cache/x"
-    assert bench.portable_path("rapidocr PP-OCR (det + rec ONNX)") == "rapidocr PP-OCR (det + rec ONNX)"
+    assert run.portable_path(str(Path.cwd() / "models" / "signs.pt")) == "models/signs.pt"
+    assert run.portable_path(str(Path.home() / ".cache" / "x")) == "~/.cache/x"
+    assert run.portable_path("rapidocr PP-OCR (det + rec ONNX)") == "rapidocr PP-OCR (det + rec ONNX)"
 
 
 def test_batch_delta_counts_only_this_points_batches():
     before = [{"name": "sign_reader", "batch": {"observed_sizes": {"1": 2, "4": 1}}}]
     after = [{"name": "sign_reader", "batch": {"observed_sizes": {"1": 2, "4": 3, "8": 1}}}]
-    assert bench._batch_delta(before, after) == {"sign_reader": {"sizes": {4: 2, 8: 1}, "batches": 3, "mean": 5.33}}
+    assert run._batch_delta(before, after) == {"sign_reader": {"sizes": {4: 2, 8: 1}, "batches": 3, "mean": 5.33}}
 
 
 # -- the whole command, tiny ----------------------------------------------------------------------------------
@@ -410,7 +412,7 @@ def test_bench_quick_plumbing_end_to_end(tiny_store, tmp_path, capsys):
 def test_report_writes_without_load_points(tmp_path):
     result = {"mode": "quick", "date": "d", "elapsed_s": 1.0, "plan": {"new_tokens": 2},
               "machine": {"cpus": 2, "cuda": False, "python": "3.11"}, "models": [], "systems": {}, "micro": [],
-              "summary": bench.summarize({})}
+              "summary": run.summarize({})}
     paths = report.write(result, tmp_path)
     assert json.loads(paths["latest"].read_text())["overhead_ms_p50"] is None
     assert "latency" not in paths

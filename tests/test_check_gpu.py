@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from festival_serve import check_gpu
+from festival_serve.ops import check_gpu
 from festival_serve.cli import main
 
 from tests.ports import free_port

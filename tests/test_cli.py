@@ -4,18 +4,18 @@ from pathlib import Path
 
 import pytest
 
-from festival_serve import local
+from festival_serve.ops import up
 from festival_serve.cli import main
-from festival_serve.settings import PipelineArgs
-from festival_serve.stages import STAGE_NAMES
-from festival_serve.standins.hazards import build_yolic_checkpoint
+from festival_serve.pipeline.settings import PipelineArgs
+from festival_serve.pipeline.stages import STAGE_NAMES
+from festival_serve.training.standins.hazard_cells import build_yolic_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_local_profile_drops_gpus_and_makes_the_store_absolute(tmp_path):
-    config = local.load_config(ROOT / "serve_config.yaml")
-    profiled, changes = local.local_profile(config, host="127.0.0.1", port=8123, model_store=None,
+    config = up.load_config(ROOT / "serve_config.yaml")
+    profiled, changes = up.local_profile(config, host="127.0.0.1", port=8123, model_store=None,
                                             has_gpu=False, base_dir=tmp_path)
     app = profiled["applications"][0]
     assert profiled["http_options"] == {**config["http_options"], "host": "127.0.0.1", "port": 8123}
@@ -28,8 +28,8 @@ def test_local_profile_drops_gpus_and_makes_the_store_absolute(tmp_path):
 
 
 def test_local_profile_sizes_threads_and_replicas_to_the_cores(tmp_path):
-    config = local.load_config(ROOT / "serve_config.yaml")
-    profiled, changes = local.local_profile(config, host="127.0.0.1", port=8123, model_store=None,
+    config = up.load_config(ROOT / "serve_config.yaml")
+    profiled, changes = up.local_profile(config, host="127.0.0.1", port=8123, model_store=None,
                                             has_gpu=False, base_dir=tmp_path, cpus=2)
     app = profiled["applications"][0]
     assert {d["name"]: d["autoscaling_config"]["max_replicas"] for d in app["deployments"]} == dict.fromkeys(
@@ -41,7 +41,7 @@ def test_local_profile_sizes_threads_and_replicas_to_the_cores(tmp_path):
     assert any("at most 1 replica" in c for c in changes)
     # Two requests in flight per stage: one running at the stage's one replica, the next queued behind it.
     assert app["args"]["ingress"]["stage_requests_in_flight"] == 2
-    big, _ = local.local_profile(config, host="127.0.0.1", port=8123, model_store=None, has_gpu=False,
+    big, _ = up.local_profile(config, host="127.0.0.1", port=8123, model_store=None, has_gpu=False,
                                  base_dir=tmp_path, cpus=16)
     assert big["applications"][0]["deployments"][0]["autoscaling_config"]["max_replicas"] == 4
     assert [big["applications"][0]["args"][s]["threads"] for s in STAGE_NAMES] == [8, 8, 8, 8]
@@ -50,16 +50,16 @@ def test_local_profile_sizes_threads_and_replicas_to_the_cores(tmp_path):
 
 
 def test_local_profile_keeps_gpus_when_there_is_one(tmp_path):
-    config = local.load_config(ROOT / "serve_config.yaml")
-    profiled, _ = local.local_profile(config, host="127.0.0.1", port=8000, model_store=str(tmp_path),
+    config = up.load_config(ROOT / "serve_config.yaml")
+    profiled, _ = up.local_profile(config, host="127.0.0.1", port=8000, model_store=str(tmp_path),
                                       has_gpu=True, base_dir=ROOT)
     assert profiled["applications"][0]["deployments"][0]["ray_actor_options"]["num_gpus"] == 0.2
 
 
 def test_fake_gpu_profile_keeps_the_gpu_shares_and_runs_the_models_on_the_cpu(tmp_path):
     """``cluster local up``: Ray places replicas by the real fractions on nodes with fake GPUs; the maths is CPU."""
-    config = local.load_config(ROOT / "serve_config.yaml")
-    profiled, changes = local.local_profile(config, host="127.0.0.1", port=8000, model_store=None, has_gpu=False,
+    config = up.load_config(ROOT / "serve_config.yaml")
+    profiled, changes = up.local_profile(config, host="127.0.0.1", port=8000, model_store=None, has_gpu=False,
                                             base_dir=tmp_path, cpus=2, fake_gpus=True, max_replicas=2)
     app, original = profiled["applications"][0], config["applications"][0]
     assert [d["ray_actor_options"].get("num_gpus") for d in app["deployments"]] == [
@@ -72,11 +72,11 @@ def test_fake_gpu_profile_keeps_the_gpu_shares_and_runs_the_models_on_the_cpu(tm
 
 @pytest.mark.parametrize("policy", ["graph", "queue-length"])
 def test_the_local_cluster_compresses_autoscaling_and_keeps_or_drops_the_graph_policies(tmp_path, policy):
-    from festival_serve.local_cluster import COMPRESSED_UPSCALE_DELAY_S, LOCAL_TARGETS, cluster_config
+    from festival_serve.ops.local_cluster import COMPRESSED_UPSCALE_DELAY_S, LOCAL_TARGETS, cluster_config
 
     profile = {"host": "127.0.0.1", "port": 8000, "model_store": None, "base_dir": str(tmp_path), "max_replicas": 2,
                "autoscaling": policy}
-    config, changes = cluster_config(local.load_config(ROOT / "serve_config.yaml"), profile, has_gpu=False)
+    config, changes = cluster_config(up.load_config(ROOT / "serve_config.yaml"), profile, has_gpu=False)
     assert config["proxy_location"] == "HeadOnly"
     scaling = {d["name"]: d["autoscaling_config"] for d in config["applications"][0]["deployments"]}
     assert {s["upscale_delay_s"] for s in scaling.values()} == {COMPRESSED_UPSCALE_DELAY_S}
@@ -90,12 +90,12 @@ def test_the_local_cluster_compresses_autoscaling_and_keeps_or_drops_the_graph_p
         assert policies["SignDetector"] == policies["HazardCells"] == {"metric": "frames_in_flight",
                                                                          "target_per_replica": 8}
     with pytest.raises(ValueError, match="graph, queue-length"):
-        cluster_config(local.load_config(ROOT / "serve_config.yaml"), {**profile, "autoscaling": "cpu"},
+        cluster_config(up.load_config(ROOT / "serve_config.yaml"), {**profile, "autoscaling": "cpu"},
                        has_gpu=False)
 
 
 def test_local_cluster_shape_refuses_nonsense():
-    from festival_serve.local_cluster import ClusterShape
+    from festival_serve.ops.local_cluster import ClusterShape
 
     with pytest.raises(ValueError, match="worker"):
         ClusterShape(workers=0)
@@ -104,7 +104,7 @@ def test_local_cluster_shape_refuses_nonsense():
 
 
 def test_serve_config_args_validate_as_pipeline_args():
-    args = local.load_config(ROOT / "serve_config.yaml")["applications"][0]["args"]
+    args = up.load_config(ROOT / "serve_config.yaml")["applications"][0]["args"]
     PipelineArgs.model_validate(args)
 
 
@@ -129,7 +129,7 @@ def test_models_status_lists_every_model(tmp_path, capsys, yolic_layout):
 
 
 def test_engines_build_without_gpu_says_why(tmp_path, capsys, yolic_layout):
-    from festival_serve.standins.signs import build_yolo_checkpoint
+    from festival_serve.training.standins.sign_detector import build_yolo_checkpoint
 
     build_yolo_checkpoint(tmp_path / "sign_detector" / "signs.pt", ["stop"])
     code = main(["engines", "build", "--config", str(ROOT / "serve_config.yaml"), "--model-store", str(tmp_path)])

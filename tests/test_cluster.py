@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from festival_serve import cluster
+from festival_serve.ops import manifests
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = ROOT / "serve_config.yaml"
 RAYSERVICE = ROOT / "cluster" / "rayservice.yaml"
 LAUNCHER = ROOT / "cluster" / "ray-cluster.yaml"
-REGENERATE = (f"python -m festival_serve.cluster render --config serve_config.yaml "
-              f"--image {cluster.PLACEHOLDER_IMAGE} --out cluster/rayservice.yaml")
+REGENERATE = (f"python -m festival_serve.ops.manifests render --config serve_config.yaml "
+              f"--image {manifests.PLACEHOLDER_IMAGE} --out cluster/rayservice.yaml")
 CLUSTER_README = ROOT / "cluster" / "README.md"
 MODEL_NAMES = {"SignDetector", "HazardCells", "SignReader", "SceneDescriber"}
 
@@ -28,7 +28,7 @@ def serve_config() -> dict:
 
 @pytest.fixture(scope="module")
 def manifest(serve_config) -> dict:
-    return cluster.render_rayservice(serve_config, image=cluster.PLACEHOLDER_IMAGE, gpu_workers_min=cluster.DEFAULT_GPU_WORKERS_MIN, gpu_workers_max=4)
+    return manifests.render_rayservice(serve_config, image=manifests.PLACEHOLDER_IMAGE, gpu_workers_min=manifests.DEFAULT_GPU_WORKERS_MIN, gpu_workers_max=4)
 
 
 def deployments(config: dict) -> list[dict]:
@@ -62,7 +62,7 @@ def test_one_replica_of_every_model_fits_on_one_gpu(serve_config):
     gpus = {d["name"]: d["ray_actor_options"].get("num_gpus", 0) for d in deployments(serve_config)}
     assert all(gpus[name] > 0 for name in MODEL_NAMES), gpus
     assert sum(gpus.values()) <= 1.0, gpus
-    assert cluster.gpu_demand(serve_config).replica_set == pytest.approx(sum(gpus.values()))
+    assert manifests.gpu_demand(serve_config).replica_set == pytest.approx(sum(gpus.values()))
 
 
 # --- the RayService -----------------------------------------------------------------------------
@@ -70,7 +70,7 @@ def test_one_replica_of_every_model_fits_on_one_gpu(serve_config):
 def test_serve_config_v2_is_serve_config_with_only_the_model_store_changed(manifest, serve_config):
     embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     assert [app["args"]["model_store"] for app in embedded["applications"]] == ["/models"]
-    assert embedded == cluster.with_model_store(serve_config, "/models")
+    assert embedded == manifests.with_model_store(serve_config, "/models")
     for app in embedded["applications"]:
         app["args"]["model_store"] = "models"
     assert embedded == serve_config
@@ -80,14 +80,14 @@ def test_the_manifest_is_a_rayservice_with_autoscaling_and_token_auth(manifest):
     assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayService")
     spec = manifest["spec"]["rayClusterConfig"]
     assert spec["enableInTreeAutoscaling"] is True
-    assert spec["rayVersion"] == cluster.RAY_VERSION
+    assert spec["rayVersion"] == manifests.RAY_VERSION
     assert spec["authOptions"] == {"mode": "token", "secretName": "festival-serve-ray-token"}
 
 
 def test_ray_version_is_the_installed_ray():
     from importlib.metadata import version
 
-    assert cluster.RAY_VERSION == version("ray")
+    assert manifests.RAY_VERSION == version("ray")
 
 
 def test_the_head_runs_no_replicas_and_gpu_workers_autoscale(manifest):
@@ -105,7 +105,7 @@ def test_gpu_workers_can_hold_every_deployment_at_max_replicas(manifest, serve_c
     [workers] = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     gpus = workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
     cpus = float(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
-    demand = cluster.gpu_demand(serve_config)
+    demand = manifests.gpu_demand(serve_config)
     assert demand.at_max_replicas <= workers["maxReplicas"] * gpus
     assert all(d["ray_actor_options"].get("num_cpus", 1) <= cpus for d in deployments(serve_config))
 
@@ -114,14 +114,14 @@ def test_every_pod_mounts_the_writable_model_store_and_sets_no_offline_env(manif
     for pod in pods(manifest):
         assert pod["volumes"] == [{"name": "model-store", "persistentVolumeClaim": {"claimName": "festival-models"}}]
         [container] = pod["containers"]
-        assert container["image"] == cluster.PLACEHOLDER_IMAGE
+        assert container["image"] == manifests.PLACEHOLDER_IMAGE
         assert container["volumeMounts"] == [{"name": "model-store", "mountPath": "/models"}]  # no readOnly
         assert "env" not in container  # weights are pre-pulled into the volume; no HF_HUB_OFFLINE & co
 
 
 def test_the_committed_manifest_equals_a_fresh_render(tmp_path):
     fresh = tmp_path / "rayservice.yaml"
-    assert cluster.main(["render", "--config", str(SERVE_CONFIG), "--image", cluster.PLACEHOLDER_IMAGE,
+    assert manifests.main(["render", "--config", str(SERVE_CONFIG), "--image", manifests.PLACEHOLDER_IMAGE,
                          "--out", str(fresh)]) == 0
     assert RAYSERVICE.read_text() == fresh.read_text(), f"cluster/rayservice.yaml is stale; regenerate it: {REGENERATE}"
 
@@ -130,8 +130,8 @@ def test_the_committed_manifest_keeps_serve_config_v2_a_literal_block():
     text = RAYSERVICE.read_text()
     assert text.startswith("# GENERATED from serve_config.yaml")
     assert "  serveConfigV2: |\n    proxy_location: EveryNode\n" in text
-    assert yaml.safe_load(text) == cluster.render_rayservice(
-        yaml.safe_load(SERVE_CONFIG.read_text()), image=cluster.PLACEHOLDER_IMAGE, gpu_workers_min=cluster.DEFAULT_GPU_WORKERS_MIN, gpu_workers_max=4)
+    assert yaml.safe_load(text) == manifests.render_rayservice(
+        yaml.safe_load(SERVE_CONFIG.read_text()), image=manifests.PLACEHOLDER_IMAGE, gpu_workers_min=manifests.DEFAULT_GPU_WORKERS_MIN, gpu_workers_max=4)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -143,22 +143,22 @@ def test_the_committed_manifest_keeps_serve_config_v2_a_literal_block():
 def test_render_refuses_clusters_that_cannot_work(serve_config, options, message):
     kwargs = {"image": "img", "gpu_workers_min": 1, "gpu_workers_max": 2} | options
     with pytest.raises(ValueError, match=message):
-        cluster.render_rayservice(serve_config, **kwargs)
+        manifests.render_rayservice(serve_config, **kwargs)
 
 
 def test_render_refuses_a_replica_larger_than_a_worker(serve_config):
-    big = cluster.with_model_store(serve_config, "/models")
+    big = manifests.with_model_store(serve_config, "/models")
     deployments(big)[0]["ray_actor_options"]["num_gpus"] = 2
     with pytest.raises(ValueError, match="asks for 2.0 GPUs"):
-        cluster.render_rayservice(big, image="img", gpu_workers_min=1, gpu_workers_max=2)
+        manifests.render_rayservice(big, image="img", gpu_workers_min=1, gpu_workers_max=2)
 
 
 def test_serve_config_command_writes_an_absolute_model_store(tmp_path, serve_config):
     out = tmp_path / "serve_config.cluster.yaml"
-    assert cluster.main(["serve-config", "--config", str(SERVE_CONFIG), "--model-store", "/home/ubuntu/models",
+    assert manifests.main(["serve-config", "--config", str(SERVE_CONFIG), "--model-store", "/home/ubuntu/models",
                          "--out", str(out)]) == 0
-    assert yaml.safe_load(out.read_text()) == cluster.with_model_store(serve_config, "/home/ubuntu/models")
-    assert cluster.main(["serve-config", "--config", str(SERVE_CONFIG), "--model-store", "models",
+    assert yaml.safe_load(out.read_text()) == manifests.with_model_store(serve_config, "/home/ubuntu/models")
+    assert manifests.main(["serve-config", "--config", str(SERVE_CONFIG), "--model-store", "models",
                          "--out", str(out)]) == 2
 
 
@@ -182,7 +182,7 @@ def test_launcher_head_runs_no_replicas_and_workers_bring_a_gpu(launcher, serve_
     [worker] = [t for name, t in types.items() if name != launcher["head_node_type"]]
     assert worker["resources"]["GPU"] >= 1
     assert worker["min_workers"] >= 1
-    assert cluster.gpu_demand(serve_config).at_max_replicas <= worker["max_workers"] * worker["resources"]["GPU"]
+    assert manifests.gpu_demand(serve_config).at_max_replicas <= worker["max_workers"] * worker["resources"]["GPU"]
     assert worker["max_workers"] <= launcher["max_workers"]
 
 
@@ -201,22 +201,22 @@ SMALL_CONFIG = {"applications": [{"name": "app", "import_path": "x:y", "deployme
      "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}},
     {"name": "Front", "ray_actor_options": {"num_cpus": 0.25}, "num_replicas": 2},
 ]}]}
-SMALL_WORKER = cluster.WorkerNode("g5.xlarge", cpus=4, gpus=1)
+SMALL_WORKER = manifests.WorkerNode("g5.xlarge", cpus=4, gpus=1)
 
 
 def test_resource_demand_of_a_small_config():
-    demand = cluster.resource_demand(SMALL_CONFIG)
-    assert demand.deployments == (cluster.DeploymentDemand("Model", 0.5, 0.3, 3, min_replicas=1),
-                                  cluster.DeploymentDemand("Front", 0.25, 0.0, 2, min_replicas=2))  # fixed: 2 always
+    demand = manifests.resource_demand(SMALL_CONFIG)
+    assert demand.deployments == (manifests.DeploymentDemand("Model", 0.5, 0.3, 3, min_replicas=1),
+                                  manifests.DeploymentDemand("Front", 0.25, 0.0, 2, min_replicas=2))  # fixed: 2 always
     assert [d.name for d in demand.models] == ["Model"] and [d.name for d in demand.cpu_only] == ["Front"]
     assert demand.replica_set(demand.models) == (0.5, 0.3)
     assert demand.replica_set() == (0.75, 0.3)
     assert demand.at_max_replicas() == (2.0, 0.9)  # 3 x 0.5 + 2 x 0.25 CPU; 3 x 0.3 GPU
     assert demand.at_min_replicas() == (1.0, 0.3)  # 0.5 + 2 x 0.25 CPU
-    assert cluster.gpu_demand(SMALL_CONFIG) == cluster.GpuDemand(0.3, 0.9, 0.3)
-    assert cluster.workers_needed(demand, SMALL_WORKER) == 1
-    assert cluster.workers_needed(demand, cluster.WorkerNode("small", cpus=1, gpus=1)) == 2  # CPU-bound
-    assert cluster.workers_needed(demand, cluster.WorkerNode("small", cpus=1, gpus=1), at="min") == 1
+    assert manifests.gpu_demand(SMALL_CONFIG) == manifests.GpuDemand(0.3, 0.9, 0.3)
+    assert manifests.workers_needed(demand, SMALL_WORKER) == 1
+    assert manifests.workers_needed(demand, manifests.WorkerNode("small", cpus=1, gpus=1)) == 2  # CPU-bound
+    assert manifests.workers_needed(demand, manifests.WorkerNode("small", cpus=1, gpus=1), at="min") == 1
 
 
 def test_resource_demand_uses_serves_defaults_and_adds_fractions_exactly():
@@ -224,31 +224,31 @@ def test_resource_demand_uses_serves_defaults_and_adds_fractions_exactly():
         {"name": "Bare"},  # Serve gives a replica 1 CPU and no GPU, and one replica
         *({"name": f"M{gpus}", "ray_actor_options": {"num_cpus": 0.1, "num_gpus": gpus}} for gpus in (0.2, 0.1, 0.2, 0.4)),
     ]}]}
-    demand = cluster.resource_demand(config)
-    assert demand.deployments[0] == cluster.DeploymentDemand("Bare", 1.0, 0.0, 1)
+    demand = manifests.resource_demand(config)
+    assert demand.deployments[0] == manifests.DeploymentDemand("Bare", 1.0, 0.0, 1)
     assert demand.replica_set(demand.models) == (0.4, 0.9)  # not 0.9000000000000001
-    assert cluster.workers_needed(demand, SMALL_WORKER) == 1
+    assert manifests.workers_needed(demand, SMALL_WORKER) == 1
 
 
 def test_generated_blocks_of_a_small_config():
-    demand = cluster.resource_demand(SMALL_CONFIG)
-    yaml_block = "\n".join(cluster.render_launcher_block(demand, SMALL_WORKER, "small.yaml"))
+    demand = manifests.resource_demand(SMALL_CONFIG)
+    yaml_block = "\n".join(manifests.render_launcher_block(demand, SMALL_WORKER, "small.yaml"))
     assert "#   Model  0.5 CPU + 0.3 GPU, up to 3\n#   Front  0.25 CPU, up to 2" in yaml_block
     flat = " ".join(line.lstrip("# ") for line in yaml_block.splitlines())
     assert "one replica of each model takes 0.5 CPU + 0.3 GPU, leaving 3.5 CPU and 0.7 GPU" in flat
     assert "room for 14 Front replicas (0.25 CPU each)" in flat
     assert "asks for 2 CPU + 0.9 GPU: at least 1 such workers" in flat
-    markdown = cluster.render_readme_block(demand, SMALL_WORKER, "small.yaml")
+    markdown = manifests.render_readme_block(demand, SMALL_WORKER, "small.yaml")
     assert "| `Model` | 0.5 | 0.3 | 3 | 1.5 | 0.9 |" in markdown
     assert "| every deployment at `max_replicas` | | | | 2 | 0.9 |" in markdown
-    too_big = cluster.render_launcher_block(demand, cluster.WorkerNode("tiny", cpus=0.25, gpus=1), "small.yaml")
+    too_big = manifests.render_launcher_block(demand, manifests.WorkerNode("tiny", cpus=0.25, gpus=1), "small.yaml")
     assert "does not fit on one tiny worker" in " ".join(too_big)
 
 
 def test_the_committed_resource_numbers_equal_a_fresh_render(serve_config):
-    launcher, readme = cluster.render_docs(serve_config, LAUNCHER.read_text(), CLUSTER_README.read_text())
-    assert LAUNCHER.read_text() == launcher, f"cluster/ray-cluster.yaml is stale; regenerate it: {cluster.DOCS_COMMAND}"
-    assert CLUSTER_README.read_text() == readme, f"cluster/README.md is stale; regenerate it: {cluster.DOCS_COMMAND}"
+    launcher, readme = manifests.render_docs(serve_config, LAUNCHER.read_text(), CLUSTER_README.read_text())
+    assert LAUNCHER.read_text() == launcher, f"cluster/ray-cluster.yaml is stale; regenerate it: {manifests.DOCS_COMMAND}"
+    assert CLUSTER_README.read_text() == readme, f"cluster/README.md is stale; regenerate it: {manifests.DOCS_COMMAND}"
 
 
 def test_docs_command_checks_and_rewrites_only_the_generated_regions(tmp_path, capsys):
@@ -257,30 +257,30 @@ def test_docs_command_checks_and_rewrites_only_the_generated_regions(tmp_path, c
     launcher.write_text(stale)
     readme.write_text(CLUSTER_README.read_text())
     args = ["docs", "--config", str(SERVE_CONFIG), "--launcher", str(launcher), "--readme", str(readme)]
-    assert cluster.main(args + ["--check"]) == 1
+    assert manifests.main(args + ["--check"]) == 1
     err = capsys.readouterr().err
-    assert f"{launcher}: generated resource numbers are stale; regenerate: {cluster.DOCS_COMMAND}" in err
+    assert f"{launcher}: generated resource numbers are stale; regenerate: {manifests.DOCS_COMMAND}" in err
     assert str(readme) not in err
     assert launcher.read_text() == stale  # --check writes nothing
-    assert cluster.main(args) == 0
+    assert manifests.main(args) == 0
     assert launcher.read_text() == LAUNCHER.read_text() and readme.read_text() == CLUSTER_README.read_text()
-    assert cluster.main(args + ["--check"]) == 0
+    assert manifests.main(args + ["--check"]) == 0
 
 
 def test_docs_command_refuses_a_file_without_its_region(tmp_path):
     launcher, readme = tmp_path / "ray-cluster.yaml", tmp_path / "README.md"
     launcher.write_text(LAUNCHER.read_text())
     readme.write_text("# no region here\n")
-    assert cluster.main(["docs", "--config", str(SERVE_CONFIG), "--launcher", str(launcher),
+    assert manifests.main(["docs", "--config", str(SERVE_CONFIG), "--launcher", str(launcher),
                          "--readme", str(readme)]) == 2
     assert readme.read_text() == "# no region here\n"
 
 
 def test_generated_regions_keep_the_launcher_config_yaml(launcher):
     text = LAUNCHER.read_text()
-    assert text.count(cluster.BEGIN_MARKER) == text.count(cluster.END_MARKER) == 1
+    assert text.count(manifests.BEGIN_MARKER) == text.count(manifests.END_MARKER) == 1
     assert launcher["available_node_types"]["ray.worker.gpu"]["resources"] == {"CPU": 4, "GPU": 1}
-    assert cluster.launcher_worker(launcher) == cluster.WorkerNode("g5.xlarge", 4.0, 1.0)
+    assert manifests.launcher_worker(launcher) == manifests.WorkerNode("g5.xlarge", 4.0, 1.0)
 
 
 # -- against KubeRay's own schema (the CRD vendored in cluster/crd/) -------------------------------------------
@@ -288,7 +288,7 @@ def test_generated_regions_keep_the_launcher_config_yaml(launcher):
 
 @pytest.fixture(scope="module")
 def rayservice_schema() -> dict:
-    return cluster.rayservice_schema()
+    return manifests.rayservice_schema()
 
 
 def test_vendored_crd_is_the_pinned_release():
@@ -298,13 +298,13 @@ def test_vendored_crd_is_the_pinned_release():
 
     pinned = re.search(r"sha256 of the uncompressed YAML: `([0-9a-f]{64})`",
                        (ROOT / "cluster" / "crd" / "README.md").read_text()).group(1)
-    assert hashlib.sha256(gzip.open(cluster.RAYSERVICE_CRD).read()).hexdigest() == pinned
+    assert hashlib.sha256(gzip.open(manifests.RAYSERVICE_CRD).read()).hexdigest() == pinned
 
 
 def test_committed_rayservice_is_valid_against_the_kuberay_crd(rayservice_schema):
     documents = [d for d in yaml.safe_load_all(RAYSERVICE.read_text()) if d and d.get("kind") == "RayService"]
     assert len(documents) == 1
-    assert cluster.manifest_errors(documents[0], rayservice_schema) == []
+    assert manifests.manifest_errors(documents[0], rayservice_schema) == []
 
 
 def test_schema_check_catches_wrong_types_and_misspelt_fields(manifest, rayservice_schema):
@@ -314,14 +314,14 @@ def test_schema_check_catches_wrong_types_and_misspelt_fields(manifest, rayservi
     head = broken["spec"]["rayClusterConfig"]["headGroupSpec"]
     head["rayStartParam"] = head.pop("rayStartParams")  # misspelt: the API server would drop it silently
     broken["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] = "four"
-    errors = cluster.manifest_errors(broken, rayservice_schema)
+    errors = manifests.manifest_errors(broken, rayservice_schema)
     assert any("headGroupSpec.rayStartParam: not a field" in e for e in errors)
     assert any("maxReplicas" in e and "integer" in e for e in errors)
 
 
 def test_upgrades_keep_serving_blue_green_with_the_old_cluster_kept_past_every_budget():
     config = yaml.safe_load(SERVE_CONFIG.read_text())
-    spec = cluster.render_rayservice(config, image=cluster.PLACEHOLDER_IMAGE, gpu_workers_min=1,
+    spec = manifests.render_rayservice(config, image=manifests.PLACEHOLDER_IMAGE, gpu_workers_min=1,
                                      gpu_workers_max=4)["spec"]
     assert spec["upgradeStrategy"] == {"type": "NewCluster"}
     app = config["applications"][0]
@@ -334,7 +334,7 @@ def test_upgrades_keep_serving_blue_green_with_the_old_cluster_kept_past_every_b
 def test_the_gpu_workers_always_up_hold_every_deployment_at_min_replicas():
     config = yaml.safe_load(SERVE_CONFIG.read_text())
     launcher = yaml.safe_load((ROOT / "cluster" / "ray-cluster.yaml").read_text())
-    worker = cluster.launcher_worker(launcher)
-    needed = cluster.workers_needed(cluster.resource_demand(config), worker, at="min")
-    assert cluster.DEFAULT_GPU_WORKERS_MIN >= needed
+    worker = manifests.launcher_worker(launcher)
+    needed = manifests.workers_needed(manifests.resource_demand(config), worker, at="min")
+    assert manifests.DEFAULT_GPU_WORKERS_MIN >= needed
     assert launcher["available_node_types"]["ray.worker.gpu"]["min_workers"] >= needed

@@ -1,4 +1,4 @@
-"""The ingress's call coalescer (festival_serve.coalesce): calls made together travel as one request."""
+"""The ingress's call coalescer (festival_serve.serving.coalesce): calls made together travel as one request."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from festival_serve.coalesce import CallCoalescer
+from festival_serve.serving.coalesce import CallCoalescer
 
 
 class Stage:

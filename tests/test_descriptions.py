@@ -6,11 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from festival_serve import descriptions, synth
-from festival_serve.places import place_of
-from festival_serve.synth.scene import outdoor_layout
-from festival_serve.synth.truth import RoadUser, SceneFacts
-from festival_serve.vlm import Findings, build_prompt
+from festival_serve.world import descriptions
+from festival_serve.world import synth
+from festival_serve.pipeline.places import place_of
+from festival_serve.world.synth.scene import outdoor_layout
+from festival_serve.world.synth.truth import RoadUser, SceneFacts
+from festival_serve.models.scene_describer.describer import Findings, build_prompt
 
 LAYOUT = outdoor_layout()
 SEEDS = synth.scene_seeds("test", 40)
@@ -112,7 +113,7 @@ def test_summarize_counts_recall_hallucinations_and_facts():
 
 
 def test_eval_rebuilds_the_describers_findings_and_scores_the_description():
-    from festival_serve import evaluate
+    from festival_serve.measure import evaluate
 
     body = {"image": {"width": 848, "height": 480},
             "signs": [{"label": "speed_limit", "text": "50", "box": [10, 10, 60, 60], "score": 0.9},

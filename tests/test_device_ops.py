@@ -1,4 +1,4 @@
-"""The device path (``festival_serve.device_ops``) answers as the host path does.
+"""The device path (``festival_serve.models.sign_detector.device_ops``) answers as the host path does.
 
 The tensor code that runs on the GPU in production runs here on the CPU device (``preprocess: device``), beside
 the host path of ``signs`` and ``sign_classes`` on the same inputs: the shipped detector and classifier
@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from festival_serve import device_ops, synth
-from festival_serve.settings import SignDetectorSettings
-from festival_serve.sign_classes import preprocess_crops, square_crop
-from festival_serve.signs import SignDetector, letterbox_batch, postprocess, preprocess_path
+from festival_serve.models.sign_detector import device_ops
+from festival_serve.world import synth
+from festival_serve.pipeline.settings import SignDetectorSettings
+from festival_serve.models.sign_detector.classifier import preprocess_crops, square_crop
+from festival_serve.models.sign_detector.detector import SignDetector, letterbox_batch, postprocess, preprocess_path
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "models"  # the shipped signs.pt and sign_classes.pt, with their cached ONNX exports

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from festival_serve import evaluate as ev
-from festival_serve.annotate import annotate
+from festival_serve.measure import evaluate as ev
+from festival_serve.ops.annotate import annotate
 
 P, T = ev.Prediction, ev.GroundTruth
 
@@ -121,13 +121,14 @@ def test_targets_hold_floors_and_the_cer_ceiling_and_held_out_phrases_their_own_
 
 
 def test_held_out_scenes_carry_only_phrases_no_training_line_holds():
-    from festival_serve import synth, vietnamese
+    from festival_serve.world import synth
 
+    from festival_serve.models.sign_reader import charset
     held_out = ev.info_texts("held-out")
     texts = [s.text for seed in synth.scene_seeds("test", 40)
              for s in synth.generate_scene(seed, info_texts=held_out).signs if s.sign_class == "info"]
     assert len(texts) >= 10 and set(texts) <= set(held_out)
-    assert all(vietnamese.split_of(t) == "val" for t in texts)
+    assert all(charset.split_of(t) == "val" for t in texts)
     assert not set(held_out) & set(synth.INFO_TEXTS)
 
 
@@ -168,7 +169,7 @@ STUB_SIGN_TEXTS = {"value": "world"}
 
 def _truth_answer(seed: int, size: tuple[int, int], layout) -> dict:
     """What a perfect deployment would answer for the scene ``seed``."""
-    from festival_serve import synth
+    from festival_serve.world import synth
 
     scene = synth.generate_scene(seed, size=size, info_texts=ev.info_texts(STUB_SIGN_TEXTS["value"]))
     scale = np.array([*size, *size])
@@ -227,7 +228,7 @@ def stub_server(yolic_layout):
 
 def test_evaluate_against_a_perfect_server_scores_one(stub_server):
     url, _, seen = stub_server
-    from festival_serve import synth
+    from festival_serve.world import synth
 
     result = ev.evaluate(url, images=6, concurrency=3, progress=False)
     assert sorted(seen) == sorted(synth.scene_seeds("test", 6))
@@ -256,7 +257,7 @@ def test_held_out_evaluation_sends_held_out_phrases_and_scores_them_to_their_bar
 
 def test_failed_requests_count_as_errors_and_misses(stub_server):
     url, fail, _ = stub_server
-    from festival_serve import synth
+    from festival_serve.world import synth
 
     seeds = synth.scene_seeds("test", 6)
     sizes = ((848, 480),)

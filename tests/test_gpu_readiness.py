@@ -12,17 +12,19 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from festival_serve import devices, gpu_share, local
-from festival_serve.backends import Placement, choose_backend, create_backend
-from festival_serve.backends.onnxruntime_backend import check_providers
-from festival_serve.devices import check_tensors
-from festival_serve.errors import BackendUnavailable, GpuOnlyViolation
-from festival_serve.onnx_fp16 import fp16_onnx, graph_has_fp16
-from festival_serve.sign_classes import preprocess_crops, square_crop
-from festival_serve.signs import letterbox_batch
-from festival_serve.stages import NETWORKS, STAGE_NAMES, STAGES, stage
-from festival_serve.synth import generate_scene
-from festival_serve.yolic import preprocess_batch
+from festival_serve.runtime import devices
+from festival_serve.runtime import gpu_share
+from festival_serve.ops import up
+from festival_serve.runtime.backends import Placement, choose_backend, create_backend
+from festival_serve.runtime.backends.onnxruntime_backend import check_providers
+from festival_serve.runtime.devices import check_tensors
+from festival_serve.runtime.errors import BackendUnavailable, GpuOnlyViolation
+from festival_serve.runtime.onnx_fp16 import fp16_onnx, graph_has_fp16
+from festival_serve.models.sign_detector.classifier import preprocess_crops, square_crop
+from festival_serve.models.sign_detector.detector import letterbox_batch
+from festival_serve.pipeline.stages import NETWORKS, STAGE_NAMES, STAGES, stage
+from festival_serve.world.synth import generate_scene
+from festival_serve.models.hazard_cells.yolic import preprocess_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def shipped_args():
     """serve_config.yaml's settings over the shipped model store (the real trained networks)."""
-    return local.pipeline_args(local.load_config(ROOT / "serve_config.yaml"), str(ROOT / "models"))
+    return up.pipeline_args(up.load_config(ROOT / "serve_config.yaml"), str(ROOT / "models"))
 
 
 @pytest.fixture(scope="module")
@@ -195,5 +197,5 @@ def test_no_module_but_the_stage_table_lists_the_stages():
     sources = [p for folder in ("festival_serve", "deployments", "graphs") for p in (ROOT / folder).rglob("*.py")]
     offenders = {str(p.relative_to(ROOT)): lines for p in sources
                  if p.name != "stages.py" and (lines := _literal_stage_lists(p))}
-    assert offenders == {}, "list stages through festival_serve.stages, not by hand"
+    assert offenders == {}, "list stages through festival_serve.pipeline.stages, not by hand"
     assert STAGE_NAMES == ("sign_detector", "hazard_cells", "sign_reader", "scene_describer")

@@ -23,13 +23,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from festival_serve import auth, local
+from festival_serve.serving import auth
+from festival_serve.ops import up
 from festival_serve.cli import SAMPLE_SCENE
-from festival_serve.metrics import TIMED_STEPS
-from festival_serve.sign_classes import BACKGROUND
-from festival_serve.standins.hazards import build_yolic_checkpoint
-from festival_serve.standins.signs import build_yolo_checkpoint, build_yolo_classifier
-from festival_serve.standins.vlm import build_tiny_idefics3
+from festival_serve.serving.metrics import TIMED_STEPS
+from festival_serve.models.sign_detector.classifier import BACKGROUND
+from festival_serve.training.standins.hazard_cells import build_yolic_checkpoint
+from festival_serve.training.standins.sign_detector import build_yolo_checkpoint, build_yolo_classifier
+from festival_serve.training.standins.scene_describer import build_tiny_idefics3
 
 from tests.ports import free_port
 from tests.stores import add_shipped_reader
@@ -72,7 +73,7 @@ def metrics_port() -> int:
 @pytest.fixture(scope="module")
 def server(model_store, tmp_path_factory, bare_keys, metrics_port):
     port = free_port()
-    config, _ = local.local_profile(local.load_config(ROOT / "serve_config.yaml"), host="127.0.0.1", port=port,
+    config, _ = up.local_profile(up.load_config(ROOT / "serve_config.yaml"), host="127.0.0.1", port=port,
                                     model_store=str(model_store), has_gpu=False, base_dir=ROOT)
     full = config["applications"][0]
     # serve_config names the shipped model's text classes; these stand-ins have their own (the favoured one reads).
@@ -92,12 +93,12 @@ def server(model_store, tmp_path_factory, bare_keys, metrics_port):
     config["applications"].append(bare)
     with pytest.MonkeyPatch.context() as env:  # Ray's processes read it once, at start: report every 1 s, not 10
         env.setenv("RAY_metrics_report_interval_ms", "1000")
-        local.start(config, offline=True, num_cpus=4, metrics_port=metrics_port)  # two graphs: 2 x 1.5 CPU shares
+        up.start(config, offline=True, num_cpus=4, metrics_port=metrics_port)  # two graphs: 2 x 1.5 CPU shares
     try:
-        local.wait_until_running(timeout_s=420, progress=lambda line: None)
+        up.wait_until_running(timeout_s=420, progress=lambda line: None)
         yield f"http://127.0.0.1:{port}"
     finally:
-        local.stop()
+        up.stop()
 
 
 def _jpeg(width=848, height=480, seed=0) -> bytes:
@@ -271,7 +272,7 @@ def test_the_budget_header_is_checked_and_bounds_the_answer(server):
 def test_a_poisoned_frame_fails_alone_in_its_batch(server):
     from ray import serve
 
-    from festival_serve.flow import StageError, Ticket
+    from festival_serve.serving.flow import StageError, Ticket
 
     detector = serve.get_deployment_handle("SignDetector", app_name="festival")  # the "full" application
     rng = np.random.default_rng(0)
@@ -291,8 +292,8 @@ def test_the_reader_and_the_describer_report_their_load_in_their_own_units_for_t
     queued or running, the ingress's arrivals per second; back to zero once answered."""
     from ray import serve
 
-    from festival_serve.flow import Ticket
-    from festival_serve.vlm import Findings
+    from festival_serve.serving.flow import Ticket
+    from festival_serve.models.scene_describer.describer import Findings
 
     reader = serve.get_deployment_handle("SignReader", app_name="festival")
     describer = serve.get_deployment_handle("SceneDescriber", app_name="festival")
@@ -347,7 +348,7 @@ def test_v1_models_shows_weights_relative_to_the_model_store(server, model_store
 def test_work_whose_deadline_passed_in_the_queue_is_dropped_unrun(server):
     from ray import serve
 
-    from festival_serve.flow import StageError, Ticket
+    from festival_serve.serving.flow import StageError, Ticket
 
     hazards = serve.get_deployment_handle("HazardCells", app_name="festival")
     before = httpx.get(f"{server}/v1/models", timeout=30).json()["models"][1]["batch"]["expired_items"]
@@ -359,7 +360,7 @@ def test_work_whose_deadline_passed_in_the_queue_is_dropped_unrun(server):
     assert after == before + 1
 
 
-# -- metrics: what an ops team scrapes from the node's /metrics (festival_serve.metrics, Ray Serve's own) ---------
+# -- metrics: what an ops team scrapes from the node's /metrics (festival_serve.serving.metrics, Ray Serve's own) ---------
 
 FULL_APP = "festival"  # the full graph's application name in serve_config.yaml
 
@@ -434,7 +435,7 @@ def _expected_outcome(reply) -> tuple[str, str]:
 def test_metrics_count_every_answer_by_outcome_and_time_every_stage(server, metrics_port, bare_keys):
     from ray import serve
 
-    from festival_serve.flow import Ticket
+    from festival_serve.serving.flow import Ticket
 
     before, expired_before = _settled(metrics_port), _expired_items(server)
     scene, key = SAMPLE_SCENE.read_bytes(), {"authorization": f"Bearer {bare_keys[0]}"}
@@ -491,7 +492,7 @@ def test_metrics_count_every_answer_by_outcome_and_time_every_stage(server, metr
 
 
 def test_metrics_include_queue_waits_batch_sizes_and_ray_serves_own_series(server, metrics_port):
-    from festival_serve.stages import STAGES
+    from festival_serve.pipeline.stages import STAGES
 
     samples = _scrape(metrics_port)
     for model in STAGES:
@@ -499,7 +500,7 @@ def test_metrics_include_queue_waits_batch_sizes_and_ray_serves_own_series(serve
                           stage=model.name)
         waits = _counts(samples, "ray_festival_queue_wait_seconds_count", (), application=FULL_APP, stage=model.name)
         assert batches.get((), 0) >= 1 and waits.get((), 0) >= batches[()], model.name
-        # Every call reached the replica in a Serve request the replica counted (festival_serve.coalesce).
+        # Every call reached the replica in a Serve request the replica counted (festival_serve.serving.coalesce).
         requests = _counts(samples, "ray_festival_stage_request_frames_count", (), application=FULL_APP,
                            stage=model.name)
         assert requests.get((), 0) >= 1, model.name

@@ -1,4 +1,4 @@
-"""One HTTP layer for both servers (``festival_serve.api.build_http_app``): one route table, one error mapper
+"""One HTTP layer for both servers (``festival_serve.serving.http.build_http_app``): one route table, one error mapper
 that turns whatever an endpoint raises into its status and JSON (logged once, with the request id), and
 ``GET /openapi.json``, which describes what the servers really send. The Serve ingress is checked here
 without Ray: its class builds the same app, and none of the requests below get as far as ``ray.put``."""
@@ -17,13 +17,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.testclient import TestClient
 
-from festival_serve import auth, flow
-from festival_serve.api import ApiError, ApiHandlers, build_http_app, request_id_of
-from festival_serve.baseline import build_app
-from festival_serve.imaging import InvalidImage, encode_jpeg
-from festival_serve.openapi import ERRORS
-from festival_serve.settings import IngressSettings, PipelineArgs
-from festival_serve.stages import STAGES
+from festival_serve.serving import auth
+from festival_serve.serving import flow
+from festival_serve.serving.http import ApiError, ApiHandlers, build_http_app, request_id_of
+from festival_serve.measure.baseline import build_app
+from festival_serve.serving.imaging import InvalidImage, encode_jpeg
+from festival_serve.serving.openapi import ERRORS
+from festival_serve.pipeline.settings import IngressSettings, PipelineArgs
+from festival_serve.pipeline.stages import STAGES
 
 
 def app_raising(exc: Exception, seen: list[str] | None = None) -> TestClient:
@@ -65,14 +66,14 @@ def test_a_bug_is_a_500_without_its_text_logged_once_with_the_request_id_the_han
     seen: list[str] = []
     client = app_raising(RuntimeError("/srv/models/secret.pt is corrupt"), seen)
 
-    with caplog.at_level(logging.INFO, logger="festival_serve.api"):
+    with caplog.at_level(logging.INFO, logger="festival_serve.serving.http"):
         reply = client.post("/v1/analyze")  # no x-request-id: the mapper answers with the handler's new id
 
     assert reply.status_code == 500
     assert reply.json() == {"error": {"code": "internal", "message": "internal error; the server log has the details"},
                             "request_id": seen[0]}
     assert "secret" not in reply.text
-    logged = [r for r in caplog.records if r.name == "festival_serve.api"]
+    logged = [r for r in caplog.records if r.name == "festival_serve.serving.http"]
     assert len(logged) == 1 and seen[0] in logged[0].getMessage() and logged[0].exc_info
 
 
@@ -230,13 +231,13 @@ class Finds:
     """Every stage's stand-in: one speed-limit sign (with text), one flagged cell, a reader that fails, a describer."""
 
     def detect(self, frames):
-        from festival_serve.signs import SignDetection
+        from festival_serve.models.sign_detector.detector import SignDetection
 
         return [[SignDetection(box=(1.0, 2.0, 9.0, 12.0), label="speed_limit", class_id=0, score=0.9, has_text=True)]
                 for _ in frames]
 
     def classify(self, frames):
-        from festival_serve.yolic import HazardCell, HazardLabel
+        from festival_serve.models.hazard_cells.yolic import HazardCell, HazardLabel
 
         return [[HazardCell(cell=3, box=(0.0, 0.0, 8.0, 8.0), labels=(HazardLabel("TrafficCone", 0.8),))]
                 for _ in frames]

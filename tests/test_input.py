@@ -1,5 +1,5 @@
-"""Input hardening of the HTTP layer: what an uploaded frame becomes (``festival_serve.imaging``) and how a
-multipart upload is read (``festival_serve.api``), without Ray.
+"""Input hardening of the HTTP layer: what an uploaded frame becomes (``festival_serve.serving.imaging``) and how a
+multipart upload is read (``festival_serve.serving.http``), without Ray.
 
 Streamed uploads go through ``httpx.ASGITransport``, which hands the app one chunk per item of an async
 generator body (sent chunked, with no content-length), so a test can count how much of the body the app
@@ -24,11 +24,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from festival_serve import imaging
-from festival_serve.api import ApiError, error_response, read_image_bytes
-from festival_serve.baseline import build_app
-from festival_serve.imaging import Decoder, InvalidImage, decode_image
-from festival_serve.settings import IngressSettings, PipelineArgs
+from festival_serve.serving import imaging
+from festival_serve.serving.http import ApiError, error_response, read_image_bytes
+from festival_serve.measure.baseline import build_app
+from festival_serve.serving.imaging import Decoder, InvalidImage, decode_image
+from festival_serve.pipeline.settings import IngressSettings, PipelineArgs
 
 LIMIT = 64 * 1024  # bytes: the body limit every app here runs with
 CHUNK = 16 * 1024  # bytes per chunk of a streamed upload

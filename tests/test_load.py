@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from festival_serve import loadgen
+from festival_serve.measure import loadgen
 from festival_serve.cli import main
-from festival_serve.load_profiles import BUILT_IN, Profile, load_profile
+from festival_serve.measure.load_profiles import BUILT_IN, Profile, load_profile
 from tests.test_bench import fake_server  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def test_load_writes_per_second_rows_and_a_plot(fake_server, tmp_path, capsys): 
 
 
 def test_fault_report_measures_recovery_against_the_goodput_before():
-    from festival_serve.load import fault_report
+    from festival_serve.measure.load import fault_report
 
     rows = ([{"second": s, "sent": 10, "good": 10} for s in range(20)]
             + [{"second": 20 + s, "sent": 10, "good": 2, "shed_fast": 8} for s in range(6)]
@@ -97,7 +97,7 @@ def test_fault_report_measures_recovery_against_the_goodput_before():
 def test_updates_change_one_value_and_leave_the_rest():
     import yaml
 
-    from festival_serve.load import updated_config
+    from festival_serve.measure.load import updated_config
 
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     tuned, change = updated_config(config, "user_config")
@@ -113,7 +113,7 @@ def test_updates_change_one_value_and_leave_the_rest():
 
 
 def test_two_runs_replicas_are_plotted_side_by_side(tmp_path):
-    from festival_serve.load import plot_replicas
+    from festival_serve.measure.load import plot_replicas
 
     def run(reader_replicas):
         rows = [{"second": s, "offered_rps": 5.0, "replicas": {"SignReader": reader_replicas(s), "PipelineIngress": 1}}

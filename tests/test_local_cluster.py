@@ -1,4 +1,4 @@
-"""Fractional-GPU packing on a real multi-node Ray cluster on this machine (``festival_serve.local_cluster``):
+"""Fractional-GPU packing on a real multi-node Ray cluster on this machine (``festival_serve.ops.local_cluster``):
 separate raylets advertising fake GPUs, the deployments' real ``num_gpus`` fractions from serve_config.yaml,
 and placements read back from Ray's state API. The models are tiny stand-ins: what is under test is where
 Ray puts them, not what they compute."""
@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from festival_serve import local, local_cluster
-from festival_serve.offline import OFFLINE_ENV
+from festival_serve.ops import up
+from festival_serve.ops import local_cluster
+from festival_serve.runtime.offline import OFFLINE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _deployments() -> dict[str, dict]:
-    config = local.load_config(ROOT / "serve_config.yaml")
+    config = up.load_config(ROOT / "serve_config.yaml")
     return {d["name"]: d for d in config["applications"][0]["deployments"]}
 
 
@@ -28,10 +29,10 @@ def one_gpu_cluster():
 
     cluster = local_cluster.start_nodes(local_cluster.ClusterShape(workers=1, gpus_per_node=1, cpus_per_node=2,
                                                                    head_cpus=1, object_store_mb=128),
-                                        env=local.LOCAL_RAY_ENV)
+                                        env=up.LOCAL_RAY_ENV)
     ray.init(address=cluster.address, namespace="serve", log_to_driver=False,
              runtime_env={"env_vars": dict(OFFLINE_ENV),
-                          "worker_process_setup_hook": "festival_serve.offline.install_network_guard"})
+                          "worker_process_setup_hook": "festival_serve.runtime.offline.install_network_guard"})
     try:
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": 0})
         yield cluster

@@ -1,4 +1,4 @@
-"""The metrics an ops team scrapes (``festival_serve.metrics``), checked without Ray: their names and labels
+"""The metrics an ops team scrapes (``festival_serve.serving.metrics``), checked without Ray: their names and labels
 follow Prometheus' conventions, their buckets fit the budgets and batch caps ``serve_config.yaml`` sets,
 every answer and refusal is counted once under the right outcome, and the shipped scrape config and
 dashboard agree with the code. ``tests/test_graph.py`` scrapes them from a live graph."""
@@ -16,11 +16,12 @@ import pytest
 import yaml
 from starlette.requests import Request
 
-from festival_serve import flow, metrics
-from festival_serve.api import ApiError, error_reply
+from festival_serve.serving import flow
+from festival_serve.serving import metrics
+from festival_serve.serving.http import ApiError, error_reply
 from festival_serve.cli import build_parser, main
-from festival_serve.imaging import InvalidImage
-from festival_serve.stages import STAGE_NAMES, STAGES, stage
+from festival_serve.serving.imaging import InvalidImage
+from festival_serve.pipeline.stages import STAGE_NAMES, STAGES, stage
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
@@ -47,7 +48,7 @@ class Recorded:
 
 @pytest.fixture
 def recorded(monkeypatch):
-    """``festival_serve.metrics``' metric objects, built through its own code with ``Recorded`` for Ray's."""
+    """``festival_serve.serving.metrics``' metric objects, built through its own code with ``Recorded`` for Ray's."""
     import ray.serve.metrics
 
     monkeypatch.setattr(ray.serve.metrics, "Counter", Recorded)

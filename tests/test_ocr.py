@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from festival_serve.backends.base import BackendUnavailable
-from festival_serve.devices import GpuOnlyViolation, cuda_available
-from festival_serve.ocr import (
+from festival_serve.runtime.backends.base import BackendUnavailable
+from festival_serve.runtime.devices import GpuOnlyViolation, cuda_available
+from festival_serve.models.sign_reader.reader import (
     DB_PARAMS,
     EMPTY,
     ENGINES,
@@ -33,7 +33,7 @@ from festival_serve.ocr import (
     sign_text_from_paddle,
     strip_tones,
 )
-from festival_serve.settings import SignReaderSettings
+from festival_serve.pipeline.settings import SignReaderSettings
 
 WHITE, BLACK, BLUE, RED, GREEN = (255, 255, 255), (0, 0, 0), (0, 70, 160), (200, 0, 0), (0, 120, 60)
 

@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from festival_serve.offline import NetworkBlocked
+from festival_serve.runtime.offline import NetworkBlocked
 
 
 def test_outbound_connection_is_refused():

@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from festival_serve import cluster
+from festival_serve.ops import manifests
 from festival_serve.cli import main
-from festival_serve.serve_config import batch_config, check_serve_config
+from festival_serve.pipeline.serve_config import batch_config, check_serve_config
 from deployments.base import ModelDeployment
-from festival_serve.stages import stage
+from festival_serve.pipeline.stages import stage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,12 +117,12 @@ def test_up_refuses_a_broken_config_before_starting_ray(tmp_path, config, capsys
     assert main(["up", "--config", str(write(tmp_path, config)), "--dry-run", "--cpu"]) == 0
 
 
-@pytest.mark.parametrize("command", [["render", "--image", cluster.PLACEHOLDER_IMAGE],
+@pytest.mark.parametrize("command", [["render", "--image", manifests.PLACEHOLDER_IMAGE],
                                      ["serve-config", "--model-store", "/models"]], ids=["render", "serve-config"])
 def test_the_cluster_commands_refuse_a_broken_config_and_write_nothing(tmp_path, config, capsys, command):
     path, out = write(tmp_path, broken(config, without_user_config)), tmp_path / "out.yaml"
 
-    assert cluster.main([*command, "--config", str(path), "--out", str(out)]) == 2
+    assert manifests.main([*command, "--config", str(path), "--out", str(out)]) == 2
     assert "HazardCells: no user_config" in capsys.readouterr().err and not out.exists()
 
 

@@ -11,9 +11,10 @@ import pytest
 import yaml
 from starlette.testclient import TestClient
 
-from festival_serve import evaluate, synth
-from festival_serve.baseline import build_app
-from festival_serve.settings import PipelineArgs
+from festival_serve.measure import evaluate
+from festival_serve.world import synth
+from festival_serve.measure.baseline import build_app
+from festival_serve.pipeline.settings import PipelineArgs
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The first 200 scenes of the test split, the same ones `festival-serve eval --images 200` sends: a few
@@ -32,21 +33,24 @@ def shipped_args() -> PipelineArgs:
 
 @pytest.fixture(scope="module")
 def shipped_app(shipped_args) -> TestClient:
-    from festival_serve import ocr, signs, vlm, yolic
+    from festival_serve.models.sign_reader import reader
 
+    from festival_serve.models.sign_detector import detector
+    from festival_serve.models.scene_describer import describer
+    from festival_serve.models.hazard_cells import yolic
     store = Path(shipped_args.model_store)
     models = {
-        "sign_detector": signs.SignDetector(shipped_args.sign_detector, model_store=store),
+        "sign_detector": detector.SignDetector(shipped_args.sign_detector, model_store=store),
         "hazard_cells": yolic.HazardCellClassifier(shipped_args.hazard_cells, model_store=store),
-        "sign_reader": ocr.create_reader(shipped_args.sign_reader, model_store=store),
-        "scene_describer": vlm.SceneDescriber(shipped_args.scene_describer, model_store=store),
+        "sign_reader": reader.create_reader(shipped_args.sign_reader, model_store=store),
+        "scene_describer": describer.SceneDescriber(shipped_args.scene_describer, model_store=store),
     }
     return TestClient(build_app(shipped_args, models))
 
 
 def _outcomes(client: TestClient, shipped_args: PipelineArgs, sign_texts: str, scenes: int = SCENES,
               describe: bool = False) -> list[evaluate.Outcome]:
-    from festival_serve import yolic
+    from festival_serve.models.hazard_cells import yolic
 
     layout = yolic.load_layout(shipped_args.hazard_cells.layout)
     seeds = synth.scene_seeds("test", scenes)
@@ -122,15 +126,16 @@ def test_the_describer_speaks_faithfully_out_of_the_box(shipped_app, shipped_arg
 
 def test_the_shipped_describer_batches_as_it_describes_one_frame(shipped_args):
     """Batched greedy generation (left-padded prompts of different lengths) says what one-at-a-time says."""
-    from festival_serve import descriptions, vlm
-    from festival_serve.synth.scene import outdoor_layout
+    from festival_serve.world import descriptions
+    from festival_serve.models.scene_describer.describer import SceneDescriber
+    from festival_serve.world.synth.scene import outdoor_layout
 
     layout = outdoor_layout()
-    describer = vlm.SceneDescriber(shipped_args.scene_describer.model_copy(update={"device": "cpu"}),
+    describer = SceneDescriber(shipped_args.scene_describer.model_copy(update={"device": "cpu"}),
                                    model_store=Path(shipped_args.model_store))
     scenes = [synth.generate_scene(seed) for seed in synth.scene_seeds("test", 4)]
     findings = [descriptions.findings_from_truth(s.signs, s.cells, layout.classes, layout.boxes) for s in scenes]
-    assert len({vlm.build_prompt(f) for f in findings}) == 4  # different prompts, so padding differs
+    assert len({describer.build_prompt(f) for f in findings}) == 4  # different prompts, so padding differs
     batched = describer.describe([s.image for s in scenes], findings)
     single = [describer.describe([s.image], [f])[0] for s, f in zip(scenes, findings)]
     assert batched == single and all(batched)

@@ -1,6 +1,6 @@
 """The sign classifier: crops cut from the full frame name each detected sign, or drop it as background.
 
-Stand-in classifiers (``festival_serve/standins/signs.py``) always answer one known class, so the tests know
+Stand-in classifiers (``festival_serve/training/standins/sign_detector.py``) always answer one known class, so the tests know
 what the detector must return while every crop still goes through the real loader, exporter and backends.
 """
 
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from festival_serve import synth
-from festival_serve.settings import SignDetectorSettings
-from festival_serve.sign_classes import BACKGROUND, ClassifierCheckpoint, SignClassifier, preprocess_crops, square_crop
-from festival_serve.signs import PAD_VALUE, SignDetector, letterbox_batch, postprocess
-from festival_serve.standins.signs import build_yolo_checkpoint, build_yolo_classifier, smooth_random_image
+from festival_serve.world import synth
+from festival_serve.pipeline.settings import SignDetectorSettings
+from festival_serve.models.sign_detector.classifier import BACKGROUND, ClassifierCheckpoint, SignClassifier, preprocess_crops, square_crop
+from festival_serve.models.sign_detector.detector import PAD_VALUE, SignDetector, letterbox_batch, postprocess
+from festival_serve.training.standins.sign_detector import build_yolo_checkpoint, build_yolo_classifier, smooth_random_image
 
 NAMES = {0: "stop", 1: "give_way", 2: "speed_limit_50"}
 SIZE = 320
@@ -132,8 +132,8 @@ def test_describe_names_the_classifier(store):
 # --- training ---------------------------------------------------------------------------------------
 
 def test_crop_dataset_holds_every_sign_and_background_in_ultralytics_layout(tmp_path):
-    from festival_serve.training.sign_classes import write_crop_dataset
-    from festival_serve.training.signs import write_yolo_dataset
+    from festival_serve.training.sign_classifier import write_crop_dataset
+    from festival_serve.training.sign_detector import write_yolo_dataset
 
     data = write_yolo_dataset(tmp_path / "scenes", train=3, val=2, progress=False, workers=1)
     counts = write_crop_dataset(data.parent, tmp_path / "crops", copies=2, progress=False)
@@ -152,10 +152,10 @@ def test_crop_dataset_holds_every_sign_and_background_in_ultralytics_layout(tmp_
 def test_one_epoch_of_the_classifier_command_writes_weights_the_detector_loads(tmp_path, capsys):
     import json
 
-    from festival_serve.training import sign_classes
+    from festival_serve.training import sign_classifier
 
     out = tmp_path / "sign_classifier" / "sign_classes.pt"
-    assert sign_classes.main(["--out", str(out), "--scenes", str(tmp_path / "scenes"), "--crops", str(tmp_path / "crops"),
+    assert sign_classifier.main(["--out", str(out), "--scenes", str(tmp_path / "scenes"), "--crops", str(tmp_path / "crops"),
                               "--train-scenes", "4", "--val-scenes", "2", "--epochs", "1", "--imgsz", "32",
                               "--batch", "8", "--workers", "1", "--negatives-from", str(tmp_path / "none.pt"),
                               "--no-progress"]) == 0

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from festival_serve import vietnamese as vi
-from festival_serve.ocr import SignText, create_reader, model_dictionary, rec_batch, rgb_to_bgr, strip_tones
-from festival_serve.settings import SignReaderSettings
-from festival_serve.synth.truth import INFO_TEXTS
-from festival_serve.training import sign_text as st
+from festival_serve.models.sign_reader import charset as vi
+from festival_serve.models.sign_reader.reader import SignText, create_reader, model_dictionary, rec_batch, rgb_to_bgr, strip_tones
+from festival_serve.pipeline.settings import SignReaderSettings
+from festival_serve.world.synth.truth import INFO_TEXTS
+from festival_serve.training import sign_reader as st
 
 TINY = st.CRNNConfig(channels=(8, 8, 16, 16, 16, 16, 16), hidden=16)
 

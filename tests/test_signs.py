@@ -1,6 +1,6 @@
 """The sign detector's contract: ultralytics checkpoints in, detections in original pixels out.
 
-A small random YOLOv8n checkpoint (``festival_serve/standins/signs.py``) goes through the same loader, exporter
+A small random YOLOv8n checkpoint (``festival_serve/training/standins/sign_detector.py``) goes through the same loader, exporter
 and backends that production uses; letterbox geometry and NMS are checked on hand-made inputs.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from festival_serve.settings import SignDetectorSettings
-from festival_serve.signs import (
+from festival_serve.pipeline.settings import SignDetectorSettings
+from festival_serve.models.sign_detector.detector import (
     PAD_VALUE,
     LetterboxMeta,
     SignDetection,
@@ -22,7 +22,7 @@ from festival_serve.signs import (
     letterbox_batch,
     postprocess,
 )
-from festival_serve.standins.signs import build_yolo_checkpoint, smooth_random_image
+from festival_serve.training.standins.sign_detector import build_yolo_checkpoint, smooth_random_image
 
 NAMES = {0: "stop", 1: "give_way", 2: "speed_limit_50"}
 SIZE = 320  # small letterbox side keeps export and forward passes quick on two cores
@@ -101,7 +101,7 @@ def test_missing_weights_are_an_error_naming_the_path(store):
 
 
 def test_gpu_only_refuses_to_run_on_the_cpu(store, weights):
-    from festival_serve.devices import GpuOnlyViolation
+    from festival_serve.runtime.devices import GpuOnlyViolation
 
     with pytest.raises(GpuOnlyViolation):
         SignDetector(settings(device="cpu"), model_store=store, gpu_only=True)

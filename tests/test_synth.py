@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from festival_serve.synth import (
+from festival_serve.world.synth import (
     INFO_TEXTS,
     SIGN_CLASSES,
     SPEED_LIMITS,
@@ -14,7 +14,7 @@ from festival_serve.synth import (
     save_preview,
     scene_seeds,
 )
-from festival_serve.synth.scene import CELL_SHARE, MAX_OCCLUSION, cell_pixels, render_scene
+from festival_serve.world.synth.scene import CELL_SHARE, MAX_OCCLUSION, cell_pixels, render_scene
 
 SEEDS = range(40)
 
@@ -76,7 +76,7 @@ def test_info_text_is_tall_enough(drafts):
 
 
 def test_the_font_ships_with_the_package():
-    from festival_serve.synth.signs import FONT_PATH, font
+    from festival_serve.world.synth.signs import FONT_PATH, font
 
     assert FONT_PATH.is_file() and FONT_PATH.with_suffix(".LICENSE").is_file()
     assert font(24).getbbox("ĐƯỜNG CỤT")[2] > 0
@@ -166,8 +166,8 @@ def test_preview(tmp_path):
 def reader():
     from pathlib import Path
 
-    from festival_serve.ocr import PPOCROnnxReader
-    from festival_serve.settings import SignReaderSettings
+    from festival_serve.models.sign_reader.reader import PPOCROnnxReader
+    from festival_serve.pipeline.settings import SignReaderSettings
 
     return PPOCROnnxReader(SignReaderSettings(device="cpu"), model_store=Path("."))
 
@@ -176,8 +176,8 @@ def test_shipped_ocr_reads_generated_signs(reader):
     """PP-OCR reads the text on generated speed-limit and info signs: the OCR target of the
     end-to-end evaluation rests on the text being legible. Compared without tone marks: the shipped
     recogniser's dictionary lacks most tone-marked letters (see the module report)."""
-    from festival_serve.imaging import crop
-    from festival_serve.ocr import strip_tones
+    from festival_serve.serving.imaging import crop
+    from festival_serve.models.sign_reader.reader import strip_tones
 
     crops, texts = [], []
     for seed in scene_seeds("test", 40):

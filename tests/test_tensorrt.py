@@ -21,10 +21,10 @@ import onnx
 import pytest
 import torch
 
-from festival_serve import engines
-from festival_serve.backends import BACKENDS, BackendUnavailable, create_backend
-from festival_serve.engines import EngineBuildError, engine_cache_key, engine_path, require_tensorrt
-from festival_serve.onnx_fp16 import graph_has_fp16
+from festival_serve.runtime import tensorrt_engines
+from festival_serve.runtime.backends import BACKENDS, BackendUnavailable, create_backend
+from festival_serve.runtime.tensorrt_engines import EngineBuildError, engine_cache_key, engine_path, require_tensorrt
+from festival_serve.runtime.onnx_fp16 import graph_has_fp16
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -153,7 +153,7 @@ def test_engine_file_name_spells_out_gpu_tensorrt_precision_and_batch(onnx_copy,
 
 
 def test_backend_is_registered_as_tensorrt():
-    from festival_serve.backends.tensorrt_backend import TensorRTBackend
+    from festival_serve.runtime.backends.tensorrt_backend import TensorRTBackend
 
     assert BACKENDS["tensorrt"] is TensorRTBackend
 
@@ -287,9 +287,9 @@ def fake_trt(monkeypatch):
     def install(version: str, **kwargs) -> FakeTensorRT:
         trt = FakeTensorRT(version, **kwargs)
         monkeypatch.setitem(sys.modules, "tensorrt", trt)
-        monkeypatch.setattr(engines, "_TRT_LOGGER", None)
+        monkeypatch.setattr(tensorrt_engines, "_TRT_LOGGER", None)
         monkeypatch.setattr(
-            engines, "gpu_facts",
+            tensorrt_engines, "gpu_facts",
             lambda device="cuda": {"gpu_name": "NVIDIA L4", "compute_capability": "89", "trt_version": version},
         )
         return trt
@@ -300,7 +300,7 @@ def fake_trt(monkeypatch):
 def test_trt10_fp16_uses_the_builder_flag_and_one_batch_profile(fake_trt, onnx_copy):
     trt = fake_trt("10.13.3.9")
     messages: list[str] = []
-    path = engines.build_engine(onnx_copy, fp16=True, max_batch=16, progress=messages.append)
+    path = tensorrt_engines.build_engine(onnx_copy, fp16=True, max_batch=16, progress=messages.append)
 
     assert path.parent == onnx_copy.parent and path.read_bytes() == b"PLAN"
     assert trt.calls["network_flags"] == 0  # weakly typed: the flag picks fp16 kernels
@@ -309,26 +309,26 @@ def test_trt10_fp16_uses_the_builder_flag_and_one_batch_profile(fake_trt, onnx_c
     assert trt.calls["workspace"] == ("WORKSPACE", 2 << 30)
     [profile] = trt.calls["profiles"]
     assert profile == {"images": ((1, *IMAGE), (8, *IMAGE), (16, *IMAGE))}
-    sidecar = json.loads(engines.sidecar_path(path).read_text())
+    sidecar = json.loads(tensorrt_engines.sidecar_path(path).read_text())
     assert sidecar["fp16_via"] == "BuilderFlag.FP16" and sidecar["trt_version"] == "10.13.3.9"
     assert sidecar["batch"] == {"min": 1, "opt": 8, "max": 16}
     assert any("building fp16 engine" in m for m in messages)
 
     # A second build finds the engine in the cache and builds nothing.
-    assert engines.build_engine(onnx_copy, fp16=True, max_batch=16) == path
+    assert tensorrt_engines.build_engine(onnx_copy, fp16=True, max_batch=16) == path
     assert trt.calls["builds"] == 1
 
 
 def test_trt11_fp16_builds_a_strongly_typed_network_from_an_fp16_graph(fake_trt, onnx_copy):
     trt = fake_trt("11.0.0.1")
-    path = engines.build_engine(onnx_copy, fp16=True, max_batch=8, opt_batch=4)
+    path = tensorrt_engines.build_engine(onnx_copy, fp16=True, max_batch=8, opt_batch=4)
 
     assert trt.calls["network_flags"] == 1 << 0  # STRONGLY_TYPED
     assert trt.calls["flags"] == []  # no precision flags exist in 11.x
     converted = trt.calls["parsed"]
     assert converted != onnx_copy and converted.name.endswith(".fp16.onnx")
     assert graph_has_fp16(converted) and not graph_has_fp16(onnx_copy)
-    assert "fp16 ONNX graph" in json.loads(engines.sidecar_path(path).read_text())["fp16_via"]
+    assert "fp16 ONNX graph" in json.loads(tensorrt_engines.sidecar_path(path).read_text())["fp16_via"]
 
     # The converted graph keeps fp32 inputs/outputs and computes what the fp32 graph does.
     import onnxruntime as ort
@@ -343,46 +343,46 @@ def test_trt11_fp16_builds_a_strongly_typed_network_from_an_fp16_graph(fake_trt,
 
 def test_builds_share_a_timing_cache_per_gpu_and_tensorrt_version(fake_trt, onnx_copy):
     trt = fake_trt("10.13.3.9")
-    engines.build_engine(onnx_copy, fp16=True, max_batch=4)
+    tensorrt_engines.build_engine(onnx_copy, fp16=True, max_batch=4)
     [cache_file] = onnx_copy.parent.glob("timing.*.cache")
     assert cache_file.name == "timing.nvidia-l4-sm89.trt10.13.3.9.cache"
     assert cache_file.read_bytes() == b"+timings"  # what the builder serialized after the first build
-    engines.build_engine(onnx_copy, fp16=False, max_batch=4)  # another engine on the same GPU
+    tensorrt_engines.build_engine(onnx_copy, fp16=False, max_batch=4)  # another engine on the same GPU
     assert trt.calls["timing_cache_in"] == [b"", b"+timings"]  # the second build starts from the first's timings
 
 
 def test_replicas_find_engines_built_ahead_of_time_and_refuse_to_guess(fake_trt, onnx_copy, tmp_path):
     fake_trt("10.13.3.9")
-    assert engines.find_engine(onnx_copy, fp16=True) is None
-    built = engines.build_engine(onnx_copy, fp16=True, max_batch=16)
-    assert engines.find_engine(onnx_copy, fp16=True) == built
-    assert engines.find_engine(onnx_copy, fp16=False) is None  # another precision is another engine
+    assert tensorrt_engines.find_engine(onnx_copy, fp16=True) is None
+    built = tensorrt_engines.build_engine(onnx_copy, fp16=True, max_batch=16)
+    assert tensorrt_engines.find_engine(onnx_copy, fp16=True) == built
+    assert tensorrt_engines.find_engine(onnx_copy, fp16=False) is None  # another precision is another engine
     # Other bytes under the same name (new weights, same file name) do not match the old engine.
     other = tmp_path / "other" / onnx_copy.name
     other.parent.mkdir()
     other.write_bytes(onnx_copy.read_bytes() + b"\0")
     for f in onnx_copy.parent.glob("*.engine*"):
         (other.parent / f.name).write_bytes(f.read_bytes())
-    assert engines.find_engine(other, fp16=True) is None
+    assert tensorrt_engines.find_engine(other, fp16=True) is None
 
 
 def test_a_missing_engine_names_the_build_command(fake_trt, onnx_copy):
     fake_trt("10.13.3.9")
-    error = engines.missing_engine_error("yolo:signs.pt", onnx_copy, fp16=True)
+    error = tensorrt_engines.missing_engine_error("yolo:signs.pt", onnx_copy, fp16=True)
     assert isinstance(error, BackendUnavailable)
     assert "festival-serve engines build" in str(error) and "NVIDIA L4" in str(error) and "fp16" in str(error)
 
 
 def test_force_rebuild_replaces_the_cached_engine(fake_trt, onnx_copy):
     trt = fake_trt("10.13.3.9")
-    first = engines.build_engine(onnx_copy, fp16=True, max_batch=4)
-    assert engines.build_engine(onnx_copy, fp16=True, max_batch=4, rebuild=True) == first
+    first = tensorrt_engines.build_engine(onnx_copy, fp16=True, max_batch=4)
+    assert tensorrt_engines.build_engine(onnx_copy, fp16=True, max_batch=4, rebuild=True) == first
     assert trt.calls["builds"] == 2
 
 
 def test_trt11_fp32_parses_the_onnx_as_is(fake_trt, onnx_copy):
     trt = fake_trt("11.0.0.1")
-    engines.build_engine(onnx_copy, fp16=False, max_batch=4)
+    tensorrt_engines.build_engine(onnx_copy, fp16=False, max_batch=4)
     assert trt.calls["parsed"] == onnx_copy and trt.calls["flags"] == []
 
 
@@ -392,13 +392,13 @@ def test_trt11_fp16_without_a_converter_says_what_to_install(fake_trt, onnx_copy
                     "onnxruntime.transformers", "onnxruntime.transformers.float16"):
         monkeypatch.setitem(sys.modules, blocked, None)
     with pytest.raises(BackendUnavailable, match="nvidia-modelopt"):
-        engines.build_engine(onnx_copy, fp16=True, max_batch=4)
+        tensorrt_engines.build_engine(onnx_copy, fp16=True, max_batch=4)
 
 
 def test_parser_errors_are_listed(fake_trt, onnx_copy):
     fake_trt("10.13.3.9", parse_errors=["node Conv_0: bad weights", "node Foo_1: unsupported op"])
     with pytest.raises(EngineBuildError, match="(?s)rejected.*- node Conv_0: bad weights\n  - node Foo_1"):
-        engines.build_engine(onnx_copy, fp16=False, max_batch=4)
+        tensorrt_engines.build_engine(onnx_copy, fp16=False, max_batch=4)
     assert not list(onnx_copy.parent.glob("*.engine"))
 
 
@@ -408,13 +408,13 @@ def test_only_the_batch_axis_may_be_dynamic(fake_trt, onnx_copy):
     model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"
     onnx.save(model, str(onnx_copy))
     with pytest.raises(EngineBuildError, match="only the batch axis may be dynamic"):
-        engines.build_engine(onnx_copy, fp16=False, max_batch=4)
+        tensorrt_engines.build_engine(onnx_copy, fp16=False, max_batch=4)
 
 
 def test_batch_limits_are_checked(fake_trt, onnx_copy):
     fake_trt("10.13.3.9")
     with pytest.raises(ValueError, match="opt_batch"):
-        engines.build_engine(onnx_copy, fp16=False, max_batch=4, opt_batch=8)
+        tensorrt_engines.build_engine(onnx_copy, fp16=False, max_batch=4, opt_batch=8)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -449,7 +449,7 @@ def test_engine_matches_onnxruntime(gpu_source, fp16):
 
 @needs_gpu_trt
 def test_batches_beyond_the_profile_run_in_chunks(gpu_source):
-    from festival_serve.backends.tensorrt_backend import TensorRTBackend
+    from festival_serve.runtime.backends.tensorrt_backend import TensorRTBackend
 
     backend = TensorRTBackend.from_source(gpu_source, device="cuda", fp16=False, max_batch=4)
     assert backend.batch_limit == 4
@@ -466,4 +466,4 @@ def test_second_load_reuses_the_cached_engine(gpu_source):
     built = first.engine_file.stat().st_mtime_ns
     second = create_backend("tensorrt", gpu_source, device="cuda", fp16=True)
     assert second.engine_file == first.engine_file and second.engine_file.stat().st_mtime_ns == built
-    assert engines.sidecar_path(first.engine_file).exists()
+    assert tensorrt_engines.sidecar_path(first.engine_file).exists()

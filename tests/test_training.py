@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from festival_serve import synth
+from festival_serve.world import synth
 from festival_serve.training.cards import write_model_card
-from festival_serve.training.hazards import cell_metrics, cell_targets, mirror_permutation, train_yolic
-from festival_serve.training.signs import narrow_yolov8, train_signs, write_yolo_dataset, yolo_labels
-from festival_serve.yolic import CellLayout, load_yolic_checkpoint
+from festival_serve.training.hazard_cells import cell_metrics, cell_targets, mirror_permutation, train_yolic
+from festival_serve.training.sign_detector import narrow_yolov8, train_signs, write_yolo_dataset, yolo_labels
+from festival_serve.models.hazard_cells.yolic import CellLayout, load_yolic_checkpoint
 
 
 # -- YOLIC ------------------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def test_one_epoch_of_yolic_writes_a_checkpoint_the_server_loads(tmp_path, yolic
 
 
 def test_a_time_budget_replans_the_epochs_and_init_continues_a_checkpoint(tmp_path, yolic_layout):
-    from festival_serve.standins.hazards import build_yolic_checkpoint
+    from festival_serve.training.standins.hazard_cells import build_yolic_checkpoint
 
     start = build_yolic_checkpoint(tmp_path / "start.pth.tar", yolic_layout, seed=1)
     out = tmp_path / "continued.pth.tar"
@@ -123,7 +123,7 @@ def test_narrow_yolov8_is_the_v8_graph_at_another_width():
 
 
 def test_one_epoch_of_signs_writes_a_checkpoint_the_server_loads(tmp_path, sign_dataset):
-    from festival_serve.signs import YoloCheckpoint
+    from festival_serve.models.sign_detector.detector import YoloCheckpoint
 
     out = tmp_path / "sign_detector" / "signs.pt"
     result = train_signs(out, data_yaml=sign_dataset, epochs=1, imgsz=160, model=narrow_yolov8(0.125), batch=4)
@@ -157,10 +157,10 @@ def test_fixed_settings_cannot_be_overridden(tmp_path, sign_dataset):
 # -- the commands -----------------------------------------------------------------------------------
 
 def test_hazards_command_writes_weights_and_card(tmp_path, capsys, yolic_layout):
-    from festival_serve.training import hazards
+    from festival_serve.training import hazard_cells
 
     out = tmp_path / "hazard_cells" / "yolic_m2.pth.tar"
-    assert hazards.main(["--out", str(out), "--train-scenes", "4", "--val-scenes", "2", "--epochs", "1",
+    assert hazard_cells.main(["--out", str(out), "--train-scenes", "4", "--val-scenes", "2", "--epochs", "1",
                          "--batch-size", "4", "--workers", "1", "--no-progress"]) == 0
     load_yolic_checkpoint(out, yolic_layout)
     card = (out.parent / "MODEL_CARD.md").read_text()
@@ -169,11 +169,11 @@ def test_hazards_command_writes_weights_and_card(tmp_path, capsys, yolic_layout)
 
 
 def test_signs_command_writes_weights_and_card(tmp_path, capsys):
-    from festival_serve.signs import YoloCheckpoint
-    from festival_serve.training import signs
+    from festival_serve.models.sign_detector.detector import YoloCheckpoint
+    from festival_serve.training import sign_detector
 
     out = tmp_path / "sign_detector" / "signs.pt"
-    assert signs.main(["--out", str(out), "--dataset", str(tmp_path / "data"), "--project", str(tmp_path / "runs"),
+    assert sign_detector.main(["--out", str(out), "--dataset", str(tmp_path / "data"), "--project", str(tmp_path / "runs"),
                        "--train-scenes", "4", "--val-scenes", "2", "--epochs", "1", "--imgsz", "160",
                        "--batch", "4", "--workers", "1", "--no-progress"]) == 0
     assert YoloCheckpoint(out, 160).names == dict(enumerate(synth.SIGN_CLASSES))
@@ -187,7 +187,7 @@ def test_signs_command_writes_weights_and_card(tmp_path, capsys):
 def test_model_card_records_data_seed_command_time_and_metrics(tmp_path):
     card = write_model_card(tmp_path / "hazard_cells" / "MODEL_CARD.md", title="hazard cells", model="YOLIC-M2",
                             data="2000 scenes", seed=7,
-                            command="python -m festival_serve.training.hazards --epochs 20", seconds=3725.0,
+                            command="python -m festival_serve.training.hazard_cells --epochs 20", seconds=3725.0,
                             metrics={"val": {"f1": 0.91234}, "history": [{"epoch": 1, "loss": 0.1}]}, notes="from scratch")
     text = card.read_text()
     for expected in ("YOLIC-M2", "2000 scenes", "**Seed:** 7", "--epochs 20", "1 h 02 min", "| val.f1 | 0.9123 |",
@@ -199,9 +199,9 @@ def test_model_card_records_data_seed_command_time_and_metrics(tmp_path):
 def test_describer_training_writes_a_model_the_production_describer_loads(tmp_path):
     """Two steps of `train describer` (a small tokenizer corpus): an Idefics3 directory that
     `vlm.SceneDescriber` loads as it loads SmolVLM, marked as trained here, then continued with --init."""
-    from festival_serve.settings import SceneDescriberSettings
-    from festival_serve.training.describer import collate, train_describer, weighted_loss
-    from festival_serve.vlm import TRAINED_ON_KEY, Findings, SceneDescriber
+    from festival_serve.pipeline.settings import SceneDescriberSettings
+    from festival_serve.training.scene_describer import collate, train_describer, weighted_loss
+    from festival_serve.models.scene_describer.describer import TRAINED_ON_KEY, Findings, SceneDescriber
 
     out = tmp_path / "festival-describer"
     result = train_describer(out, steps=2, train_scenes=4, batch_size=2, val_scenes=2, corpus_scenes=20,
@@ -217,7 +217,7 @@ def test_describer_training_writes_a_model_the_production_describer_loads(tmp_pa
     assert isinstance(text, str)
 
     # The loss is on the description only: every prompt position is masked.
-    from festival_serve.training.describer import build_examples
+    from festival_serve.training.scene_describer import build_examples
 
     examples = build_examples(describer.processor, [3, 4], SceneDescriberSettings(), what="test")
     batch = collate(examples, describer.processor.tokenizer, np.random.default_rng(0))
@@ -239,7 +239,7 @@ def test_describer_training_writes_a_model_the_production_describer_loads(tmp_pa
 
     # The image-fact probe: its labels are the scenes' sky and lanes, its loss trains the vision tower, and it is
     # not saved with the model.
-    from festival_serve.training.describer import ImageFactProbe, fact_classes
+    from festival_serve.training.scene_describer import ImageFactProbe, fact_classes
 
     assert batch["fact_labels"].tolist() == [list(fact_classes(ex.facts)) for ex in examples]
     probe = ImageFactProbe(describer.model, describer.model.config.text_config.hidden_size)

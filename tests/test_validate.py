@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import yaml
 
-from festival_serve import cli, local, validate
-from festival_serve.signs import SignDetection
-from festival_serve.yolic import HazardCell, HazardLabel
+from festival_serve import cli
+from festival_serve.ops import up
+from festival_serve.ops import validate
+from festival_serve.models.sign_detector.detector import SignDetection
+from festival_serve.models.hazard_cells.yolic import HazardCell, HazardLabel
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "serve_config.yaml"
@@ -72,15 +74,15 @@ def gpu_run(*, validate_only: bool, **stage_backends: str) -> validate.Run:
     config = yaml.safe_load(CONFIG.read_text())
     for stage, backend in stage_backends.items():
         config["applications"][0]["args"][stage]["backend"] = backend
-    args = local.pipeline_args(config, str(ROOT / "models"))
+    args = up.pipeline_args(config, str(ROOT / "models"))
     env = {"cuda_available": True, "tensorrt": "10.13.0", "onnxruntime_providers": ["CPUExecutionProvider"]}
     return validate.Run(args, validate.Options(config=Path("gpu.yaml"), validate_only=validate_only), env)
 
 
 def test_validate_only_fails_a_tensorrt_stage_whose_engine_is_not_built(monkeypatch):
-    from festival_serve import engines
+    from festival_serve.runtime import tensorrt_engines
 
-    monkeypatch.setattr(engines, "find_engine", lambda onnx, **_: None)
+    monkeypatch.setattr(tensorrt_engines, "find_engine", lambda onnx, **_: None)
     problems = validate.requirement_failures(gpu_run(validate_only=True, hazard_cells="tensorrt"))
     assert [name for name, _ in problems] == ["hazard_cells"]
     assert "festival-serve engines build --config gpu.yaml" in problems[0][1]
@@ -91,7 +93,7 @@ def test_validate_only_fails_a_tensorrt_stage_whose_engine_is_not_built(monkeypa
 
 
 def test_a_missing_engine_of_an_unconfigured_candidate_is_skipped_not_failed():
-    from festival_serve.engines import EngineMissing
+    from festival_serve.runtime.tensorrt_engines import EngineMissing
 
     run = gpu_run(validate_only=True)
     run.model("hazard_cells", "hazard_cells")

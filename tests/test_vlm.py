@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from festival_serve.settings import SceneDescriberSettings
-from festival_serve.vlm import Findings, SceneDescriber, WeightsMissing, build_prompt, pull
-from festival_serve.standins.vlm import IMAGE_SEQ_LEN, build_tiny_idefics3
+from festival_serve.pipeline.settings import SceneDescriberSettings
+from festival_serve.models.scene_describer.describer import Findings, SceneDescriber, WeightsMissing, build_prompt, pull
+from festival_serve.training.standins.scene_describer import IMAGE_SEQ_LEN, build_tiny_idefics3
 
 FINDINGS = [
     Findings(signs=(("stop", "STOP"), ("speed_limit", "50"))),
@@ -112,8 +112,8 @@ def test_incomplete_directory_names_what_is_missing(tmp_path):
 def test_missing_weights_fail_before_importing_torch(tmp_path):
     code = (
         "import sys\nfrom pathlib import Path\n"
-        "from festival_serve.settings import SceneDescriberSettings\n"
-        "from festival_serve.vlm import SceneDescriber, WeightsMissing\n"
+        "from festival_serve.pipeline.settings import SceneDescriberSettings\n"
+        "from festival_serve.models.scene_describer.describer import SceneDescriber, WeightsMissing\n"
         "try:\n    SceneDescriber(SceneDescriberSettings(), model_store=Path(sys.argv[1]))\n"
         "except WeightsMissing:\n    pass\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import before the check'\n"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from festival_serve.settings import HazardCellsSettings
-from festival_serve.yolic import (
+from festival_serve.pipeline.settings import HazardCellsSettings
+from festival_serve.models.hazard_cells.yolic import (
     INPUT_SIZE,
     HazardCellClassifier,
     build_yolic_m2,
@@ -16,7 +16,7 @@ from festival_serve.yolic import (
     load_yolic_checkpoint,
     preprocess_batch,
 )
-from festival_serve.standins.hazards import build_yolic_checkpoint
+from festival_serve.training.standins.hazard_cells import build_yolic_checkpoint
 
 
 def test_outdoor_layout_matches_the_paper(yolic_layout):

@@ -6,7 +6,7 @@
   the PP-OCR reader's ``rec_model`` ONNX with its dictionary;
 - ``cards``: the Markdown model card written next to each trained checkpoint.
 
-Each trainer is a command (``python -m festival_serve.training.hazards``, ``... .signs``) that retrains
+Each trainer is a command (``python -m festival_serve.training.hazard_cells``, ``... .signs``) that retrains
 its model from a seed, shows a progress bar, and writes the weights and their model card.
 """
 

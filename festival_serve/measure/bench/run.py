@@ -1,0 +1,497 @@
+"""``festival-serve bench``: the Serve graph against the single-process baseline and a LitServe peer
+(``bench.peer``), same models, same images, same load client; then per-model microbenchmarks. Writes JSON, Markdown and plots, and
+``docs/bench/latest.json`` with the headline ratios (printed last).
+
+The models are the production architectures at production size: trained weights where the model
+store has them, shape-true stand-ins (``festival_serve.training.standins``) elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from festival_serve.measure import loadgen
+from festival_serve.measure.procstats import TreeSampler, resident_gb
+from festival_serve.pipeline.settings import PipelineArgs
+
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str
+    concurrency: tuple[int, ...]  # closed-loop clients, describe=false
+    describe_concurrency: tuple[int, ...]  # closed-loop clients, describe=true
+    rate_fractions: tuple[float, ...]  # open-loop rates, as fractions of the baseline's peak throughput
+    duration_s: float  # measured window per describe=false point (after the warm-up)
+    describe_duration_s: float
+    warmup_s: float
+    scenes: int  # distinct held-out images cycled by the client
+    new_tokens: int  # the SmolVLM-shaped stand-in's fixed number of new tokens (trained weights stop on their own)
+    micro_batches: tuple[int, ...]
+    vlm_batches: tuple[int, ...]
+    micro_repeats: int
+    micro_min_s: float
+    # Overload: open-loop arrivals at these multiples of the system's own measured capacity (its peak
+    # describe=false goodput), each request with this budget (x-request-timeout-seconds).
+    overload_multiples: tuple[float, ...] = (1.0, 2.0, 5.0)
+    overload_duration_s: float = 10.0
+    overload_budget_s: float = 2.0
+    # Closed-loop clients (describe=false) on frames that print text (the reader runs) and on frames that do not.
+    split_concurrency: tuple[int, ...] = (1, 16)
+
+
+QUICK = Plan("quick", (1, 4, 16), (1, 8), (0.5, 1.0, 1.5), 6.0, 15.0, 2.0, 16, 16,
+             (1, 4, 16), (1, 4), 3, 0.3)
+FULL = Plan("full", (1, 4, 16, 64), (1, 4, 16, 64), (0.5, 1.0, 1.5, 2.0), 20.0, 40.0, 3.0, 32, 48,
+            (1, 2, 4, 8, 16, 32), (1, 2, 4, 8), 5, 1.0, overload_duration_s=20.0)
+#: Without a GPU a described frame takes seconds: 64 clients would spend ~10 minutes per point just
+#: warming up, so the CPU plan stops at 16 (pass --describe-concurrency to insist).
+FULL_CPU_DESCRIBE_CONCURRENCY = (1, 4, 16)
+
+#: Targets of the performance issue (2-core CPU machine, ratios from one run), and of the crowd-load issue
+#: at 5x the graph's capacity: answers within budget + 0.25 s, refusals fast and with Retry-After, goodput kept.
+#: And of the peers issue: against LitServe at 16 clients (mixed frames and text-sign frames), and p50 at one client.
+TARGETS = {"overhead_ms_p50": 10.0, "throughput_ratio_nodescribe": 1.0, "throughput_ratio_describe": 1.5,
+           "graph_rss_gb": 6.0, "overload_within_budget_5x": 0.99, "overload_shed_fast_5x": 0.95,
+           "overload_goodput_ratio_5x": 0.8, "peer_goodput_ratio_c16": 1.0, "peer_goodput_ratio_c16_text": 1.0,
+           "peer_p50_delta_ms_c1": 10.0}
+AT_MOST = ("overhead_ms_p50", "graph_rss_gb", "peer_p50_delta_ms_c1")  # targets that are ceilings
+SYSTEMS = ("baseline", "graph", "peer")
+#: The frame sets: "mixed" (the held-out scenes as they come), "text_signs" (each prints text) and "no_text".
+FRAME_SETS = ("mixed", "text_signs", "no_text")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--quick", action="store_true", help="the short plan (< 10 min on 2 cores); default: full")
+    parser.add_argument("--config", type=Path, default=Path("serve_config.yaml"))
+    parser.add_argument("--model-store", help="override args.model_store (trained weights are used where present)")
+    parser.add_argument("--stand-ins", type=Path, help="where shape-true stand-in models are built and cached "
+                                                       "(default: ~/.cache/festival-serve/stand-ins)")
+    parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="report folder (default: %(default)s)")
+    parser.add_argument("--graph-port", type=int, default=8701)
+    parser.add_argument("--baseline-port", type=int, default=8702)
+    parser.add_argument("--peer-port", type=int, default=8703)
+    parser.add_argument("--start-timeout", type=float, default=900, help="seconds for a server to become ready")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help="which systems to run (default: %(default)s; peer is LitServe with the same models)")
+    parser.add_argument("--no-micro", action="store_true", help="skip the per-model microbenchmarks")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs in OUT/logs/")
+    parser.add_argument("--graph-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment for the graph's Ray processes (repeatable), e.g. to try a Serve setting")
+    override = parser.add_argument_group("plan overrides (comma-separated lists)")
+    override.add_argument("--concurrency", type=_ints)
+    override.add_argument("--describe-concurrency", type=_ints)
+    override.add_argument("--rate-fractions", type=_floats)
+    override.add_argument("--duration", type=float, dest="duration_s")
+    override.add_argument("--describe-duration", type=float, dest="describe_duration_s")
+    override.add_argument("--warmup", type=float, dest="warmup_s")
+    override.add_argument("--scenes", type=int)
+    override.add_argument("--new-tokens", type=int)
+    override.add_argument("--micro-batches", type=_ints)
+    override.add_argument("--vlm-batches", type=_ints)
+    override.add_argument("--overload-multiples", type=_floats)
+    override.add_argument("--overload-duration", type=float, dest="overload_duration_s")
+    override.add_argument("--overload-budget", type=float, dest="overload_budget_s")
+    override.add_argument("--split-concurrency", type=_ints,
+                          help="clients for the text-sign and no-text frame sets (describe=false)")
+    return parser
+
+
+def plan_from(options: argparse.Namespace, *, cuda: bool = False) -> Plan:
+    plan = QUICK if options.quick else FULL
+    if not options.quick and not cuda:
+        plan = replace(plan, describe_concurrency=FULL_CPU_DESCRIBE_CONCURRENCY)
+    fields = {k: getattr(options, k) for k in asdict(plan) if getattr(options, k, None) is not None}
+    return replace(plan, **fields)
+
+
+# -- one system under load ---------------------------------------------------------------------------
+
+
+def _batch_delta(before: list[dict], after: list[dict]) -> dict:
+    """Batches run per size at every stage during one point (from ``/v1/models``' counters)."""
+    out = {}
+    for old, new in zip(before, after):
+        sizes_old = (old.get("batch") or {}).get("observed_sizes", {})
+        sizes_new = (new.get("batch") or {}).get("observed_sizes", {})
+        delta = {int(k): v - sizes_old.get(k, 0) for k, v in sizes_new.items() if v - sizes_old.get(k, 0) > 0}
+        items = sum(k * v for k, v in delta.items())
+        out[new["name"]] = {"sizes": dict(sorted(delta.items())), "batches": sum(delta.values()),
+                            "mean": round(items / sum(delta.values()), 2) if delta else None}
+    return out
+
+
+def measure(server, load, frames: str = "mixed") -> dict:
+    """Run one load point against ``server``: latency/throughput, batch sizes, CPU (and CPU per answer)
+    and memory."""
+    before = server.models()
+    sampler = TreeSampler(server.process.pid).start()
+    result = asyncio.run(load)
+    sampler.stop()
+    summary = result.summary()
+    summary["frames"] = frames
+    summary["goodput_rps"] = result.goodput_rps()
+    summary["batches"] = _batch_delta(before, server.models())
+    summary["resources"] = sampler.summary()
+    cores = summary["resources"].get("cpu_cores")
+    summary["cpu_ms_per_answer"] = (round(cores * 1000 / summary["goodput_rps"], 1)
+                                    if cores is not None and summary["goodput_rps"] else None)
+    return summary
+
+
+def run_system(server, frame_sets: dict[str, list[bytes]], plan: Plan, rates: dict[bool, float] | None,
+               progress) -> dict:
+    """Every load point of the plan against one started server; ``rates`` are the open-loop base rates
+    (the baseline's peak; measured from this system's closed loop when ``None``). Every system gets the same
+    client: multipart bodies (the image part and a ``describe`` field), as a LitServe user's client sends."""
+    started = time.perf_counter()
+    url = f"{server.url}/v1/analyze"
+    bodies = frame_sets["mixed"]
+    points: list[dict] = []
+    whole = TreeSampler(server.process.pid).start()
+    base_rates: dict[bool, float] = {}
+    for describe in (False, True):
+        levels = plan.describe_concurrency if describe else plan.concurrency
+        duration = plan.describe_duration_s if describe else plan.duration_s
+        for c in levels:
+            point = measure(server, loadgen.closed_loop(url, bodies, concurrency=c, duration_s=duration,
+                                                        describe=describe, warmup_s=plan.warmup_s, timeout_s=600,
+                                                        multipart=True))
+            points.append(point)
+            progress(_point_line(server.name, point))
+        if not describe:
+            for frames in FRAME_SETS[1:]:
+                for c in plan.split_concurrency if frame_sets.get(frames) else ():
+                    point = measure(server, loadgen.closed_loop(url, frame_sets[frames], concurrency=c,
+                                                                duration_s=duration, describe=False,
+                                                                warmup_s=plan.warmup_s, timeout_s=600, multipart=True),
+                                    frames)
+                    points.append(point)
+                    progress(_point_line(server.name, point))
+        peak = max((p["goodput_rps"] for p in points if p["describe"] == describe and p["frames"] == "mixed"),
+                   default=0.0)
+        base_rates[describe] = (rates or {}).get(describe) or peak
+        for fraction in plan.rate_fractions:
+            rate = round(fraction * base_rates[describe], 3)
+            if rate <= 0:
+                continue
+            point = measure(server, loadgen.open_loop(url, bodies, rate=rate, duration_s=duration,
+                                                      describe=describe, timeout_s=600, multipart=True))
+            points.append(point)
+            progress(_point_line(server.name, point))
+    overload = run_overload(server, bodies, plan, points, progress)
+    whole.stop()
+    return {"points": points, "overload": overload, "base_rates": {str(k).lower(): v for k, v in base_rates.items()},
+            "peak_rss_gb": whole.summary()["peak_rss_gb"], "resident_at_end": resident_gb(server.process.pid),
+            "processes": whole.summary()["processes"], "load_s": round(time.perf_counter() - started, 1)}
+
+
+def run_overload(server, bodies: list[bytes], plan: Plan, points: list[dict], progress) -> list[dict]:
+    """Open-loop arrivals at multiples of this system's own capacity (its peak describe=false goodput),
+    every request with ``plan.overload_budget_s``: is excess load turned away fast, and does what is admitted
+    keep its latency?"""
+    capacity = max((p["goodput_rps"] for p in points if not p["describe"] and p["frames"] == "mixed"), default=0.0)
+    if capacity <= 0:
+        return []
+    url, rows = f"{server.url}/v1/analyze", []
+    # The client runs in a process of its own: at ~100 req/s it must keep its arrival schedule, and in this
+    # process the resource sampler's thread holds the GIL for tens of ms per sample (measured: refusals the
+    # server sent in 20 ms arrived "late" while the client's loop waited for the GIL).
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
+        for multiple in plan.overload_multiples:
+            summary = client.submit(_overload_point, url, bodies, round(multiple * capacity, 3),
+                                    plan.overload_duration_s, plan.overload_budget_s).result()
+            row = {"multiple": multiple, "capacity_rps": capacity, **summary}
+            rows.append(row)
+            progress(f"  {server.name:8} overload {multiple:g}x ({row['rate']:g}/s, budget {row['budget_s']:g} s): "
+                     f"goodput {row['goodput_rps']} req/s, within budget {row['within_budget']}, shed {row['shed']} "
+                     f"(fast {row['shed_fast']}), errors {row['errors']}, hung {row['hung']}")
+    return rows
+
+
+def _overload_point(url: str, bodies: list[bytes], rate: float, duration_s: float, budget_s: float) -> dict:
+    """One overload point, run in the client's own process (``run_overload``)."""
+    return asyncio.run(loadgen.overload(url, bodies, rate=rate, duration_s=duration_s, budget_s=budget_s,
+                                        multipart=True)).summary()
+
+
+def _point_line(name: str, p: dict) -> str:
+    level = f"c={p['level']:g}" if p["mode"] == "closed" else f"rate={p['level']:g}/s"
+    return (f"  {name:8} describe={str(p['describe']).lower():5} {p['frames']:10} {p['mode']:6} {level:12} "
+            f"{p['goodput_rps']:7.2f} req/s  p50 {p['p50_ms']} ms  p95 {p['p95_ms']} ms  "
+            f"errors {p['errors']}  degraded {p['degraded']}  cpu {p['resources']['cpu_cores']} cores")
+
+
+# -- the run -------------------------------------------------------------------------------------------
+
+
+def bench_args(config: dict, options: argparse.Namespace, plan: Plan, progress) -> tuple[PipelineArgs, list]:
+    from festival_serve.training.standins.store import with_stand_ins
+
+    raw = dict(config["applications"][0].get("args") or {})
+    if options.model_store:
+        raw["model_store"] = options.model_store
+    store = Path(raw.get("model_store", "models")).expanduser()
+    raw["model_store"] = str(store if store.is_absolute() else (Path.cwd() / store).resolve())
+    args, sources = with_stand_ins(PipelineArgs.model_validate(raw), options.stand_ins, progress=progress)
+    if any(s.stage == "scene_describer" and s.kind == "stand-in" for s in sources):
+        # The stand-in never stops on its own: the plan fixes what each description costs. Trained weights
+        # generate until they end the description (or the config's max_new_tokens), as users get them.
+        describer = args.scene_describer.model_copy(update={"max_new_tokens": plan.new_tokens})
+        args = args.model_copy(update={"scene_describer": describer})
+    return args, sources
+
+
+def summarize(systems: dict[str, dict]) -> dict:
+    def points(name: str, describe: bool, frames: str = "mixed") -> list[dict]:
+        return [p for p in systems.get(name, {}).get("points", [])
+                if p["describe"] == describe and p.get("frames", "mixed") == frames]
+
+    def closed(name: str, clients: int, frames: str) -> dict | None:
+        return next((p for p in points(name, False, frames) if p["mode"] == "closed" and p["level"] == clients), None)
+
+    def against_peer(frames: str, tag: str) -> dict:
+        """Graph / peer goodput at 16 clients and graph - peer p50 at one client, describe=false."""
+        graph16, peer16 = closed("graph", 16, frames), closed("peer", 16, frames)
+        graph1, peer1 = closed("graph", 1, frames), closed("peer", 1, frames)
+        return {f"peer_goodput_ratio_c16{tag}": ratio(graph16 and graph16["goodput_rps"], peer16 and peer16["goodput_rps"]),
+                f"peer_p50_delta_ms_c1{tag}": (round(graph1["p50_ms"] - peer1["p50_ms"], 2)
+                                                if graph1 and peer1 and graph1["p50_ms"] is not None
+                                                and peer1["p50_ms"] is not None else None)}
+
+    def peak(name: str, describe: bool) -> float | None:
+        values = [p["goodput_rps"] for p in points(name, describe)]
+        return max(values) if values else None
+
+    def p50_at_1(name: str) -> float | None:
+        point = closed(name, 1, "mixed")
+        return point["p50_ms"] if point else None
+
+    def ratio(a, b):
+        return round(a / b, 3) if a is not None and b else None
+
+    g1, b1 = p50_at_1("graph"), p50_at_1("baseline")
+    summary = {
+        "overhead_ms_p50": round(g1 - b1, 2) if g1 is not None and b1 is not None else None,
+        "graph_p50_ms_c1": g1,
+        "baseline_p50_ms_c1": b1,
+        "throughput_ratio_nodescribe": ratio(peak("graph", False), peak("baseline", False)),
+        "throughput_ratio_describe": ratio(peak("graph", True), peak("baseline", True)),
+        "graph_peak_rps_nodescribe": peak("graph", False),
+        "baseline_peak_rps_nodescribe": peak("baseline", False),
+        "graph_peak_rps_describe": peak("graph", True),
+        "baseline_peak_rps_describe": peak("baseline", True),
+        "graph_rss_gb": systems.get("graph", {}).get("peak_rss_gb"),
+        "graph_pss_gb_at_end": systems.get("graph", {}).get("resident_at_end", {}).get("pss_gb"),
+        "baseline_rss_gb": systems.get("baseline", {}).get("peak_rss_gb"),
+        "peer_rss_gb": systems.get("peer", {}).get("peak_rss_gb"),
+        "peer_peak_rps_nodescribe": peak("peer", False),
+        "peer_peak_rps_describe": peak("peer", True),
+        **against_peer("mixed", ""), **against_peer("text_signs", "_text"), **against_peer("no_text", "_no_text"),
+        **overload_summary(systems.get("graph", {}).get("overload", []), prefix="overload"),
+        **overload_summary(systems.get("baseline", {}).get("overload", []), prefix="baseline_overload"),
+    }
+    met = {}
+    for key, target in TARGETS.items():
+        value = summary.get(key)
+        if value is not None:
+            met[key] = value <= target if key in AT_MOST else value >= target
+    summary["targets"] = TARGETS
+    summary["targets_met"] = met
+    return summary
+
+
+def overload_summary(rows: list[dict], *, prefix: str) -> dict:
+    """At the largest multiple (5x): share of answers within budget, share of refusals that were fast and
+    said Retry-After, and goodput against the 1x point's."""
+    by_multiple = {row["multiple"]: row for row in rows}
+    top = by_multiple.get(max(by_multiple, default=0))
+    if top is None:
+        return {}
+    first = by_multiple.get(1.0)
+    tag = f"{top['multiple']:g}x"
+    ratio = (round(top["goodput_rps"] / first["goodput_rps"], 3)
+             if first is not None and first["goodput_rps"] else None)
+    return {f"{prefix}_within_budget_{tag}": top["within_budget"], f"{prefix}_shed_fast_{tag}": top["shed_fast"],
+            f"{prefix}_goodput_ratio_{tag}": ratio, f"{prefix}_hung_{tag}": top["hung"]}
+
+
+def run(options: argparse.Namespace, progress=print) -> dict:
+    from festival_serve.measure.bench import report
+    from festival_serve.measure.bench.micro import run_micro
+    from festival_serve.measure.bench.servers import baseline_server, graph_server, peer_server
+    from festival_serve.runtime.devices import cuda_available
+    from festival_serve.ops.up import load_config
+
+    plan = plan_from(options, cuda=cuda_available())
+    # The bench polls /v1/models around every point: httpx's line per request would bury the progress lines.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    graph_env = _env_pairs(options.graph_env)
+    wanted = [s.strip() for s in options.systems.split(",") if s.strip()]
+    unknown = set(wanted) - set(SYSTEMS)
+    if unknown:
+        raise ValueError(f"unknown system(s) {', '.join(sorted(unknown))}; choose from {', '.join(SYSTEMS)}")
+    for port in (options.graph_port, options.baseline_port, options.peer_port):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                raise RuntimeError(f"port {port} is already in use; stop what serves there or pass another port")
+    started = time.perf_counter()
+    config = load_config(options.config)
+    progress(f"bench ({plan.mode}): models")
+    args, sources = bench_args(config, options, plan, progress)
+    for source in sources:
+        progress(f"  {source.stage:16} {source.kind:9} {source.path}")
+    frame_sets = held_out_frames(plan.scenes, progress)
+
+    systems: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="festival-bench-") as tmp:
+        workdir = Path(options.out) / "logs" if options.keep_logs else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        factories = {
+            "baseline": lambda: baseline_server(args, port=options.baseline_port, workdir=workdir),
+            "graph": lambda: graph_server(config, args, port=options.graph_port, workdir=workdir,
+                                          env=graph_env),
+            "peer": lambda: peer_server(args, port=options.peer_port, workdir=workdir),
+        }
+        rates = None
+        for name in SYSTEMS:
+            if name not in wanted:
+                continue
+            server = factories[name]()
+            t = time.perf_counter()
+            server.start(options.start_timeout, progress)
+            try:
+                startup = round(time.perf_counter() - t, 1)
+                result = run_system(server, frame_sets, plan, rates, progress)
+                result["startup_s"] = startup
+                systems[name] = result
+                if name == "baseline":
+                    rates = {d == "true": v for d, v in result["base_rates"].items()}
+            finally:
+                server.stop()
+
+    micro = []
+    if not options.no_micro:
+        from festival_serve.training.standins.store import RECIPE, default_cache, smolvlm_stand_in
+
+        # The real SmolVLM's cost, beside the served describer's (the same model when nothing is trained).
+        cost_model = args.scene_describer.model_copy(update={"model": str(smolvlm_stand_in(
+            (options.stand_ins or default_cache()) / f"recipe-{RECIPE}", progress=progress)),
+            "max_new_tokens": plan.new_tokens})
+        micro = run_micro(args, batch_sizes=list(plan.micro_batches), vlm_batch_sizes=list(plan.vlm_batches),
+                          threads=None, repeats=plan.micro_repeats, min_seconds=plan.micro_min_s, progress=progress,
+                          describer_cost_model=cost_model)
+
+    result = {
+        "mode": plan.mode,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "cuda": cuda_available(), "python": platform.python_version(),
+                    "platform": platform.platform(terse=True), **_versions()},
+        "plan": asdict(plan),
+        "graph_env": graph_env,
+        "models": [{**asdict(s), "path": portable_path(s.path)} for s in sources],
+        "systems": systems,
+        "micro": micro,
+        "summary": summarize(systems),
+        "elapsed_s": round(time.perf_counter() - started, 1),
+    }
+    report.write(result, Path(options.out))
+    return result
+
+
+def held_out_frames(count: int, progress) -> dict[str, list[bytes]]:
+    """JPEGs of held-out scenes (test split): ``count`` as they come ("mixed"), and ``count`` each of scenes
+    with a sign that prints text ("text_signs") and scenes without ("no_text"), drawn from the same split."""
+    from festival_serve.serving.imaging import encode_jpeg
+    from festival_serve.world.synth import TEXT_CLASSES, generate_scene, scene_seeds
+
+    sets: dict[str, list[bytes]] = {name: [] for name in FRAME_SETS}
+    for k, seed in enumerate(scene_seeds("test", count * 8)):
+        scene = generate_scene(seed)
+        frames = "text_signs" if any(sign.sign_class in TEXT_CLASSES for sign in scene.signs) else "no_text"
+        wanted = [name for name in (("mixed",) if k < count else ()) + (frames,) if len(sets[name]) < count]
+        if wanted:
+            body = encode_jpeg(scene.image)
+            for name in wanted:
+                sets[name].append(body)
+        if all(len(v) >= count for v in sets.values()):
+            break
+    progress(f"  held-out 848x480 scenes as JPEG (test split): " + ", ".join(f"{len(v)} {k}" for k, v in sets.items()))
+    return sets
+
+
+def portable_path(path: str) -> str:
+    """``path`` as it can be published: relative to the working directory, or under ``~``."""
+    candidate = Path(path)
+    if not candidate.is_absolute():
+        return path
+    for base, shown in ((Path.cwd(), ""), (Path.home(), "~")):
+        try:
+            relative = candidate.relative_to(base)
+        except ValueError:
+            continue
+        return str(Path(shown) / relative) if shown else str(relative)
+    return path
+
+
+def _env_pairs(pairs: list[str]) -> dict[str, str]:
+    """``NAME=VALUE`` strings → a dict (Ray hands the driver's environment to every process it starts)."""
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--graph-env takes NAME=VALUE, got {pair!r}")
+        env[name] = value
+    return env
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("ray", "torch", "onnxruntime", "transformers", "ultralytics"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def cmd_bench(options: argparse.Namespace) -> int:
+    from festival_serve.measure.bench.servers import ServerFailed
+
+    try:
+        result = run(options)
+    except (ServerFailed, RuntimeError, ValueError) as e:
+        print(f"festival-serve bench: {e}", file=sys.stderr)
+        return 1
+    summary = result["summary"]
+    print(f"\nbench ({result['mode']}) finished in {result['elapsed_s']:.0f} s; report in {options.out}/")
+    for key in TARGETS:
+        met = summary["targets_met"].get(key)
+        verdict = "" if met is None else ("  (target met)" if met else f"  (target {TARGETS[key]}: MISSED)")
+        print(f"  {key:28} {summary.get(key)}{verdict}")
+    print(json.dumps({"mode": result["mode"], **{k: v for k, v in summary.items() if k not in ("targets",)}}))
+    return 0

@@ -1,0 +1,1 @@
+"""The ``hazard_cells`` stage: YOLIC-M2 hazard cells."""

@@ -1,0 +1,269 @@
+"""Typed settings for every model and for the pipeline, in one place.
+
+These are the ``args:`` of the Serve application (``graphs.pipeline:build_app``) in
+``serve_config.yaml``; each deployment receives its own section. Paths of weights are relative to
+``model_store`` unless absolute. Replicas, resources, autoscaling and batch sizes are not here: they
+live in ``serve_config.yaml`` (batch sizes via each deployment's ``user_config``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+BackendName = Literal["auto", "torch", "onnxruntime", "tensorrt"]
+Device = str  # "auto", "cpu", "cuda", "cuda:N"
+
+
+def in_store(value: str, model_store: str | Path) -> Path:
+    """A weights path from the settings: relative to ``model_store`` unless absolute."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(model_store).expanduser() / path
+
+
+def _required_stage_names() -> list[str]:
+    """The stages the stage table marks required (imported here: ``festival_serve.pipeline.stages`` imports this module)."""
+    from festival_serve.pipeline.stages import STAGES
+
+    return [stage.name for stage in STAGES if stage.required]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class BatchConfig(_Section):
+    """A deployment's ``user_config``: Ray Serve dynamic batching knobs, applied in ``reconfigure``."""
+
+    max_batch_size: int = Field(8, ge=1, description="Most requests (or OCR crops) in one forward pass.")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, description="How long a partial batch waits for more requests, in seconds."
+    )
+    max_consecutive_failed_batches: int = Field(
+        3, ge=1,
+        description="check_health fails (Serve replaces the replica) after this many batches in a row in which "
+        "every item failed; any batch with one success resets the count. Missing weights never count.",
+    )
+    niceness: int = Field(
+        0, ge=0, le=19,
+        description="CPU scheduling niceness of the replica's process (0: normal). Where models share CPU cores "
+        "with Serve's proxy and the ingress (a CPU-only node), a positive value lets the request path run first, "
+        "so excess load is still turned away in milliseconds while the models are saturated.",
+    )
+
+
+#: ONNX Runtime on the CPU: how a batch spreads over the cores (the detectors and the reader share it).
+BATCH_SLICES_DOC = (
+    "CPU only: a batch of N items runs as min(N, batch_slices) slices at once, each on `threads` "
+    "threads, so the stage with a queue gets the cores and an idle one holds none (null: one run per batch; the "
+    "local profile sets cores / threads)."
+)
+
+
+class _NetworkSettings(_Section):
+    """What a stage that runs exportable networks (ONNX / TensorRT) is run with."""
+
+    backend: BackendName = Field(
+        "auto",
+        description="auto: on CUDA, TensorRT where an engine built by `festival-serve engines build` exists and "
+        "TensorRT is installed, else torch; on CPU, onnxruntime (ONNX exported from the checkpoint).",
+    )
+    device: Device = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    fp16: bool | None = Field(
+        None,
+        description="Half precision. Default: on for CUDA, off for CPU. Every backend honours it: torch casts the "
+        "module, TensorRT builds an fp16 engine, onnxruntime runs an fp16 copy of the exported graph (inputs and "
+        "outputs stay float32).",
+    )
+    threads: int | None = Field(None, ge=1, description="CPU threads for the runtime (None: runtime default).")
+    batch_slices: int | None = Field(None, ge=1, description=BATCH_SLICES_DOC)
+    build_engines: bool = Field(
+        False,
+        description="Let a replica build a missing TensorRT engine at start-up. Off: replicas only load engines "
+        "(a build takes minutes and a GPU workspace the other replicas share); a missing one is a start-up error "
+        "that names `festival-serve engines build`.",
+    )
+
+
+class SignDetectorSettings(_NetworkSettings):
+    weights: str = Field("sign_detector/signs.pt", description="Ultralytics YOLO checkpoint (.pt).")
+    image_size: int = Field(640, ge=32, multiple_of=32, description="Square letterbox side, pixels.")
+    confidence: float = Field(0.25, gt=0, lt=1, description="Minimum class score of a kept box.")
+    iou: float = Field(0.45, gt=0, lt=1, description="NMS IoU threshold.")
+    max_detections: int = Field(50, ge=1, description="Most signs kept per image.")
+    classifier: str | None = Field(
+        "sign_classifier/sign_classes.pt",
+        description="Ultralytics classification checkpoint that names each detected sign from its full-resolution "
+        "crop (same backend and device as the detector); null keeps the detector's own class.",
+    )
+    classifier_image_size: int = Field(64, ge=16, multiple_of=16, description="Classifier input side, pixels.")
+    classifier_context: float = Field(1.15, ge=1, le=3, description="Crop side / the box's longer side.")
+    text_classes: list[str] | None = Field(
+        None,
+        description="Sign classes that carry text: only their crops go to the reader (a pictogram has nothing to "
+        "read, and reading it costs a reader call and can invent a letter). null: read every sign.",
+    )
+    preprocess: Literal["auto", "host", "device"] = Field(
+        "auto",
+        description="Where letterbox, NMS and the classifier's crops run. auto: on the device when the stage runs "
+        "on CUDA with a backend that takes device tensors (torch, tensorrt), else on the host; device: as torch "
+        "tensors wherever the backend runs (refused with onnxruntime, which takes host arrays); host: numpy/cv2 on "
+        "the CPU, as ultralytics does.",
+    )
+
+
+class HazardCellsSettings(_NetworkSettings):
+    weights: str = Field("hazard_cells/yolic_m2.pth.tar", description="YOLIC-M2 state_dict checkpoint.")
+    layout: str = Field(
+        "outdoor", description="Cell layout: a bundled name ('outdoor') or a path to a layout JSON file."
+    )
+    threshold: float = Field(0.5, gt=0, lt=1, description="Sigmoid score above which a cell carries a label.")
+
+
+class SignReaderSettings(_Section):
+    engine: Literal["onnx", "paddle"] = Field(
+        "onnx", description="onnx: PP-OCR det+rec ONNX models on ONNX Runtime; paddle: PaddleOCR 3.x."
+    )
+    det_model: str | None = Field(None, description="PP-OCR detection ONNX; default: the one shipped in rapidocr.")
+    rec_model: str | None = Field(
+        None, description="PP-OCR recognition ONNX, or a `train sign-text` checkpoint (.pt: its ONNX export is served); "
+                          "default: the PP-OCRv6 one shipped in rapidocr.")
+    rec_dict: str | None = Field(
+        None, description="Recognizer character dictionary (one char per line); default: the model's own."
+    )
+    device: Device = "auto"
+    det_size: int = Field(320, ge=32, multiple_of=32, description="Square side each crop is letterboxed to for text detection.")
+    rec_height: int = Field(48, ge=16, description="Recognizer input height, pixels.")
+    min_text_score: float = Field(0.5, ge=0, le=1, description="Text lines scoring below this are dropped.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for each ONNX Runtime session (None: its default).")
+    batch_slices: int | None = Field(None, ge=1, description=BATCH_SLICES_DOC)
+
+
+class SceneDescriberSettings(_Section):
+    model: str = Field(
+        "scene_describer/festival-describer",
+        description="A transformers Idefics3 model directory (weights, processor, tokenizer): the small describer "
+        "trained here on the festival world (`festival-serve train describer`), or pull_into after `models pull`.",
+    )
+    hub_id: str = Field(
+        "HuggingFaceTB/SmolVLM-256M-Instruct", description="The real model `festival-serve models pull` fetches."
+    )
+    pull_into: str = Field(
+        "scene_describer/SmolVLM-256M-Instruct", description="Where `models pull` puts hub_id; set model to it to serve it."
+    )
+    device: Device = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: float16 on CUDA, float32 on CPU."
+    )
+    max_new_tokens: int = Field(48, ge=1, le=1024)
+    do_image_splitting: bool = Field(
+        False, description="Split frames into tiles (13 tiles, 832 image tokens) instead of one 64-token image."
+    )
+    longest_edge: int | None = Field(
+        None, ge=32, description="Resize frames so the longest edge is this many pixels (None: the processor's default)."
+    )
+    threads: int | None = Field(None, ge=1)
+
+
+class IngressSettings(_Section):
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Largest accepted decoded image (width x height); guards decompression bombs."
+    )
+    decode_threads: int = Field(
+        2, ge=1,
+        description="Threads that decode request images, per ingress replica (or baseline process), off the event "
+        "loop: at most this many frames decode at once, each holding up to max_image_pixels x 3 bytes.",
+    )
+    stage_requests_in_flight: int = Field(
+        4, ge=1,
+        description="Serve requests to one stage that one ingress replica keeps in flight at once. While that many "
+        "are out, the frames' calls to the stage wait in the ingress and leave together, as one request, when one "
+        "answers (festival_serve.serving.coalesce): a Serve request costs milliseconds of CPU whatever it carries, so under "
+        "load the requests grow instead of multiplying; a call made while fewer are out leaves at once. Give each "
+        "replica of a stage that this ingress feeds two, so it always has the next request queued.",
+    )
+    stage_request_max_calls: int = Field(
+        16, ge=1, description="Most calls (frames) that travel in one request to a stage (1: every call alone).",
+    )
+    crop_padding: float = Field(0.05, ge=0, le=1, description="Sign crops grow by this fraction of the box per side.")
+    max_signs_read: int = Field(16, ge=0, description="Most sign crops per image sent to the reader.")
+    required_stages: list[str] = Field(
+        default_factory=_required_stage_names,
+        description="Stages whose model must be loaded for /readyz to answer 200 (default: the stages the stage "
+        "table marks required: detector, hazard cells, reader; the scene describer is optional).",
+    )
+    default_budget_s: float = Field(
+        10.0, gt=0,
+        description="Time budget of a request that sends no x-request-timeout-seconds header, seconds. Every stage "
+        "wait is bounded by what is left of it; the answer comes before it runs out.",
+    )
+    max_budget_s: float = Field(
+        30.0, gt=0,
+        description="Largest budget a client may ask for with x-request-timeout-seconds (larger values are clamped), "
+        "seconds; keep it under http_options.request_timeout_s so the ingress, not the proxy, answers.",
+    )
+    admit_wait_fraction: float = Field(
+        0.5, gt=0, le=1,
+        description="A request is admitted when its safety stages' predicted queue wait is at most this fraction of "
+        "what is left of its budget. The rest absorbs mispredictions under a surge and leaves time for the reader "
+        "after the detector; at 1.0 admitted answers run right up to the budget and many come back degraded.",
+    )
+    answer_margin_s: float = Field(
+        0.25, ge=0, description="Time kept back from the budget to build and send the answer (and for the hop from "
+        "Serve's proxy, which starts the client's clock first), seconds.",
+    )
+    retry_after_s: float = Field(
+        1.0, gt=0, description="Retry-After when no queue estimate says better (e.g. both safety stages failed), s."
+    )
+    api_keys_file: str | None = Field(
+        None,
+        description="File of SHA-256 digests of the API keys that may call /v1 (festival_serve.serving.auth; make keys with "
+        "`festival-serve keys new --file PATH`). Absolute, on every node that runs the ingress (e.g. a mounted "
+        "secret). None: /v1 is open to anyone who can reach the port; /healthz and /readyz always are.",
+    )
+
+    @model_validator(mode="after")
+    def _budgets_are_ordered(self) -> "IngressSettings":
+        if self.default_budget_s > self.max_budget_s:
+            raise ValueError(f"default_budget_s ({self.default_budget_s}) is over max_budget_s ({self.max_budget_s})")
+        if self.answer_margin_s >= self.default_budget_s:
+            raise ValueError("answer_margin_s must be smaller than default_budget_s")
+        return self
+
+    @field_validator("required_stages")
+    @classmethod
+    def _required_stages_exist(cls, names: list[str]) -> list[str]:
+        from festival_serve.pipeline.stages import STAGE_NAMES  # stages imports this module: read the table at call time
+
+        unknown = [name for name in names if name not in STAGE_NAMES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)} in required_stages; stages: {', '.join(STAGE_NAMES)}")
+        return names
+
+
+class PipelineArgs(_Section):
+    """The application's typed ``args`` (Ray Serve application builder)."""
+
+    model_store: str = Field("models", description="Directory holding every model's weights.")
+    gpu_only: bool = Field(
+        False, description="Refuse to start any model on the CPU (the seed's FORCE_GPU_ONLY)."
+    )
+    sign_detector: SignDetectorSettings = SignDetectorSettings()
+    hazard_cells: HazardCellsSettings = HazardCellsSettings()
+    sign_reader: SignReaderSettings = SignReaderSettings()
+    scene_describer: SceneDescriberSettings = SceneDescriberSettings()
+    ingress: IngressSettings = Field(default_factory=IngressSettings)  # built on use: its defaults read the stage table
+
+    @model_validator(mode="after")
+    def _gpu_only_is_consistent(self) -> "PipelineArgs":
+        if self.gpu_only:
+            for section in (self.sign_detector, self.hazard_cells, self.sign_reader, self.scene_describer):
+                if section.device == "cpu":
+                    raise ValueError(f"gpu_only is set but {type(section).__name__}.device is 'cpu'")
+        return self
+
+    def store_path(self, relative: str) -> Path:
+        return in_store(relative, self.model_store)

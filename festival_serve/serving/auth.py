@@ -1,0 +1,94 @@
+"""API keys: who may call ``/v1``. No Ray, no HTTP: the middleware in ``festival_serve.serving.http`` uses it.
+
+A keys file holds the SHA-256 hex digest of each key, one per line (``#`` starts a comment; blank
+lines are fine), never a key itself: the file can be mounted on every node and read by anyone who
+operates the cluster without handing out access. ``festival-serve keys new --file PATH`` makes a key,
+appends its digest and shows the key once. Keys are never logged.
+
+    # laptop of the night shift
+    3f0a…e9c1  # a comment after the digest is fine too
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Marks a festival-serve key, so one found in a log or a repository is recognisable (and greppable).
+KEY_PREFIX = "fs_"
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+class KeysFileError(ValueError):
+    """The keys file cannot be read or has a line that is not a digest."""
+
+
+def new_key() -> str:
+    """A fresh key: 32 random bytes, URL-safe base64 (43 characters), after ``KEY_PREFIX``."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def digest(key: str) -> str:
+    """The SHA-256 hex digest of ``key``: what a keys file stores."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def bearer_key(authorization: str | None) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header; None when the header is absent or not that."""
+    parts = (authorization or "").split()
+    if len(parts) != 2 or parts[0].lower() != "bearer":  # the scheme is case-insensitive (RFC 7235)
+        return None
+    return parts[1]
+
+
+def read_digests(path: str | Path) -> list[str]:
+    """The digests in a keys file, in order; an unreadable file or a malformed line is a ``KeysFileError``
+    naming the file and line (never echoing the line: a key pasted by mistake must not reach a log)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise KeysFileError(f"API keys file {path} cannot be read: {reason}") from None
+    digests = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        value = line.split("#", 1)[0].strip().lower()
+        if not value:
+            continue
+        if not _DIGEST.fullmatch(value):
+            raise KeysFileError(
+                f"{path}, line {number}: expected a SHA-256 hex digest (64 hex characters), got {len(value)} "
+                "characters; add keys with `festival-serve keys new --file PATH`")
+        digests.append(value)
+    return digests
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """The digests of the keys that may call ``/v1``."""
+
+    digests: tuple[str, ...]
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "KeyRing":
+        digests = read_digests(path)
+        if not digests:
+            raise KeysFileError(f"API keys file {path} holds no key digests; add one with "
+                                f"`festival-serve keys new --file {path}`")
+        return cls(tuple(digests))
+
+    def allows(self, authorization: str | None) -> bool:
+        """Whether an ``Authorization`` header carries one of the keys. Every digest is compared, in
+        constant time, whatever matched: the time taken says nothing about which key it was or how close."""
+        key = bearer_key(authorization)
+        if key is None:
+            return False
+        presented = digest(key).encode()
+        matched = False
+        for stored in self.digests:
+            matched |= hmac.compare_digest(presented, stored.encode())
+        return matched

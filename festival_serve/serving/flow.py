@@ -1,0 +1,282 @@
+"""The flow of one frame through the stages, without HTTP or Ray: what the Serve ingress and the
+single-process baseline both run, so they answer the same requests with the same JSON.
+
+    frame ─┬→ sign_detector ─→ crops → sign_reader ─┐
+           └→ hazard_cells ──────────────────────────┴→ scene_describer (if describe)
+
+A stage is any ``callable(*args, ticket) -> awaitable``: a Ray Serve handle call in the graph, a call
+into a model in the same process in the baseline; the ``Ticket`` lets a model drop work that expired
+while it queued. Every wait is bounded by what is left of the request's
+``Budget``. A stage that fails, is shed, or would not finish in time makes the answer degraded:
+``degraded`` lists ``{stage, code, message}`` with a stable code and a message free of paths and
+exception text (those go to the log with the request id). Only when neither safety stage (signs,
+hazards) answered, or one was shed by a full queue, is the request refused (``Rejected``: 503/429
+with ``Retry-After``) — "nothing there" and "never looked" must not look the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Awaitable, Callable, Iterator, Literal, Mapping
+
+import numpy as np
+
+from festival_serve.serving.admission import SAFETY_STAGES, Admission, Budget
+from festival_serve.serving.imaging import crop
+from festival_serve.pipeline.places import hazard_places
+from festival_serve.pipeline.settings import IngressSettings
+from festival_serve.models.scene_describer.describer import Findings
+
+logger = logging.getLogger(__name__)
+
+StageCall = Callable[..., Awaitable[Any]]
+DegradedCode = Literal["timeout", "skipped_over_budget", "shed", "unavailable", "error", "partial"]
+
+
+@dataclass(frozen=True)
+class StageError:
+    """Stands in for one item's result when the stage could not produce it (one per request, so a
+    failure never takes the rest of the batch with it). ``reason`` is shown to clients: no paths."""
+
+    stage: str
+    reason: str
+    code: DegradedCode = "error"
+
+
+@dataclass(frozen=True)
+class Degraded:
+    """One entry of an answer's ``degraded`` list."""
+
+    stage: str
+    code: DegradedCode
+    message: str
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """Travels with every item sent to a model: when it was sent and when its answer stops being of use
+    (wall-clock seconds, comparable across the processes of one cluster). A model drops an item whose
+    deadline passed while it queued, before computing it."""
+
+    sent_at: float
+    deadline: float
+
+    def expired(self, now: float) -> bool:
+        return now >= self.deadline
+
+
+def degraded_line(entry: dict | str) -> str:
+    """One ``degraded`` entry as a line of text (``stage (code): message``), for reports and banners."""
+    if isinstance(entry, dict):
+        return f"{entry.get('stage')} ({entry.get('code')}): {entry.get('message')}"
+    return str(entry)
+
+
+class Rejected(Exception):
+    """The request cannot be answered usefully now; the client should retry after ``retry_after_s``."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.retry_after_s = status, code, message, retry_after_s
+
+
+@dataclass
+class _Frame:
+    """What one request collects on its way through the stages."""
+
+    budget: Budget
+    settings: IngressSettings
+    admission: Admission
+    timings: dict
+    request_id: str
+    degraded: list[Degraded]
+    shed: dict[str, float]  # stage → Retry-After its queue asked for
+
+
+@contextlib.contextmanager
+def admitted(admission: Admission, budget: Budget, settings: IngressSettings) -> Iterator[None]:
+    """``admit``, then count the frame as waiting (``Admission.waiting``) while the block reads and decodes
+    it; leave the block right before ``analyze_frame`` sends it to the stages."""
+    admit(admission, budget, settings)
+    admission.waiting += 1
+    try:
+        yield
+    finally:
+        admission.waiting -= 1
+
+
+def admit(admission: Admission, budget: Budget, settings: IngressSettings) -> None:
+    """Turn a request away in milliseconds, before its image is even decoded, when the safety stages'
+    queues already would not answer within ``admit_wait_fraction`` of its budget (``Rejected`` with the
+    drain time as Retry-After)."""
+    retry_after = admission.admit((budget.remaining() - settings.answer_margin_s) * settings.admit_wait_fraction)
+    if retry_after is not None:
+        raise Rejected(503, "overloaded", "the sign and hazard queues would not answer within the request's budget",
+                       retry_after)
+
+
+async def analyze_frame(image: np.ndarray, frame: Any, describe: bool, stages: Mapping[str, StageCall],
+                        settings: IngressSettings, timings: dict, *, budget: Budget | None = None,
+                        admission: Admission | None = None, request_id: str = "") -> dict:
+    """Run ``image`` through the stages and build the answer. ``frame`` is what the model stages are
+    handed (the array itself, or a reference to one shared copy); crops are cut from ``image``.
+    Raises ``Rejected`` when the safety stages cannot answer."""
+    run = _Frame(budget or Budget(settings.default_budget_s), settings, admission or Admission(), timings,
+                 request_id, [], {})
+    found_signs, hazards = await asyncio.gather(_stage(run, stages, "sign_detector", 1, frame),
+                                                _stage(run, stages, "hazard_cells", 1, frame))
+    _refuse_without_safety(run, found_signs, hazards)
+    found_signs, hazards = found_signs or [], hazards or []
+    texts = await _read_signs(run, stages, image, found_signs)
+    description = None
+    if describe:
+        if run.admission.describer_fits(run.budget.remaining() - settings.answer_margin_s):
+            description = await _stage(run, stages, "scene_describer", 1, frame,
+                                       findings_of(found_signs, texts, hazards, (image.shape[1], image.shape[0])))
+        else:
+            run.degraded.append(Degraded("scene_describer", "skipped_over_budget",
+                                         "the describer's queue would not answer within the request's budget"))
+    return {
+        "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
+        "signs": [sign_json(s, t) for s, t in zip(found_signs, texts)],
+        "hazards": [hazard_json(h) for h in hazards],
+        "description": description,
+        "degraded": [asdict(d) for d in run.degraded],
+    }
+
+
+def _refuse_without_safety(run: _Frame, found_signs, hazards) -> None:
+    """A frame the safety stages did not both look at is no answer: refuse it, saying when to retry."""
+    shed = {stage: after for stage, after in run.shed.items() if stage in SAFETY_STAGES}
+    if shed:
+        raise Rejected(503, "overloaded", f"{', '.join(sorted(shed))} turned the frame away: its queue is full",
+                       max(shed.values()))
+    if found_signs is None and hazards is None:
+        raise Rejected(503, "safety_stages_unavailable",
+                       "neither the sign detector nor the hazard cells could analyse the frame",
+                       run.settings.retry_after_s)
+
+
+async def _read_signs(run: _Frame, stages: Mapping[str, StageCall], image: np.ndarray, found_signs: list) -> list:
+    """Text of each sign that prints some, most confident first within what the budget allows."""
+    texts: list = [None] * len(found_signs)
+    with_text = signs_with_text(found_signs)
+    if not with_text:
+        return texts
+    capped = with_text[: run.settings.max_signs_read]
+    fits = run.admission.reader_items(len(capped), run.budget.remaining() - run.settings.answer_margin_s)
+    to_read = capped[:fits]
+    if len(to_read) < len(with_text):
+        code: DegradedCode = "skipped_over_budget" if fits == 0 else "partial"
+        run.degraded.append(Degraded("sign_reader", code, f"read {len(to_read)} of {len(with_text)} signs with text"
+                                     + (" (reader queue over budget)" if fits < len(capped) else "")))
+    if not to_read:
+        return texts
+    crops = [crop(image, found_signs[i].box, run.settings.crop_padding) for i in to_read]
+    read = await _stage(run, stages, "sign_reader", len(crops), crops) or [None] * len(crops)
+    for i, text in zip(to_read, read):
+        texts[i] = None if isinstance(text, StageError) else text
+    return texts
+
+
+def signs_with_text(found_signs: list) -> list[int]:
+    """Indices of the signs that print text (pictograms have nothing to read), surest first: if only some can
+    be read, those are."""
+    return sorted((i for i, s in enumerate(found_signs) if s.has_text), key=lambda i: -found_signs[i].score)
+
+
+async def _stage(run: _Frame, stages: Mapping[str, StageCall], name: str, items: int, *args):
+    """Call one stage and await it within the budget; ``None`` (and a ``degraded`` entry) when it gave nothing."""
+    load = run.admission.loads[name]
+    started = time.perf_counter()
+    ahead = load.begin(items)
+    completed = False
+    ticket = Ticket(sent_at=time.time(), deadline=run.budget.deadline_unix() - run.settings.answer_margin_s)
+    try:
+        result = await _bounded(run, name, stages[name](*args, ticket))
+        if isinstance(result, StageError) and result.code == "unavailable" and \
+                run.budget.remaining() > run.settings.answer_margin_s:
+            # The replica died or went away with the call. Every stage is a pure function of what it is sent, so
+            # sending it again is safe: once, and Serve routes it to a live replica (on another node if need be).
+            logger.info("request %s: %s retried once after its replica was lost", run.request_id, name)
+            result = await _bounded(run, name, stages[name](*args, ticket))
+        # A call cut off by the budget still says what an item costs at least: under a surge those are the
+        # samples that matter, so they count (as lower bounds) in the estimate; other failures do not.
+        completed = not isinstance(result, StageError) or result.code == "timeout"
+    finally:
+        elapsed = time.perf_counter() - started
+        load.end(items, ahead, elapsed, completed=completed)
+        run.timings[name] = round(elapsed * 1000, 2)
+    if isinstance(result, list) and result and all(isinstance(r, StageError) for r in result):
+        result = result[0]  # the whole stage failed for this request (e.g. no weights)
+    if isinstance(result, StageError):
+        run.degraded.append(Degraded(name, result.code, result.reason))
+        return None
+    return result
+
+
+async def _bounded(run: _Frame, name: str, pending: Awaitable):
+    """``pending``'s result, or a ``StageError`` when it fails or the budget runs out first."""
+    timeout = run.budget.remaining() - run.settings.answer_margin_s
+    try:
+        if timeout <= 0:
+            raise asyncio.TimeoutError
+        return await asyncio.wait_for(pending, timeout=timeout)
+    except asyncio.TimeoutError:
+        cancel = getattr(pending, "cancel", None)  # a Serve response: stop the work downstream too
+        if cancel:
+            cancel()
+        elif asyncio.iscoroutine(pending):
+            pending.close()
+        return StageError(name, "no answer within the request's budget", "timeout")
+    except Exception as e:  # noqa: BLE001 - a full queue, a dead replica or a model error degrades the answer
+        return _stage_failure(run, name, e)
+
+
+def _stage_failure(run: _Frame, name: str, error: Exception) -> StageError:
+    """Map what a stage call raised to a client-safe ``StageError``; details go to the log only."""
+    kind = type(error).__name__
+    retry_after = getattr(error, "retry_after_s", None)
+    if kind == "BackPressureError":  # ray.serve.exceptions: the deployment's max_queued_requests is full
+        run.shed[name] = float(retry_after or run.settings.retry_after_s)
+        logger.warning("request %s: %s shed by backpressure", run.request_id, name)
+        return StageError(name, "the stage's queue is full", "shed")
+    if kind in {"DeploymentUnavailableError", "RayActorError", "ActorDiedError", "ActorUnavailableError"}:
+        logger.warning("request %s: %s unavailable: %s", run.request_id, name, error)
+        return StageError(name, "no replica of the stage could take the frame", "unavailable")
+    logger.error("request %s: stage %s failed", run.request_id, name, exc_info=error)
+    return StageError(name, "the stage failed on this frame", "error")
+
+
+# -- the answer's JSON ---------------------------------------------------------------------------------
+
+
+def sign_json(detection, text) -> dict:
+    return {
+        "box": [round(v, 1) for v in detection.box],
+        "label": detection.label,
+        "score": round(detection.score, 4),
+        "text": text.text if text is not None else None,
+        "text_score": round(text.score, 4) if text is not None else None,
+    }
+
+
+def hazard_json(cell) -> dict:
+    return {
+        "cell": cell.cell,
+        "box": [round(v, 1) for v in cell.box],
+        "labels": [{"label": lab.label, "score": round(lab.score, 4)} for lab in cell.labels],
+    }
+
+
+def findings_of(found_signs: list, texts: list, hazards: list, frame_size: tuple[int, int]) -> Findings:
+    """What the describer is told: each sign with its text, each hazard label with its cell count and where
+    its cells are (``frame_size`` = (width, height) of the frame the cell boxes are in)."""
+    return Findings(
+        signs=tuple((s.label, t.text if t is not None else "") for s, t in zip(found_signs, texts)),
+        hazards=hazard_places((((lab.label for lab in cell.labels), cell.box) for cell in hazards), frame_size),
+    )

@@ -1,0 +1,1 @@
+"""World wing: the synthetic festival road world — scenes, sign text, descriptions, and the scores that judge answers against it."""
