@@ -155,11 +155,11 @@ class ModelDeployment:
             return StageError(self.stage, "out of memory on this item", "error")
         return StageError(self.stage, "the model failed on this item", "error")
 
-    def _describe_model(self) -> dict:
+    def _model_info(self) -> dict:
         raise NotImplementedError
 
     def info(self) -> dict:
-        model = self._describe_model() if self.model is not None else {"weights": self.weights}
+        model = self._model_info() if self.model is not None else {"weights": self.weights}
         return {
             "stage": self.stage,
             "ready": self.model is not None,

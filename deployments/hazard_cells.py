@@ -25,5 +25,5 @@ class HazardCells(ModelDeployment):
         """(H, W, 3) uint8 RGB frames → the cells flagged with hazards in each."""
         return await self._run_batch(images, lambda batch: self.model.classify(batch), tickets)
 
-    def _describe_model(self) -> dict:
-        return self.model.describe()
+    def _model_info(self) -> dict:
+        return self.model.model_info()

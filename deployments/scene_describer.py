@@ -45,5 +45,5 @@ class SceneDescriber(ModelDeployment):
         # Serve samples this for the autoscaler: the describer scales by tokens (GraphMetricPolicy, serve_config.yaml).
         return {TOKENS_IN_FLIGHT: self.tokens_in_flight.total}
 
-    def _describe_model(self) -> dict:
-        return self.model.describe_info()
+    def _model_info(self) -> dict:
+        return self.model.model_info()

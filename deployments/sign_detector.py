@@ -25,5 +25,5 @@ class SignDetector(ModelDeployment):
         """(H, W, 3) uint8 RGB frames → the signs found in each, boxes in frame pixels."""
         return await self._run_batch(images, lambda batch: self.model.detect(batch), tickets)
 
-    def _describe_model(self) -> dict:
-        return self.model.describe()
+    def _model_info(self) -> dict:
+        return self.model.model_info()

@@ -74,8 +74,8 @@ class SignReader(ModelDeployment):
         # Serve samples this for the autoscaler: the reader scales by crops (GraphMetricPolicy, serve_config.yaml).
         return {CROPS_IN_FLIGHT: self.crops_in_flight.total}
 
-    def _describe_model(self) -> dict:
-        return self.model.describe()
+    def _model_info(self) -> dict:
+        return self.model.model_info()
 
 
 def _split(items: list, counts: list[int]) -> list[list]:

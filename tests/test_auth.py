@@ -118,7 +118,7 @@ class FindsNothing:
     def read(self, crops: list) -> list:
         return [None for _ in crops]
 
-    def describe(self) -> dict:
+    def model_info(self) -> dict:
         return self.info
 
 
@@ -129,7 +129,7 @@ class DescribesNothing:
     def describe(self, images: list, findings: list) -> list[str]:
         return ["an empty road"] * len(images)
 
-    def describe_info(self) -> dict:
+    def model_info(self) -> dict:
         return self.info
 
 

@@ -199,7 +199,7 @@ def test_on_cuda_auto_takes_the_device_path_and_finds_the_same_signs(on_host, im
 
 
 def test_describe_says_where_pre_and_post_processing_run(on_host, on_device):
-    assert on_host.describe()["preprocess"] == "host" and on_device.describe()["preprocess"] == "device"
+    assert on_host.model_info()["preprocess"] == "host" and on_device.model_info()["preprocess"] == "device"
 
 
 def test_auto_keeps_the_host_path_on_the_cpu():

@@ -78,7 +78,7 @@ def test_onnxruntime_honours_fp16_instead_of_refusing_it(shipped_args, real_inpu
     source = next(n for n in NETWORKS if n.name == "hazard_cells").source(shipped_args)
     half = create_backend("onnxruntime", source, device="cpu", fp16=True)
     full = create_backend("onnxruntime", source, device="cpu", fp16=False)
-    assert half.describe()["precision"] == "fp16" and half.session._model_path.endswith(".fp16.onnx")
+    assert half.model_info()["precision"] == "fp16" and half.session._model_path.endswith(".fp16.onnx")
     x = real_inputs["hazard_cells"]
     np.testing.assert_allclose(half.forward(x)[0], full.forward(x)[0], atol=FP16_TOLERANCE["hazard_cells"])
 

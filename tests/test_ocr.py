@@ -180,7 +180,7 @@ def test_read_only_crops_are_accepted(reader, signs):
 
 
 def test_describe_names_engine_backend_device_and_weights(reader):
-    info = reader.describe()
+    info = reader.model_info()
     assert isinstance(reader, SignReaderEngine)
     assert info["engine"] == "onnx" and info["backend"] == "onnxruntime" and info["device"] == "cpu"
     assert "PP-OCRv6_det_small.onnx" in info["weights"] and "PP-OCRv6_rec_small.onnx" in info["weights"]
@@ -305,7 +305,7 @@ def test_dictionary_file_overrides_the_embedded_one(reader, signs, tmp_path):
     chars = model_dictionary(reader.rec.session)
     (tmp_path / "keys.txt").write_text("\n".join(chars) + "\n", encoding="utf-8")
     custom = create_reader(SignReaderSettings(device="cpu", threads=2, rec_dict="keys.txt"), model_store=tmp_path)
-    assert "keys.txt" in custom.describe()["weights"]
+    assert "keys.txt" in custom.model_info()["weights"]
     crop, text = signs[0]
     assert custom.read([crop])[0].text == text
 

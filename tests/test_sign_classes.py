@@ -125,7 +125,7 @@ def test_boxes_the_classifier_calls_background_are_dropped(store):
 
 
 def test_describe_names_the_classifier(store):
-    described = detector(store, "sign_classifier/give_way.pt").describe()
+    described = detector(store, "sign_classifier/give_way.pt").model_info()
     assert described["classifier"].endswith("give_way.pt") and described["classifier_precision"] == "fp32"
 
 

@@ -262,7 +262,7 @@ def test_a_batch_run_in_slices_at_once_equals_one_run(onnx_detector, store):
     (whole,) = onnx_detector.backend.forward(batch)
     (in_slices,) = sliced.backend.forward(batch)
 
-    assert sliced.backend.describe()["batch_slices"] == 2
+    assert sliced.backend.model_info()["batch_slices"] == 2
     assert in_slices.shape == whole.shape == (3, 4 + len(NAMES), ANCHORS)
     np.testing.assert_allclose(in_slices, whole, rtol=1e-4, atol=1e-3)
     assert [d.box for d in sliced.detect(frames())[1]] == [d.box for d in sliced.detect([frames()[1]])[0]]
@@ -292,7 +292,7 @@ def test_detect_batch_equals_single_image_calls(onnx_detector):
 
 def test_describe_reports_what_the_runtime_runs_on_weights_and_classes(onnx_detector, weights):
     assert onnx_detector.names == NAMES
-    described = onnx_detector.describe()
+    described = onnx_detector.model_info()
     assert {k: described[k] for k in ("backend", "device", "runtime_device", "precision", "weights", "classes",
                                       "text_classes", "cpu_beside_gpu")} == {
         "backend": "onnxruntime",
@@ -315,7 +315,7 @@ def test_only_text_classes_are_marked_for_reading(store, weights):
 
     assert {d.label for d in found} >= {"speed_limit_50", "stop"}  # both kinds present: the check is not vacuous
     assert all(d.has_text == (d.label == "speed_limit_50") for d in found)
-    assert detector.describe()["text_classes"] == ["speed_limit_50"]
+    assert detector.model_info()["text_classes"] == ["speed_limit_50"]
 
 
 def test_text_classes_the_detector_cannot_output_are_refused(store, weights):

@@ -210,7 +210,7 @@ def test_describer_training_writes_a_model_the_production_describer_loads(tmp_pa
     assert set(result["val"]) >= {"mention_recall", "hallucinations_per_description", "lighting_accuracy"}
     describer = SceneDescriber(SceneDescriberSettings(model=str(out), device="cpu", max_new_tokens=4),
                                model_store=tmp_path)
-    info = describer.describe_info()
+    info = describer.model_info()
     assert info["trained_on"] and getattr(describer.model.config, TRAINED_ON_KEY)
     assert info["pull"]["hub_id"] == "HuggingFaceTB/SmolVLM-256M-Instruct"
     [text] = describer.describe([synth.generate_scene(1).image], [Findings()])

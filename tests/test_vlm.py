@@ -156,7 +156,7 @@ def test_without_splitting_each_frame_costs_one_image_of_tokens(describer, frame
     inputs = describer.prepare(frames, FINDINGS)
     image_tokens = (inputs["input_ids"] == config.image_token_id).sum(dim=1).tolist()
     assert image_tokens == [expected] * len(frames)
-    info = describer.describe_info()
+    info = describer.model_info()
     assert {k: info[k] for k in ("weights", "device", "runtime_device", "dtype", "precision", "image_splitting",
                                  "image_tokens_per_image", "gpu_memory_cap_bytes")} == {
         "weights": str(tiny_model),
@@ -176,7 +176,7 @@ def test_splitting_turns_a_festival_frame_into_twelve_tiles_and_a_global_image(t
     inputs = splitting.prepare(frames[:1], FINDINGS[:1])
     image_tokens = int((inputs["input_ids"] == splitting.model.config.image_token_id).sum())
     assert image_tokens == 13 * IMAGE_SEQ_LEN
-    assert splitting.describe_info()["image_tokens_per_image"] == 13 * IMAGE_SEQ_LEN
+    assert splitting.model_info()["image_tokens_per_image"] == 13 * IMAGE_SEQ_LEN
 
 
 def test_read_only_frames_are_described_like_writable_ones(describer, frames):

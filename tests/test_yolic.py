@@ -114,7 +114,7 @@ def test_classifier_backends_agree(tmp_path, yolic_layout, backend):
     np.testing.assert_allclose(got, expected, atol=1e-4)
     batched = model.classify(images)
     assert [c.cell for c in batched[1]] == [c.cell for c in model.classify(images[1:])[0]]
-    assert model.describe()["backend"] == backend
+    assert model.model_info()["backend"] == backend
 
 
 def test_onnx_export_is_cached_by_checkpoint_hash(tmp_path, yolic_layout):

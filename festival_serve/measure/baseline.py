@@ -87,14 +87,9 @@ class SequentialPipeline:
             return result, timings
 
     def info(self) -> list[dict]:
-        return [{"name": stage, "ready": True, **public_model_info(_model_info(self.models[stage]), self.args.model_store),
+        return [{"name": stage, "ready": True, **public_model_info(self.models[stage].model_info(), self.args.model_store),
                  "batch": {"max_batch_size": 1, "observed_sizes": dict(self.batch_sizes[stage])}}
                 for stage in STAGE_NAMES]
-
-
-def _model_info(model: Any) -> dict:
-    # The describer's describe() generates text; its model info is describe_info().
-    return model.describe_info() if hasattr(model, "describe_info") else model.describe()
 
 
 def build_app(args: PipelineArgs, models: dict[str, Any] | None = None) -> Starlette:

@@ -348,7 +348,7 @@ def error_reply(request: Request, exc: Exception, log: logging.Logger = logger) 
 
 # -- what /v1/models shows ---------------------------------------------------------------------------
 
-#: The keys of a model's ``describe()`` that hold weights paths.
+#: The keys of a model's ``model_info()`` that hold weights paths.
 PATH_KEYS = ("weights", "classifier")
 #: "det=/s/a.onnx rec=/s/b.onnx": the sign reader's weights, one path per network.
 _NAMED_PATHS = re.compile(r" (?=[a-z_]+=)")
@@ -372,7 +372,7 @@ def public_path(path: str | os.PathLike, model_store: str | os.PathLike | None) 
 
 
 def public_model_info(info: Any, model_store: str | os.PathLike | None) -> Any:
-    """A model's ``describe()`` (nested dicts and lists) with every weights path made public (``public_path``)."""
+    """A model's ``model_info()`` (nested dicts and lists) with every weights path made public (``public_path``)."""
     if isinstance(info, dict):
         return {key: _public_weights(value, model_store) if key in PATH_KEYS and isinstance(value, str)
                 else public_model_info(value, model_store) for key, value in info.items()}

@@ -215,7 +215,7 @@ class HazardCellClassifier:
         sizes = [(image.shape[1], image.shape[0]) for image in images]
         return cells_from_logits(logits, self.layout, sizes, self.settings.threshold)
 
-    def describe(self) -> dict:
-        return {**self.backend.describe(), "weights": str(self.weights), "layout": self.layout.name,
+    def model_info(self) -> dict:
+        return {**self.backend.model_info(), "weights": str(self.weights), "layout": self.layout.name,
                 "cells": self.layout.num_cells, "classes": len(self.layout.classes),
-                "cpu_beside_gpu": self.cpu_beside_gpu, "networks": [{"name": "hazard_cells", **self.backend.describe()}]}
+                "cpu_beside_gpu": self.cpu_beside_gpu, "networks": [{"name": "hazard_cells", **self.backend.model_info()}]}

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = "scene_describer"
 # Frame size (height, width) of the YOLIC outdoor layout, used to report the image-token cost of a
-# typical frame in ``describe_info`` (with splitting on, the cost depends on the frame's shape).
+# typical frame in ``model_info`` (with splitting on, the cost depends on the frame's shape).
 REFERENCE_FRAME = (480, 848)
 
 _WEIGHT_FILES = (
@@ -223,7 +223,7 @@ class SceneDescriber:
         texts = self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [text.strip() for text in texts]
 
-    def describe_info(self) -> dict[str, Any]:
+    def model_info(self) -> dict[str, Any]:
         import torch
 
         parameter = next(self.model.parameters())

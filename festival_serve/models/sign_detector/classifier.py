@@ -117,5 +117,5 @@ class SignClassifier:
             start += len(image_boxes)
         return out
 
-    def describe(self) -> dict:
+    def model_info(self) -> dict:
         return {"classifier": str(self.checkpoint.path), "classifier_precision": self.backend.precision}

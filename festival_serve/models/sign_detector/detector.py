@@ -232,11 +232,11 @@ class SignDetector:
             )
         return frozenset(text_classes)
 
-    def describe(self) -> dict:
-        networks = [{"name": "sign_detector", **self.backend.describe()}]
+    def model_info(self) -> dict:
+        networks = [{"name": "sign_detector", **self.backend.model_info()}]
         if self.classifier is not None:
-            networks.append({"name": "sign_classifier", **self.classifier.backend.describe()})
-        described = {**self.backend.describe(), "weights": str(self.weights), "classes": len(self.names),
+            networks.append({"name": "sign_classifier", **self.classifier.backend.model_info()})
+        described = {**self.backend.model_info(), "weights": str(self.weights), "classes": len(self.names),
                      "text_classes": sorted(self.text_classes) if self.text_classes is not None else None,
                      "cpu_beside_gpu": self.cpu_beside_gpu, "networks": networks, "preprocess": self.preprocess}
-        return {**described, **self.classifier.describe()} if self.classifier else described
+        return {**described, **self.classifier.model_info()} if self.classifier else described

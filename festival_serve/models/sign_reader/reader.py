@@ -94,7 +94,7 @@ class SignReaderEngine(Protocol):
     def read(self, crops: list[np.ndarray]) -> list[SignText]:
         """``crops``: (H, W, 3) uint8 RGB of any sizes; returns one SignText per crop, same order."""
 
-    def describe(self) -> dict[str, str]:
+    def model_info(self) -> dict[str, str]:
         """``{"engine", "backend", "device", "weights"}`` for ``/v1/models`` and logs."""
 
 
@@ -391,9 +391,9 @@ class PPOCROnnxReader:
         self.recognize([np.zeros((settings.rec_height, settings.rec_height * 4, 3), np.uint8)])
         logger.info("sign_reader: PP-OCR onnx on %s (%s, %d characters)", self.device, self.weights, len(chars))
 
-    def describe(self) -> dict:
-        networks = [{"name": "sign_reader.det", **self.det.describe()}, {"name": "sign_reader.rec", **self.rec.describe()}]
-        return {"engine": self.engine, **self.det.describe(), "weights": self.weights,
+    def model_info(self) -> dict:
+        networks = [{"name": "sign_reader.det", **self.det.model_info()}, {"name": "sign_reader.rec", **self.rec.model_info()}]
+        return {"engine": self.engine, **self.det.model_info(), "weights": self.weights,
                 "cpu_beside_gpu": self.cpu_beside_gpu, "networks": networks}
 
     def read(self, crops: list[np.ndarray]) -> list[SignText]:
@@ -500,7 +500,7 @@ class PaddleOCRReader:
         self.ocr = paddle_ocr(**kwargs)
         logger.info("sign_reader: PaddleOCR on %s (%s)", self.device, self.weights)
 
-    def describe(self) -> dict[str, str]:
+    def model_info(self) -> dict[str, str]:
         return {"engine": self.engine, "backend": "paddle", "device": self.device, "weights": self.weights}
 
     def read(self, crops: list[np.ndarray]) -> list[SignText]:

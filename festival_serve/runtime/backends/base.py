@@ -9,7 +9,7 @@ the runtime.
 Every backend is told the replica's placement rules when it loads (``Placement``): GPU-only mode,
 where the runtime must prove after loading that parameters, sessions and outputs really are on the
 GPU (a violation is a ``GpuOnlyViolation`` naming the tensor or provider), and the replica's share
-of the GPU, which caps its memory (``festival_serve.runtime.gpu_share``). ``describe()`` reports what the
+of the GPU, which caps its memory (``festival_serve.runtime.gpu_share``). ``model_info()`` reports what the
 runtime says it is running on, not what was asked for.
 """
 
@@ -96,7 +96,7 @@ class Backend(abc.ABC):
     def runtime_device(self) -> str:
         """Where the network really runs, read back from the runtime ("cpu", "cuda:0")."""
 
-    def describe(self) -> dict:
+    def model_info(self) -> dict:
         info = {"backend": self.name, "device": self.device, "runtime_device": self.runtime_device(),
                 "precision": self.precision, "gpu_memory_cap_bytes": self.memory_cap_bytes}
         if self.chosen_because:

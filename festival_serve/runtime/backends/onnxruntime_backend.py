@@ -133,6 +133,6 @@ class OnnxRuntimeBackend(Backend):
             return f"cuda:{gpu_share.device_index(self.device)}"
         return "cpu" if first == PROVIDERS["cpu"] else first
 
-    def describe(self) -> dict:
-        return {**super().describe(), "providers": self.session.get_providers(), "threads": self.threads,
+    def model_info(self) -> dict:
+        return {**super().model_info(), "providers": self.session.get_providers(), "threads": self.threads,
                 "batch_slices": self.batch_slices}

@@ -161,10 +161,10 @@ class TensorRTBackend(Backend):
     def runtime_device(self) -> str:
         return str(self._device)  # an engine cannot run anywhere else
 
-    def describe(self) -> dict:
+    def model_info(self) -> dict:
         import torch
 
-        return {**super().describe(), "engine": self.engine_file.name, "threads": None,
+        return {**super().model_info(), "engine": self.engine_file.name, "threads": None,
                 "gpu_memory_used_bytes": torch.cuda.memory_reserved(self._device)}
 
     def _run(self, chunk: np.ndarray) -> list[np.ndarray]:

@@ -87,10 +87,10 @@ class TorchBackend(Backend):
         parameter = next(self.module.parameters(), None)
         return str(parameter.device) if parameter is not None else self.device
 
-    def describe(self) -> dict:
+    def model_info(self) -> dict:
         import torch
 
-        info = super().describe()
+        info = super().model_info()
         parameter = next(self.module.parameters(), None)
         if parameter is not None:
             info["dtype"] = str(parameter.dtype).removeprefix("torch.")
