@@ -6,9 +6,8 @@ import numpy as np
 from ray import serve
 
 from deployments.base import ModelDeployment
-from festival_serve.models.hazard_cells import yolic
 from festival_serve.serving.batching import paced_batch
-from festival_serve.serving.flow import Ticket
+from festival_serve.pipeline.types import HazardCell, Ticket
 from festival_serve.pipeline.settings import HazardCellsSettings
 from festival_serve.pipeline.stages import stage
 
@@ -21,7 +20,7 @@ class HazardCells(ModelDeployment):
         self._load(settings, model_store, gpu_only)
 
     @paced_batch  # paced by the model (festival_serve.serving.batching); sizes and waits: user_config (reconfigure)
-    async def classify(self, images: list[np.ndarray], tickets: list[Ticket]) -> list[list[yolic.HazardCell]]:
+    async def classify(self, images: list[np.ndarray], tickets: list[Ticket]) -> list[list[HazardCell]]:
         """(H, W, 3) uint8 RGB frames → the cells flagged with hazards in each."""
         return await self._run_batch(images, lambda batch: self.model.classify(batch), tickets)
 

@@ -6,10 +6,9 @@ import numpy as np
 from ray import serve
 
 from deployments.base import ModelDeployment
-from festival_serve.models.scene_describer import describer
 from festival_serve.serving.autoscaling import TOKENS_IN_FLIGHT, InFlight
 from festival_serve.serving.batching import paced_batch
-from festival_serve.serving.flow import Ticket
+from festival_serve.pipeline.types import Findings, Ticket
 from festival_serve.pipeline.settings import SceneDescriberSettings
 from festival_serve.pipeline.stages import stage
 
@@ -24,7 +23,7 @@ class SceneDescriber(ModelDeployment):
         self.max_new_tokens = settings.max_new_tokens
         self.tokens_in_flight = InFlight()  # the token budget of frames queued or generating: the autoscaler's load
 
-    async def describe(self, image: np.ndarray, findings: describer.Findings, ticket: Ticket) -> str:
+    async def describe(self, image: np.ndarray, findings: Findings, ticket: Ticket) -> str:
         """A frame and what was found in it → one short description."""
         with self.tokens_in_flight.add(self.max_new_tokens):
             return await self._describe_batch(image, findings, ticket)
@@ -32,13 +31,13 @@ class SceneDescriber(ModelDeployment):
     # Paced by the model, not @serve.batch: a batch takes seconds here, and every frame that arrives meanwhile must
     # go into the next one (festival_serve.serving.batching.PacedBatcher says why). Sizes and waits: user_config.
     @paced_batch
-    async def _describe_batch(self, images: list[np.ndarray], findings: list[describer.Findings],
+    async def _describe_batch(self, images: list[np.ndarray], findings: list[Findings],
                               tickets: list[Ticket]) -> list[str]:
         """Frames and what was found in them → one short description each (one generate call)."""
         # Each item is a (frame, findings) pair, so a retried half keeps every frame with its own findings.
         return await self._run_batch(list(zip(images, findings)), self._describe_pairs, tickets)
 
-    def _describe_pairs(self, pairs: list[tuple[np.ndarray, describer.Findings]]) -> list[str]:
+    def _describe_pairs(self, pairs: list[tuple[np.ndarray, Findings]]) -> list[str]:
         return self.model.describe([image for image, _ in pairs], [found for _, found in pairs])
 
     async def record_autoscaling_stats(self) -> dict[str, float]:

@@ -6,9 +6,8 @@ import numpy as np
 from ray import serve
 
 from deployments.base import ModelDeployment
-from festival_serve.models.sign_detector import detector
 from festival_serve.serving.batching import paced_batch
-from festival_serve.serving.flow import Ticket
+from festival_serve.pipeline.types import SignDetection, Ticket
 from festival_serve.pipeline.settings import SignDetectorSettings
 from festival_serve.pipeline.stages import stage
 
@@ -21,7 +20,7 @@ class SignDetector(ModelDeployment):
         self._load(settings, model_store, gpu_only)
 
     @paced_batch  # paced by the model (festival_serve.serving.batching); sizes and waits: user_config (reconfigure)
-    async def detect(self, images: list[np.ndarray], tickets: list[Ticket]) -> list[list[detector.SignDetection]]:
+    async def detect(self, images: list[np.ndarray], tickets: list[Ticket]) -> list[list[SignDetection]]:
         """(H, W, 3) uint8 RGB frames → the signs found in each, boxes in frame pixels."""
         return await self._run_batch(images, lambda batch: self.model.detect(batch), tickets)
 

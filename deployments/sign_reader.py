@@ -9,10 +9,9 @@ import numpy as np
 from ray import serve
 
 from deployments.base import ModelDeployment
-from festival_serve.models.sign_reader import reader
 from festival_serve.serving.autoscaling import CROPS_IN_FLIGHT, InFlight
 from festival_serve.serving.batching import paced_batch
-from festival_serve.serving.flow import StageError, Ticket
+from festival_serve.pipeline.types import SignText, StageError, Ticket
 from festival_serve.pipeline.settings import SignReaderSettings
 from festival_serve.pipeline.stages import stage
 
@@ -52,7 +51,7 @@ class SignReader(ModelDeployment):
         self._load(settings, model_store, gpu_only)
         self.crops_in_flight = InFlight()  # queued or being read: this replica's load for the autoscaler
 
-    async def read(self, crops: list[np.ndarray], ticket: Ticket) -> list[reader.SignText] | StageError:
+    async def read(self, crops: list[np.ndarray], ticket: Ticket) -> list[SignText] | StageError:
         """The (h, w, 3) uint8 RGB crops of one frame's signs → their text, in order (a crop that fails alone
         gets a ``StageError``); a request that is not a list of crops gets one ``StageError``."""
         with self.crops_in_flight.add(_crop_count([crops])):
@@ -61,7 +60,7 @@ class SignReader(ModelDeployment):
     # Paced by the model (festival_serve.serving.batching), weighed in crops; sizes and waits: user_config (reconfigure).
     @paced_batch(size_fn=lambda call: _crop_count(call[:1]))
     async def _read_batch(self, requests: list[list[np.ndarray]],
-                          tickets: list[Ticket]) -> list[list[reader.SignText] | StageError]:
+                          tickets: list[Ticket]) -> list[list[SignText] | StageError]:
         readable = [_is_crop_list(request) for request in requests]
         counts = [len(request) if ok else 0 for request, ok in zip(requests, readable)]
         flat = [crop for request, ok in zip(requests, readable) if ok for crop in request]

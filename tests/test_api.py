@@ -15,9 +15,9 @@ import pytest
 from festival_serve.serving.admission import Admission, Budget
 from festival_serve.serving.http import ApiError, parse_budget
 from festival_serve.serving.flow import Rejected, analyze_frame
-from festival_serve.models.sign_reader.reader import SignText
+from festival_serve.pipeline.types import SignText
 from festival_serve.pipeline.settings import IngressSettings
-from festival_serve.models.sign_detector.detector import SignDetection
+from festival_serve.pipeline.types import SignDetection
 
 
 def sign(x: float, label: str, has_text: bool) -> SignDetection:

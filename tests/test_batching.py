@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from deployments.base import ModelDeployment
 from deployments.sign_reader import SignReader, _crop_count
 from festival_serve.serving.batching import is_out_of_memory, paced_batch, run_isolating
-from festival_serve.serving.flow import StageError, Ticket
+from festival_serve.pipeline.types import StageError, Ticket
 from festival_serve.pipeline.settings import BatchConfig, IngressSettings
 from festival_serve.pipeline.stages import STAGE_NAMES
 

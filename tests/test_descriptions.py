@@ -11,7 +11,8 @@ from festival_serve.world import synth
 from festival_serve.pipeline.places import place_of
 from festival_serve.world.synth.scene import outdoor_layout
 from festival_serve.world.synth.truth import RoadUser, SceneFacts
-from festival_serve.models.scene_describer.describer import Findings, build_prompt
+from festival_serve.models.scene_describer.describer import build_prompt
+from festival_serve.pipeline.types import Findings
 
 LAYOUT = outdoor_layout()
 SEEDS = synth.scene_seeds("test", 40)

@@ -272,7 +272,7 @@ def test_the_budget_header_is_checked_and_bounds_the_answer(server):
 def test_a_poisoned_frame_fails_alone_in_its_batch(server):
     from ray import serve
 
-    from festival_serve.serving.flow import StageError, Ticket
+    from festival_serve.pipeline.types import StageError, Ticket
 
     detector = serve.get_deployment_handle("SignDetector", app_name="festival")  # the "full" application
     rng = np.random.default_rng(0)
@@ -292,8 +292,8 @@ def test_the_reader_and_the_describer_report_their_load_in_their_own_units_for_t
     queued or running, the ingress's arrivals per second; back to zero once answered."""
     from ray import serve
 
-    from festival_serve.serving.flow import Ticket
-    from festival_serve.models.scene_describer.describer import Findings
+    from festival_serve.pipeline.types import Ticket
+    from festival_serve.pipeline.types import Findings
 
     reader = serve.get_deployment_handle("SignReader", app_name="festival")
     describer = serve.get_deployment_handle("SceneDescriber", app_name="festival")
@@ -348,7 +348,7 @@ def test_v1_models_shows_weights_relative_to_the_model_store(server, model_store
 def test_work_whose_deadline_passed_in_the_queue_is_dropped_unrun(server):
     from ray import serve
 
-    from festival_serve.serving.flow import StageError, Ticket
+    from festival_serve.pipeline.types import StageError, Ticket
 
     hazards = serve.get_deployment_handle("HazardCells", app_name="festival")
     before = httpx.get(f"{server}/v1/models", timeout=30).json()["models"][1]["batch"]["expired_items"]
@@ -435,7 +435,7 @@ def _expected_outcome(reply) -> tuple[str, str]:
 def test_metrics_count_every_answer_by_outcome_and_time_every_stage(server, metrics_port, bare_keys):
     from ray import serve
 
-    from festival_serve.serving.flow import Ticket
+    from festival_serve.pipeline.types import Ticket
 
     before, expired_before = _settled(metrics_port), _expired_items(server)
     scene, key = SAMPLE_SCENE.read_bytes(), {"authorization": f"Bearer {bare_keys[0]}"}

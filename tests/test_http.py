@@ -231,13 +231,13 @@ class Finds:
     """Every stage's stand-in: one speed-limit sign (with text), one flagged cell, a reader that fails, a describer."""
 
     def detect(self, frames):
-        from festival_serve.models.sign_detector.detector import SignDetection
+        from festival_serve.pipeline.types import SignDetection
 
         return [[SignDetection(box=(1.0, 2.0, 9.0, 12.0), label="speed_limit", class_id=0, score=0.9, has_text=True)]
                 for _ in frames]
 
     def classify(self, frames):
-        from festival_serve.models.hazard_cells.yolic import HazardCell, HazardLabel
+        from festival_serve.pipeline.types import HazardCell, HazardLabel
 
         return [[HazardCell(cell=3, box=(0.0, 0.0, 8.0, 8.0), labels=(HazardLabel("TrafficCone", 0.8),))]
                 for _ in frames]

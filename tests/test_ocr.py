@@ -12,27 +12,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from festival_serve.runtime.backends.base import BackendUnavailable
 from festival_serve.runtime.devices import GpuOnlyViolation, cuda_available
-from festival_serve.models.sign_reader.reader import (
-    DB_PARAMS,
-    EMPTY,
-    ENGINES,
-    REC_MAX_WH_RATIO,
-    PaddleOCRReader,
-    PPOCROnnxReader,
-    SignReaderEngine,
-    SignText,
-    TextLine,
-    assemble,
-    boxes_from_map,
-    create_reader,
-    det_batch,
-    model_dictionary,
-    orientation_groups,
-    reading_order,
-    rec_batch,
-    sign_text_from_paddle,
-    strip_tones,
-)
+from festival_serve.models.sign_reader.reader import DB_PARAMS, EMPTY, ENGINES, REC_MAX_WH_RATIO, PaddleOCRReader, PPOCROnnxReader, SignReaderEngine, assemble, boxes_from_map, create_reader, det_batch, model_dictionary, orientation_groups, reading_order, rec_batch, sign_text_from_paddle, strip_tones
+from festival_serve.pipeline.types import SignText, TextLine
 from festival_serve.pipeline.settings import SignReaderSettings
 
 WHITE, BLACK, BLUE, RED, GREEN = (255, 255, 255), (0, 0, 0), (0, 70, 160), (200, 0, 0), (0, 120, 60)

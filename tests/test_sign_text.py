@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from festival_serve.models.sign_reader import charset as vi
-from festival_serve.models.sign_reader.reader import SignText, create_reader, model_dictionary, rec_batch, rgb_to_bgr, strip_tones
+from festival_serve.models.sign_reader.reader import create_reader, model_dictionary, rec_batch, rgb_to_bgr, strip_tones
+from festival_serve.pipeline.types import SignText
 from festival_serve.pipeline.settings import SignReaderSettings
 from festival_serve.world.synth.truth import INFO_TEXTS
 from festival_serve.training import sign_reader as st

@@ -13,15 +13,9 @@ import numpy as np
 import pytest
 
 from festival_serve.pipeline.settings import SignDetectorSettings
-from festival_serve.models.sign_detector.detector import (
-    PAD_VALUE,
-    LetterboxMeta,
-    SignDetection,
-    SignDetector,
-    YoloCheckpoint,
-    letterbox_batch,
-    postprocess,
-)
+from festival_serve.models.sign_detector.boxes import LetterboxMeta
+from festival_serve.models.sign_detector.detector import PAD_VALUE, SignDetector, YoloCheckpoint, letterbox_batch, postprocess
+from festival_serve.pipeline.types import SignDetection
 from festival_serve.training.standins.sign_detector import build_yolo_checkpoint, smooth_random_image
 
 NAMES = {0: "stop", 1: "give_way", 2: "speed_limit_50"}

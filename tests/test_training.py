@@ -201,7 +201,8 @@ def test_describer_training_writes_a_model_the_production_describer_loads(tmp_pa
     `vlm.SceneDescriber` loads as it loads SmolVLM, marked as trained here, then continued with --init."""
     from festival_serve.pipeline.settings import SceneDescriberSettings
     from festival_serve.training.scene_describer import collate, train_describer, weighted_loss
-    from festival_serve.models.scene_describer.describer import TRAINED_ON_KEY, Findings, SceneDescriber
+    from festival_serve.models.scene_describer.describer import TRAINED_ON_KEY, SceneDescriber
+    from festival_serve.pipeline.types import Findings
 
     out = tmp_path / "festival-describer"
     result = train_describer(out, steps=2, train_scenes=4, batch_size=2, val_scenes=2, corpus_scenes=20,

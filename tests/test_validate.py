@@ -17,8 +17,8 @@ import yaml
 from festival_serve import cli
 from festival_serve.ops import up
 from festival_serve.ops import validate
-from festival_serve.models.sign_detector.detector import SignDetection
-from festival_serve.models.hazard_cells.yolic import HazardCell, HazardLabel
+from festival_serve.pipeline.types import SignDetection
+from festival_serve.pipeline.types import HazardCell, HazardLabel
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "serve_config.yaml"

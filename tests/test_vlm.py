@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from festival_serve.pipeline.settings import SceneDescriberSettings
-from festival_serve.models.scene_describer.describer import Findings, SceneDescriber, WeightsMissing, build_prompt, pull
+from festival_serve.models.scene_describer.describer import SceneDescriber, WeightsMissing, build_prompt, pull
+from festival_serve.pipeline.types import Findings
 from festival_serve.training.standins.scene_describer import IMAGE_SEQ_LEN, build_tiny_idefics3
 
 FINDINGS = [

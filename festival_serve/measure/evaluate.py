@@ -466,7 +466,7 @@ def findings_from_answer(body: dict[str, Any]):
     """The findings the ingress gave the describer for this answer: its signs (label, text) and its hazard
     cells placed as the ingress places them (``places.hazard_places``)."""
     from festival_serve.pipeline.places import hazard_places
-    from festival_serve.models.scene_describer.describer import Findings
+    from festival_serve.pipeline.types import Findings
 
     size = (int(body["image"]["width"]), int(body["image"]["height"]))
     cells = [([lab["label"] for lab in cell["labels"]], cell["box"]) for cell in body.get("hazards") or []]

@@ -1,9 +1,13 @@
-"""What the sign detector produces, shared by its host path (``signs``) and its device path
-(``device_ops``) so neither imports the other."""
+"""The wire types: what travels between the ingress and the stages, and what each stage answers.
+
+Plain frozen dataclasses with no model or HTTP code, so that ``serving`` (which routes them) and ``models``
+(which produce them) share them without importing each other.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -16,15 +20,73 @@ class SignDetection:
 
 
 @dataclass(frozen=True)
-class LetterboxMeta:
-    """Where one image went inside its letterboxed square, enough to map boxes back exactly."""
+class HazardLabel:
+    label: str
+    score: float
 
-    orig_shape: tuple[int, int]  # (height, width) of the original image
-    input_shape: tuple[int, int]  # (height, width) of the letterboxed network input
-    gain: tuple[float, float]  # (y, x) resized / original; differs by under a pixel's worth from rounding
-    pad: tuple[int, int]  # (left, top) padding in pixels
 
-    @property
-    def ratio_pad(self) -> tuple[tuple[float, float], tuple[int, int]]:
-        """In the form ``ultralytics.utils.ops.scale_boxes`` takes: ``((gain_y, gain_x), (pad_x, pad_y))``."""
-        return self.gain, self.pad
+@dataclass(frozen=True)
+class HazardCell:
+    cell: int
+    box: tuple[float, float, float, float]  # image pixels
+    labels: tuple[HazardLabel, ...]  # highest score first
+
+
+@dataclass(frozen=True)
+class TextLine:
+    text: str
+    score: float
+    #: 4 (x, y) points, clockwise from top-left, in the crop's pixel coordinates.
+    box: list[list[float]]
+
+
+@dataclass(frozen=True)
+class SignText:
+    #: Lines joined by " " in reading order (top-to-bottom, then left-to-right); "" when no line.
+    text: str
+    #: Mean line score; 0.0 when no line.
+    score: float
+    lines: tuple[TextLine, ...]
+
+
+@dataclass(frozen=True)
+class Findings:
+    """What the detectors found in one frame: the describer's grounding."""
+
+    signs: tuple[tuple[str, str], ...] = ()  # (label, text read on it, "" if none)
+    # (hazard label, number of cells flagged with it, where those cells are: places.place_of, "" if unknown);
+    # (label, cells) pairs are taken as place unknown.
+    hazards: tuple[tuple[str, int, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        # Callers may pass lists (e.g. from JSON); keep the dataclass hashable and immutable.
+        object.__setattr__(self, "signs", tuple((str(label), str(text)) for label, text in self.signs))
+        object.__setattr__(self, "hazards", tuple((str(h[0]), int(h[1]), str(h[2]) if len(h) > 2 else "")
+                                                  for h in self.hazards))
+
+
+
+DegradedCode = Literal["timeout", "skipped_over_budget", "shed", "unavailable", "error", "partial"]
+
+
+@dataclass(frozen=True)
+class StageError:
+    """Stands in for one item's result when the stage could not produce it (one per request, so a
+    failure never takes the rest of the batch with it). ``reason`` is shown to clients: no paths."""
+
+    stage: str
+    reason: str
+    code: DegradedCode = "error"
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """Travels with every item sent to a model: when it was sent and when its answer stops being of use
+    (wall-clock seconds, comparable across the processes of one cluster). A model drops an item whose
+    deadline passed while it queued, before computing it."""
+
+    sent_at: float
+    deadline: float
+
+    def expired(self, now: float) -> bool:
+        return now >= self.deadline

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Awaitable, Callable, Iterator, Literal, Mapping
+from typing import Any, Awaitable, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -29,24 +29,11 @@ from festival_serve.serving.admission import SAFETY_STAGES, Admission, Budget
 from festival_serve.serving.imaging import crop
 from festival_serve.pipeline.places import hazard_places
 from festival_serve.pipeline.settings import IngressSettings
-from festival_serve.models.scene_describer.describer import Findings
+from festival_serve.pipeline.types import DegradedCode, Findings, StageError, Ticket
 
 logger = logging.getLogger(__name__)
 
 StageCall = Callable[..., Awaitable[Any]]
-DegradedCode = Literal["timeout", "skipped_over_budget", "shed", "unavailable", "error", "partial"]
-
-
-@dataclass(frozen=True)
-class StageError:
-    """Stands in for one item's result when the stage could not produce it (one per request, so a
-    failure never takes the rest of the batch with it). ``reason`` is shown to clients: no paths."""
-
-    stage: str
-    reason: str
-    code: DegradedCode = "error"
-
-
 @dataclass(frozen=True)
 class Degraded:
     """One entry of an answer's ``degraded`` list."""
@@ -54,19 +41,6 @@ class Degraded:
     stage: str
     code: DegradedCode
     message: str
-
-
-@dataclass(frozen=True)
-class Ticket:
-    """Travels with every item sent to a model: when it was sent and when its answer stops being of use
-    (wall-clock seconds, comparable across the processes of one cluster). A model drops an item whose
-    deadline passed while it queued, before computing it."""
-
-    sent_at: float
-    deadline: float
-
-    def expired(self, now: float) -> bool:
-        return now >= self.deadline
 
 
 def degraded_line(entry: dict | str) -> str:

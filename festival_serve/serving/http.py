@@ -28,7 +28,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from festival_serve.serving.auth import KeyRing, bearer_key
-from festival_serve.serving.flow import Rejected, StageError  # noqa: F401 - StageError: the deployments' import
+from festival_serve.serving.flow import Rejected
 from festival_serve.serving.imaging import IMAGE_CONTENT_TYPES, InvalidImage
 from festival_serve.serving.openapi import openapi_document
 from festival_serve.pipeline.settings import IngressSettings

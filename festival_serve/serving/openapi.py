@@ -14,7 +14,7 @@ from typing import Annotated, Any, Iterable, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from typing_extensions import NotRequired, TypedDict
 
-from festival_serve.serving.flow import DegradedCode
+from festival_serve.pipeline.types import DegradedCode
 from festival_serve.serving.imaging import IMAGE_CONTENT_TYPES
 from festival_serve.pipeline.stages import STAGE_NAMES
 

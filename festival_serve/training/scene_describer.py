@@ -33,14 +33,8 @@ from festival_serve.pipeline.settings import SceneDescriberSettings
 from festival_serve.training.standins.scene_describer import VlmSize, build_idefics3, build_tokenizer
 from festival_serve.world.synth.scene import outdoor_layout
 from festival_serve.training.schedule import learning_rate, use_bf16
-from festival_serve.models.scene_describer.describer import (
-    TRAINED_ON_KEY,
-    Findings,
-    SceneDescriber,
-    build_prompt,
-    image_processor_kwargs,
-    prepare_inputs,
-)
+from festival_serve.models.scene_describer.describer import TRAINED_ON_KEY, SceneDescriber, build_prompt, image_processor_kwargs, prepare_inputs
+from festival_serve.pipeline.types import Findings
 
 logger = logging.getLogger(__name__)
 

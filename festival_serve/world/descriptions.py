@@ -21,7 +21,7 @@ import numpy as np
 
 from festival_serve.pipeline.places import DISTANCES, SIDES, place_of
 from festival_serve.world.synth.truth import SKIES, RoadUser, SceneFacts
-from festival_serve.models.scene_describer.describer import Findings
+from festival_serve.pipeline.types import Findings
 
 # -- the findings a perfect detector would give -------------------------------------------------
 

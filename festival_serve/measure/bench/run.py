@@ -438,7 +438,7 @@ def held_out_frames(count: int, progress) -> dict[str, list[bytes]]:
                 sets[name].append(body)
         if all(len(v) >= count for v in sets.values()):
             break
-    progress(f"  held-out 848x480 scenes as JPEG (test split): " + ", ".join(f"{len(v)} {k}" for k, v in sets.items()))
+    progress("  held-out 848x480 scenes as JPEG (test split): " + ", ".join(f"{len(v)} {k}" for k, v in sets.items()))
     return sets
 
 

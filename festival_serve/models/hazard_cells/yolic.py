@@ -21,6 +21,7 @@ from festival_serve import DATA_DIR
 from festival_serve.runtime.cache import build_once, file_sha256
 from festival_serve.runtime.devices import resolve_device, resolve_fp16, warn_cpu_beside_gpu
 from festival_serve.pipeline.settings import HazardCellsSettings, in_store
+from festival_serve.pipeline.types import HazardCell, HazardLabel
 
 logger = logging.getLogger(__name__)
 
@@ -41,19 +42,6 @@ class CellLayout:
     @property
     def outputs_per_cell(self) -> int:
         return len(self.classes) + 1  # + background
-
-
-@dataclass(frozen=True)
-class HazardLabel:
-    label: str
-    score: float
-
-
-@dataclass(frozen=True)
-class HazardCell:
-    cell: int
-    box: tuple[float, float, float, float]  # image pixels
-    labels: tuple[HazardLabel, ...]  # highest score first
 
 
 def load_layout(name_or_path: str) -> CellLayout:

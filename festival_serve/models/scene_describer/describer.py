@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from festival_serve.pipeline.settings import SceneDescriberSettings, in_store
+from festival_serve.pipeline.types import Findings
 
 if TYPE_CHECKING:
     from transformers import BatchFeature
@@ -38,22 +38,6 @@ _WEIGHT_FILES = (
 )
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-
-
-@dataclass(frozen=True)
-class Findings:
-    """What the detectors found in one frame: the describer's grounding."""
-
-    signs: tuple[tuple[str, str], ...] = ()  # (label, text read on it, "" if none)
-    # (hazard label, number of cells flagged with it, where those cells are: places.place_of, "" if unknown);
-    # (label, cells) pairs are taken as place unknown.
-    hazards: tuple[tuple[str, int, str], ...] = ()
-
-    def __post_init__(self) -> None:
-        # Callers may pass lists (e.g. from JSON); keep the dataclass hashable and immutable.
-        object.__setattr__(self, "signs", tuple((str(label), str(text)) for label, text in self.signs))
-        object.__setattr__(self, "hazards", tuple((str(h[0]), int(h[1]), str(h[2]) if len(h) > 2 else "")
-                                                  for h in self.hazards))
 
 
 #: The config.json key the describer trained here carries (what it was trained on); /v1/models shows it.

@@ -19,15 +19,15 @@ ultralytics and torch are imported lazily, so importing this module (e.g. for ``
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from festival_serve.runtime.devices import resolve_device, resolve_fp16, warn_cpu_beside_gpu
 from festival_serve.pipeline.settings import SignDetectorSettings, in_store
-from festival_serve.pipeline.types import LetterboxMeta, SignDetection
+from festival_serve.pipeline.types import SignDetection
+from festival_serve.models.sign_detector.boxes import LetterboxMeta
 from festival_serve.models.sign_detector.ultralytics_io import PAD_VALUE, UltralyticsCheckpoint, configure_ultralytics_offline
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from festival_serve.pipeline.types import LetterboxMeta, SignDetection
+from festival_serve.pipeline.types import SignDetection
+from festival_serve.models.sign_detector.boxes import LetterboxMeta
 from festival_serve.models.sign_detector.ultralytics_io import PAD_VALUE, configure_ultralytics_offline
 
 

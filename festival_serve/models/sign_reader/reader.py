@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import math
 import unicodedata
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -36,6 +35,7 @@ from rapidocr.utils.process_img import get_rotate_crop_image
 from festival_serve.runtime.backends.base import BackendUnavailable
 from festival_serve.runtime.devices import resolve_device, warn_cpu_beside_gpu
 from festival_serve.pipeline.settings import SignReaderSettings, in_store
+from festival_serve.pipeline.types import SignText, TextLine
 
 logger = logging.getLogger(__name__)
 
@@ -67,23 +67,6 @@ REC_MAX_WH_RATIO = 25.0
 
 #: Crops or text lines thinner than this (pixels) carry no readable text.
 MIN_SIDE = 2
-
-
-@dataclass(frozen=True)
-class TextLine:
-    text: str
-    score: float
-    #: 4 (x, y) points, clockwise from top-left, in the crop's pixel coordinates.
-    box: list[list[float]]
-
-
-@dataclass(frozen=True)
-class SignText:
-    #: Lines joined by " " in reading order (top-to-bottom, then left-to-right); "" when no line.
-    text: str
-    #: Mean line score; 0.0 when no line.
-    score: float
-    lines: tuple[TextLine, ...]
 
 
 EMPTY = SignText("", 0.0, ())
