@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from festival_serve.pipeline.stages import STAGE_NAMES, STAGES
+
 BackendName = Literal["auto", "torch", "onnxruntime", "tensorrt"]
 Device = str  # "auto", "cpu", "cuda", "cuda:N"
 
@@ -24,9 +26,7 @@ def in_store(value: str, model_store: str | Path) -> Path:
 
 
 def _required_stage_names() -> list[str]:
-    """The stages the stage table marks required (imported here: ``festival_serve.pipeline.stages`` imports this module)."""
-    from festival_serve.pipeline.stages import STAGES
-
+    """The stages the stage table marks required."""
     return [stage.name for stage in STAGES if stage.required]
 
 
@@ -236,7 +236,6 @@ class IngressSettings(_Section):
     @field_validator("required_stages")
     @classmethod
     def _required_stages_exist(cls, names: list[str]) -> list[str]:
-        from festival_serve.pipeline.stages import STAGE_NAMES  # stages imports this module: read the table at call time
 
         unknown = [name for name in names if name not in STAGE_NAMES]
         if unknown:

@@ -6,8 +6,9 @@ settings), its section of ``PipelineArgs``, its Serve deployment and batched met
 weights it reads, and the *networks* it runs that can be exported to ONNX and compiled to TensorRT
 engines (the reader's and the describer's networks are not: they ship as ONNX / run in transformers).
 
-No Ray import, and the model modules are imported only when a loader or network source is called,
-so reading the table is cheap (the CLI, the local profile and the bench read it without torch).
+No Ray import, no import of the settings (they read this table to check stage names), and the model modules
+are imported only when a loader or network source is called, so reading the table is cheap (the CLI, the
+local profile and the bench read it without torch).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from festival_serve.pipeline.settings import PipelineArgs
 
 
 def _attr(path: str) -> Any:
@@ -41,8 +41,8 @@ class Network:
     batch: Callable[[Any, list, list], Any]
     unit: str  # what one item of that batch is ("images", "crops"), for speed tables
 
-    def source(self, args: PipelineArgs) -> Any | None:
-        """The network source for ``args``, or None when the network is switched off."""
+    def source(self, args: Any) -> Any | None:
+        """The network source for ``args`` (``PipelineArgs``), or None when the network is switched off."""
         settings = getattr(args, self.stage)
         weights = self.weights(settings)
         return None if weights is None else self.make_source(args.store_path(weights), settings)
@@ -72,7 +72,8 @@ class Stage:
     #: its batch-size histogram (``festival_serve.serving.metrics``).
     batch_unit: str = "frames"
 
-    def settings(self, args: PipelineArgs) -> Any:
+    def settings(self, args: Any) -> Any:
+        """This stage's section of ``args`` (``PipelineArgs``)."""
         return getattr(args, self.name)
 
     def load(self, settings: Any, *, model_store: str | Path, gpu_only: bool = False,

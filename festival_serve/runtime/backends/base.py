@@ -1,4 +1,4 @@
-"""The backend protocol and its registry.
+"""The backend protocol: what a network source offers and what every runtime's backend does with it.
 
 A *network source* knows how to produce a network in each portable form (a PyTorch module, an ONNX
 file); a *backend* turns one of those forms into something that runs ``(N, C, H, W) float32`` batches
@@ -16,7 +16,6 @@ runtime says it is running on, not what was asked for.
 from __future__ import annotations
 
 import abc
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -24,8 +23,6 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 from festival_serve.runtime.errors import BackendUnavailable  # noqa: F401 - part of the backends API
-
-logger = logging.getLogger(__name__)
 
 
 class NetworkSource(Protocol):
@@ -58,7 +55,7 @@ DEFAULT_PLACEMENT = Placement()
 
 
 class Backend(abc.ABC):
-    """Runs one network on batches. Subclasses register themselves in ``BACKENDS`` by ``name``."""
+    """Runs one network on batches. ``festival_serve.runtime.backends.registry`` lists the subclasses by ``name``."""
 
     name: ClassVar[str]
     #: Whether ``forward_tensor`` runs batches already on the device (torch, TensorRT); the others take host
@@ -102,51 +99,6 @@ class Backend(abc.ABC):
         if self.chosen_because:
             info["backend_choice"] = self.chosen_because
         return info
-
-
-BACKENDS: dict[str, type[Backend]] = {}
-
-
-def register(cls: type[Backend]) -> type[Backend]:
-    BACKENDS[cls.name] = cls
-    return cls
-
-
-def choose_backend(requested: str, source: NetworkSource, *, device: str, fp16: bool) -> tuple[str, str]:
-    """``(backend name, why)``. ``auto``: ONNX Runtime on the CPU; on CUDA, TensorRT where its engine for
-    this GPU was built ahead of time and TensorRT is installed, else torch."""
-    if requested != "auto":
-        return requested, ""
-    if not device.startswith("cuda"):
-        return "onnxruntime", "auto on CPU: onnxruntime"
-    from festival_serve.runtime import tensorrt_engines
-
-    try:
-        tensorrt_engines.gpu_facts(device)  # TensorRT importable and CUDA present, before any ONNX export
-    except BackendUnavailable as e:
-        return "torch", f"auto on CUDA: torch ({e})"
-    engine = tensorrt_engines.find_engine(source.onnx_file(), fp16=fp16, device=device)
-    if engine is None:
-        return "torch", f"auto on CUDA: torch (no TensorRT engine built for this GPU; `{tensorrt_engines.BUILD_COMMAND}`)"
-    return "tensorrt", f"auto on CUDA: tensorrt (engine {engine.name})"
-
-
-def create_backend(
-    kind: str, source: NetworkSource, *, device: str, fp16: bool = False, threads: int | None = None,
-    placement: Placement = DEFAULT_PLACEMENT,
-) -> Backend:
-    """Build the backend called ``kind`` (or the one ``auto`` picks); an unknown name lists the known ones."""
-    # Importing the package registers every built-in backend.
-    from festival_serve.runtime.backends import onnxruntime_backend, tensorrt_backend, torch_backend  # noqa: F401
-
-    if kind != "auto" and kind not in BACKENDS:
-        raise ValueError(f"unknown backend {kind!r}; supported backends: auto, {', '.join(sorted(BACKENDS))}")
-    kind, why = choose_backend(kind, source, device=device, fp16=fp16)
-    backend = BACKENDS[kind].from_source(source, device=device, fp16=fp16, threads=threads, placement=placement)
-    backend.chosen_because = why
-    logger.info("%s: %s backend on %s (%s)%s", source.name, kind, backend.runtime_device(), backend.precision,
-                f"; {why}" if why else "")
-    return backend
 
 
 def as_float32(outputs: list[np.ndarray]) -> list[np.ndarray]:

@@ -16,7 +16,7 @@ import numpy as np
 
 from festival_serve.runtime import gpu_share
 from festival_serve.runtime.backends.base import (
-    DEFAULT_PLACEMENT, Backend, BackendUnavailable, NetworkSource, Placement, as_float32, register,
+    DEFAULT_PLACEMENT, Backend, BackendUnavailable, NetworkSource, Placement, as_float32,
 )
 from festival_serve.runtime.errors import GpuOnlyViolation
 
@@ -50,7 +50,6 @@ def check_providers(name: str, device: str, providers: list[str], *, gpu_only: b
     raise GpuOnlyViolation(message) if gpu_only else BackendUnavailable(message)
 
 
-@register
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 

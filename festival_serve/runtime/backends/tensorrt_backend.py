@@ -20,7 +20,7 @@ import numpy as np
 
 from festival_serve.runtime import gpu_share
 from festival_serve.runtime.backends.base import (
-    DEFAULT_PLACEMENT, Backend, BackendUnavailable, NetworkSource, Placement, as_float32, register,
+    DEFAULT_PLACEMENT, Backend, BackendUnavailable, NetworkSource, Placement, as_float32,
 )
 from festival_serve.runtime.tensorrt_engines import build_engine, find_engine, load_engine, missing_engine_error, require_tensorrt
 
@@ -49,7 +49,6 @@ def torch_dtype(trt_dtype):
         raise BackendUnavailable(f"TensorRT tensor type {trt_dtype.name} has no torch equivalent here") from None
 
 
-@register
 class TensorRTBackend(Backend):
     name = "tensorrt"
     takes_device_tensors = True

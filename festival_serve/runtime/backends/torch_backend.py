@@ -11,12 +11,11 @@ import numpy as np
 
 from festival_serve.runtime import gpu_share
 from festival_serve.runtime.backends.base import (
-    DEFAULT_PLACEMENT, Backend, BackendUnavailable, NetworkSource, Placement, as_float32, register,
+    DEFAULT_PLACEMENT, Backend, BackendUnavailable, NetworkSource, Placement, as_float32,
 )
 from festival_serve.runtime.devices import check_tensors
 
 
-@register
 class TorchBackend(Backend):
     name = "torch"
     takes_device_tensors = True
