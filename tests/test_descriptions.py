@@ -115,6 +115,7 @@ def test_summarize_counts_recall_hallucinations_and_facts():
 
 def test_eval_rebuilds_the_describers_findings_and_scores_the_description():
     from festival_serve.measure import evaluate
+    from festival_serve.world import scores
 
     body = {"image": {"width": 848, "height": 480},
             "signs": [{"label": "speed_limit", "text": "50", "box": [10, 10, 60, 60], "score": 0.9},
@@ -131,4 +132,4 @@ def test_eval_rebuilds_the_describers_findings_and_scores_the_description():
     metrics = evaluate.description_metrics([outcome], LAYOUT.classes)
     assert metrics["mention_recall"] == 1.0 and metrics["hallucinations_per_description"] == 1.0
     assert metrics["hallucinated"] == {"hazard:Wall": 1} and metrics["without_description"] == 0
-    assert evaluate.targets_for("world", describe=True)["descriptions.mention_recall"] == (0.90, "min")
+    assert scores.targets_for("world", describe=True)["descriptions.mention_recall"] == (0.90, "min")

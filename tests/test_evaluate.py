@@ -13,9 +13,11 @@ import pytest
 from PIL import Image
 
 from festival_serve.measure import evaluate as ev
+
+from festival_serve.world import scores
 from festival_serve.ops.annotate import annotate
 
-P, T = ev.Prediction, ev.GroundTruth
+P, T = scores.Prediction, scores.GroundTruth
 
 
 # -- matching, precision/recall, AP ------------------------------------------------------------------
@@ -23,67 +25,67 @@ P, T = ev.Prediction, ev.GroundTruth
 def test_perfect_detections_match_every_truth():
     truths = [T((10, 10, 50, 50), "stop"), T((100, 10, 150, 60), "speed")]
     preds = [P((11, 11, 50, 51), "stop", 0.9), P((100, 12, 149, 60), "speed", 0.8)]
-    m = ev.match_detections(preds, truths)
+    m = scores.match_detections(preds, truths)
     assert sorted(m.pairs) == [(0, 0), (1, 1)] and not m.false_positives and not m.missed
-    s = ev.sign_metrics([(preds, truths)])
+    s = scores.sign_metrics([(preds, truths)])
     assert (s["precision"], s["recall"], s["map50"]) == (1.0, 1.0, 1.0)
     assert s["per_class_ap"] == {"speed": 1.0, "stop": 1.0}
 
 
 def test_nothing_detected_is_all_missed():
     truths = [T((10, 10, 50, 50), "stop")]
-    s = ev.sign_metrics([([], truths)])
+    s = scores.sign_metrics([([], truths)])
     assert (s["precision"], s["recall"], s["map50"], s["false_negatives"]) == (0.0, 0.0, 0.0, 1)
 
 
 def test_one_false_positive_costs_precision_only():
     truths = [T((10, 10, 50, 50), "stop")]
     preds = [P((10, 10, 50, 50), "stop", 0.9), P((200, 200, 240, 240), "stop", 0.5)]
-    s = ev.sign_metrics([(preds, truths)])
+    s = scores.sign_metrics([(preds, truths)])
     assert (s["precision"], s["recall"], s["false_positives"]) == (0.5, 1.0, 1)
     assert s["per_class_ap"]["stop"] == 1.0  # the false positive ranks below the hit
 
 
 def test_wrong_class_is_a_false_positive_and_a_miss():
-    m = ev.match_detections([P((10, 10, 50, 50), "speed", 0.9)], [T((10, 10, 50, 50), "stop")])
+    m = scores.match_detections([P((10, 10, 50, 50), "speed", 0.9)], [T((10, 10, 50, 50), "stop")])
     assert m.pairs == () and m.false_positives == (0,) and m.missed == (0,)
 
 
 def test_low_overlap_does_not_match_and_each_truth_matches_once():
     truths = [T((0, 0, 100, 100), "stop")]
-    assert ev.match_detections([P((60, 0, 160, 100), "stop")], truths).missed == (0,)  # IoU 0.25
-    m = ev.match_detections([P((0, 0, 100, 100), "stop", 0.6), P((1, 1, 100, 100), "stop", 0.9)], truths)
+    assert scores.match_detections([P((60, 0, 160, 100), "stop")], truths).missed == (0,)  # IoU 0.25
+    m = scores.match_detections([P((0, 0, 100, 100), "stop", 0.6), P((1, 1, 100, 100), "stop", 0.9)], truths)
     assert m.pairs == ((1, 0),) and m.false_positives == (0,)  # the higher score takes it
 
 
 def test_difficult_truths_are_neither_hits_nor_misses():
     truths = [T((0, 0, 50, 50), "stop", difficult=True), T((100, 0, 150, 50), "stop", difficult=True)]
-    s = ev.sign_metrics([([P((0, 0, 50, 50), "stop")], truths)])
+    s = scores.sign_metrics([([P((0, 0, 50, 50), "stop")], truths)])
     assert (s["true_positives"], s["false_positives"], s["false_negatives"], s["ignored_difficult"]) == (0, 0, 0, 1)
 
 
 def test_average_precision_of_a_known_ranking():
     # hit, miss, hit with 2 truths: precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1 → 1/2·1 + 1/2·2/3
-    assert ev.average_precision([(0.9, True), (0.8, False), (0.7, True)], 2) == pytest.approx(5 / 6)
+    assert scores.average_precision([(0.9, True), (0.8, False), (0.7, True)], 2) == pytest.approx(5 / 6)
     # a third truth never found: recall only reaches 2/3
-    assert ev.average_precision([(0.9, True), (0.8, False), (0.7, True)], 3) == pytest.approx(1 / 3 + 2 / 9)
-    assert ev.average_precision([(0.1, True), (0.9, False)], 1) == pytest.approx(0.5)  # ranked by score
-    assert ev.average_precision([], 4) == 0.0
+    assert scores.average_precision([(0.9, True), (0.8, False), (0.7, True)], 3) == pytest.approx(1 / 3 + 2 / 9)
+    assert scores.average_precision([(0.1, True), (0.9, False)], 1) == pytest.approx(0.5)  # ranked by score
+    assert scores.average_precision([], 4) == 0.0
 
 
 # -- OCR ----------------------------------------------------------------------------------------------
 
 def test_character_error_rate():
-    assert ev.cer("ABC", "ABC") == 0.0
-    assert ev.cer("ABD", "ABC") == pytest.approx(1 / 3)
-    assert ev.cer(None, "AB") == 1.0
-    assert ev.cer("", "") == 0.0
-    assert ev.levenshtein("kitten", "sitting") == 3
+    assert scores.cer("ABC", "ABC") == 0.0
+    assert scores.cer("ABD", "ABC") == pytest.approx(1 / 3)
+    assert scores.cer(None, "AB") == 1.0
+    assert scores.cer("", "") == 0.0
+    assert scores.levenshtein("kitten", "sitting") == 3
 
 
 def test_ocr_metrics_with_and_without_tone_marks():
     pairs = [("DUONG CAO TOC", "ĐƯỜNG CAO TỐC"), ("BẾN  XE ", "BẾN XE"), (None, "CAM DO XE")]
-    o = ev.ocr_metrics(pairs)
+    o = scores.ocr_metrics(pairs)
     assert o["evaluated"] == 3
     assert o["exact_match"] == pytest.approx(1 / 3, abs=1e-4)  # whitespace is normalised, tones are not
     assert o["exact_match_no_tones"] == pytest.approx(2 / 3, abs=1e-4)
@@ -92,12 +94,12 @@ def test_ocr_metrics_with_and_without_tone_marks():
     never = {u["char"]: u for u in o["unreadable_characters"]}
     assert set("ĐƯỜỐ") <= set(never) and "Ế" not in never  # Ế was read in BẾN
     assert never["Đ"]["read_as"] == {"D": 1} and never["Đ"]["codepoint"] == "U+0110"
-    assert ev.ocr_metrics([("X", "")])["evaluated"] == 0  # pictograms (no text) are not scored
+    assert scores.ocr_metrics([("X", "")])["evaluated"] == 0  # pictograms (no text) are not scored
 
 
 def test_letter_confusions_rank_the_misread_letters_and_keep_the_never_read():
     pairs = [("BEN XE", "BẾN XE"), ("BẾN XE", "BẾN XE"), ("CH", "CHỢ"), ("CHO", "CHỢ")]
-    o = ev.ocr_metrics(pairs)
+    o = scores.ocr_metrics(pairs)
     confusions = {c["char"]: c for c in o["confusions"]}
     assert list(confusions) == ["Ợ", "Ế"]  # Ợ misread twice, Ế once; right letters are not listed
     assert confusions["Ợ"]["read_right"] == 0.0 and confusions["Ợ"]["read_as"] == {"": 1, "O": 1}
@@ -108,16 +110,16 @@ def test_letter_confusions_rank_the_misread_letters_and_keep_the_never_read():
 def test_targets_hold_floors_and_the_cer_ceiling_and_held_out_phrases_their_own_bar():
     result = {"signs": {"precision": 0.99, "recall": 0.99}, "hazards": {"f1": 0.9},
               "ocr": {"exact_match": 0.91, "exact_match_no_tones": 0.98, "cer": 0.02}}
-    assert all(t["met"] for t in ev.check_targets(result).values())
-    assert ev.check_targets(result)["ocr.cer"] == {"value": 0.02, "target": 0.03, "bound": "max", "met": True}
+    assert all(t["met"] for t in scores.check_targets(result).values())
+    assert scores.check_targets(result)["ocr.cer"] == {"value": 0.02, "target": 0.03, "bound": "max", "met": True}
     worse = {**result, "ocr": {**result["ocr"], "cer": 0.05, "exact_match": 0.86}}
-    missed = {k for k, t in ev.check_targets(worse).items() if not t["met"]}
+    missed = {k for k, t in scores.check_targets(worse).items() if not t["met"]}
     assert missed == {"ocr.cer", "ocr.exact_match"}
-    held_out = ev.check_targets(worse, "held-out")
+    held_out = scores.check_targets(worse, "held-out")
     assert "ocr.cer" not in held_out and held_out["ocr.exact_match"]["target"] == 0.85
     assert all(t["met"] for t in held_out.values())
     with pytest.raises(ValueError, match="sign_texts"):
-        ev.check_targets(result, "klingon")
+        scores.check_targets(result, "klingon")
 
 
 def test_held_out_scenes_carry_only_phrases_no_training_line_holds():
@@ -133,8 +135,8 @@ def test_held_out_scenes_carry_only_phrases_no_training_line_holds():
 
 
 def test_alignment_names_what_replaced_each_character():
-    assert ev.align("BEN XE", "BẾN XE") == [("B", "B"), ("Ế", "E"), ("N", "N"), (" ", " "), ("X", "X"), ("E", "E")]
-    assert ev.align("BN", "BEN") == [("B", "B"), ("E", ""), ("N", "N")]
+    assert scores.align("BEN XE", "BẾN XE") == [("B", "B"), ("Ế", "E"), ("N", "N"), (" ", " "), ("X", "X"), ("E", "E")]
+    assert scores.align("BN", "BEN") == [("B", "B"), ("E", ""), ("N", "N")]
 
 
 # -- hazard cells, latency ---------------------------------------------------------------------------
@@ -143,27 +145,27 @@ def test_hazards_json_to_cells_and_micro_f1(yolic_layout):
     classes = yolic_layout.classes
     hazards = [{"cell": 3, "box": [0, 0, 1, 1], "labels": [{"label": "TrafficCone", "score": 0.9},
                                                           {"label": "Vehicle", "score": 0.6}]}]
-    pred = ev.hazard_array(hazards, classes, yolic_layout.num_cells)
+    pred = scores.hazard_array(hazards, classes, yolic_layout.num_cells)
     assert pred.shape == (104, 11) and pred.sum() == 2
     assert pred[3, classes.index("TrafficCone")] and pred[3, classes.index("Vehicle")]
     truth = np.zeros_like(pred)
     truth[3, classes.index("TrafficCone")] = truth[50, 0] = True
-    assert ev.cell_metrics(pred, truth) == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "true_positives": 1,
+    assert scores.cell_metrics(pred, truth) == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "true_positives": 1,
                                             "false_positives": 1, "false_negatives": 1}
-    assert ev.cell_metrics(truth, truth)["f1"] == 1.0
+    assert scores.cell_metrics(truth, truth)["f1"] == 1.0
     with pytest.raises(ValueError, match="not one of the layout's classes"):
-        ev.hazard_array([{"cell": 0, "labels": [{"label": "Unicorn", "score": 1}]}], classes, 104)
+        scores.hazard_array([{"cell": 0, "labels": [{"label": "Unicorn", "score": 1}]}], classes, 104)
 
 
 def test_latency_percentiles():
-    lat = ev.latency_summary(list(range(1, 101)))
+    lat = scores.latency_summary(list(range(1, 101)))
     assert (lat["p50"], lat["max"], lat["count"]) == (50.5, 100, 100)
-    assert ev.latency_summary([]) is None
+    assert scores.latency_summary([]) is None
 
 
 # -- the client against a stub HTTP peer ------------------------------------------------------------
 
-#: What the stub server's scenes' information signs say (``evaluate.SIGN_TEXTS``), as the client will draw them.
+#: What the stub server's scenes' information signs say (``scores.SIGN_TEXTS``), as the client will draw them.
 STUB_SIGN_TEXTS = {"value": "world"}
 
 
@@ -267,7 +269,7 @@ def test_failed_requests_count_as_errors_and_misses(stub_server):
     result = ev.evaluate(url, images=6, sizes=sizes, concurrency=2, progress=False)
 
     def countable(scene):
-        return sum(s.occluded <= ev.OCCLUSION_LIMIT for s in scene.signs)
+        return sum(s.occluded <= scores.OCCLUSION_LIMIT for s in scene.signs)
 
     found = sum(countable(sc) for s, sc in zip(seeds, scenes) if s not in fail)
     lost = sum(countable(sc) for s, sc in zip(seeds, scenes) if s in fail)
@@ -276,7 +278,7 @@ def test_failed_requests_count_as_errors_and_misses(stub_server):
     assert result["signs"]["recall"] < 1.0 and result["signs"]["precision"] == 1.0
     assert result["hazards"]["recall"] < 1.0
     assert result["ocr"]["exact_match"] == 1.0  # what was detected was read right …
-    lost_texts = sum(bool(s.text) and s.occluded <= ev.OCCLUSION_LIMIT for seed, sc in zip(seeds, scenes) if seed in fail
+    lost_texts = sum(bool(s.text) and s.occluded <= scores.OCCLUSION_LIMIT for seed, sc in zip(seeds, scenes) if seed in fail
                      for s in sc.signs)
     assert result["ocr"]["signs_with_text"] - result["ocr"]["evaluated"] == lost_texts  # … the lost ones never were
     assert result["latency_ms"]["client"]["count"] == 6 - len(fail)

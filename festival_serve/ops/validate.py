@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from festival_serve.measure import evaluate
+from festival_serve.world import scores
 from festival_serve.world import synth
 from festival_serve.runtime.errors import BackendUnavailable
 from festival_serve.pipeline.settings import PipelineArgs
@@ -114,7 +114,7 @@ SIGN_AGREEMENT = {"fp32": 0.95, "tf32": 0.90, "fp16": 0.90}
 #: 8 scenes 0.98 allows one flip and 0.95 allows four.
 HAZARD_AGREEMENT = {"fp32": 0.98, "tf32": 0.95, "fp16": 0.95}
 #: The reader on ground-truth crops must meet the OCR target ``eval`` holds the whole pipeline to.
-OCR_EXACT = evaluate.TARGETS["ocr.exact_match"]
+OCR_EXACT = scores.TARGETS["ocr.exact_match"]
 #: Share of crops whose CUDA text equals the CPU text (same ONNX graphs, different kernels).
 OCR_DEVICE_AGREEMENT = 0.95
 #: Fewer text signs than this say nothing about the reader: more held-out scenes are drawn for it.
@@ -194,7 +194,7 @@ def _onnxruntime_packages() -> list[str]:
 
 def held_out_scenes(count: int, skip: int = 0) -> list[synth.Scene]:
     """``count`` scenes of the held-out test split, sizes taken in turn as ``eval`` takes them."""
-    sizes = evaluate.DEFAULT_SIZES
+    sizes = scores.DEFAULT_SIZES
     seeds = synth.scene_seeds("test", count, skip=skip)
     return [synth.generate_scene(seed, size=sizes[(skip + i) % len(sizes)]) for i, seed in enumerate(seeds)]
 
@@ -212,7 +212,7 @@ def text_crops(scenes: Sequence[synth.Scene], padding: float) -> tuple[list[np.n
         scene = scenes[used] if used < len(scenes) else held_out_scenes(1, skip=used)[0]
         used += 1
         for sign in scene.signs:
-            if sign.text.strip() and sign.occluded <= evaluate.OCCLUSION_LIMIT:
+            if sign.text.strip() and sign.occluded <= scores.OCCLUSION_LIMIT:
                 crops.append(crop(scene.image, sign.box, padding))
                 texts.append(sign.text)
     return crops, texts, used
@@ -314,9 +314,9 @@ def sign_agreement(reference: Sequence[Sequence[Any]], candidate: Sequence[Seque
     ``eval``'s greedy matching); the value is the smaller of the two matched fractions."""
     matched = ref_count = cand_count = 0
     for ref, cand in zip(reference, candidate, strict=True):
-        truths = [evaluate.GroundTruth(d.box, d.label) for d in ref]
-        preds = [evaluate.Prediction(d.box, d.label, d.score) for d in cand]
-        matched += len(evaluate.match_detections(preds, truths).pairs)
+        truths = [scores.GroundTruth(d.box, d.label) for d in ref]
+        preds = [scores.Prediction(d.box, d.label, d.score) for d in cand]
+        matched += len(scores.match_detections(preds, truths).pairs)
         ref_count, cand_count = ref_count + len(ref), cand_count + len(cand)
     ref_rate = matched / ref_count if ref_count else 1.0
     cand_rate = matched / cand_count if cand_count else 1.0
@@ -575,7 +575,7 @@ def validate_reader(run: Run, scenes: Sequence[synth.Scene]) -> None:
 
 
 def _ocr_exact(read: Sequence[str], truths: Sequence[str]) -> dict[str, Any]:
-    metrics = evaluate.ocr_metrics(list(zip(read, truths)))
+    metrics = scores.ocr_metrics(list(zip(read, truths)))
     # With tone marks, as `eval` scores the served recognizer; the no-tone figures stay for PP-OCRv6's sake.
     details = {k: metrics[k] for k in ("evaluated", "exact_match", "exact_match_no_tones", "cer", "cer_no_tones")}
     return _verdict("exact text vs truth, with tones", metrics["exact_match"], OCR_EXACT, details)

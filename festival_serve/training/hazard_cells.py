@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from festival_serve.measure.evaluate import cell_metrics
+from festival_serve.world.scores import cell_metrics
 from festival_serve.models.hazard_cells.yolic import CellLayout, load_layout, load_yolic_checkpoint, preprocess_batch
 
 logger = logging.getLogger(__name__)

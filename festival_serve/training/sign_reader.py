@@ -541,8 +541,8 @@ def read_lines(recognize, lines_rgb: list[np.ndarray], batch: int = 64) -> list[
 
 
 def score(predicted: list[str], truths: list[str]) -> dict[str, Any]:
-    """The evaluator's OCR metrics (``festival_serve.measure.evaluate.ocr_metrics``), confusions cut to five."""
-    from festival_serve.measure.evaluate import ocr_metrics
+    """The evaluator's OCR metrics (``festival_serve.world.scores.ocr_metrics``), confusions cut to five."""
+    from festival_serve.world.scores import ocr_metrics
 
     metrics = ocr_metrics(list(zip(predicted, truths)))
     metrics["unreadable_characters"] = metrics["unreadable_characters"][:5]
