@@ -282,11 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="retrain an embedded model from scratch on generated scenes")
     train_sub = train.add_subparsers(dest="train_command", required=True)
-    for name, module, help_ in (("hazards", "hazards", "YOLIC-M2 hazard cells (plain PyTorch loop, as in the paper)"),
-                                ("signs", "signs", "YOLO sign detector (ultralytics' trainer)"),
-                                ("sign-classes", "sign_classes", "sign classifier on detected crops (ultralytics' trainer)"),
-                                ("sign-text", "sign_text", "Vietnamese sign-text recognizer (CRNN, the reader's rec_model)"),
-                                ("describer", "describer", "scene describer: a small Idefics3 (SmolVLM's architecture)")):
+    for name, module, help_ in (("hazards", "hazard_cells", "YOLIC-M2 hazard cells (plain PyTorch loop, as in the paper)"),
+                                ("signs", "sign_detector", "YOLO sign detector (ultralytics' trainer)"),
+                                ("sign-classes", "sign_classifier", "sign classifier on detected crops (ultralytics' trainer)"),
+                                ("sign-text", "sign_reader", "Vietnamese sign-text recognizer (CRNN, the reader's rec_model)"),
+                                ("describer", "scene_describer", "scene describer: a small Idefics3 (SmolVLM's architecture)")):
         p = train_sub.add_parser(name, help=help_)
         _training_module(module).add_arguments(p)
         p.set_defaults(func=lambda a, m=module: _training_module(m).cmd_train(a, "festival-serve " + shlex.join(sys.argv[1:])))

@@ -125,12 +125,13 @@ def test_targets_hold_floors_and_the_cer_ceiling_and_held_out_phrases_their_own_
 def test_held_out_scenes_carry_only_phrases_no_training_line_holds():
     from festival_serve.world import synth
 
-    from festival_serve.models.sign_reader import charset
+
+    from festival_serve.world import phrases
     held_out = ev.info_texts("held-out")
     texts = [s.text for seed in synth.scene_seeds("test", 40)
              for s in synth.generate_scene(seed, info_texts=held_out).signs if s.sign_class == "info"]
     assert len(texts) >= 10 and set(texts) <= set(held_out)
-    assert all(charset.split_of(t) == "val" for t in texts)
+    assert all(phrases.split_of(t) == "val" for t in texts)
     assert not set(held_out) & set(synth.INFO_TEXTS)
 
 

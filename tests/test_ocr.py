@@ -12,7 +12,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from festival_serve.runtime.backends.base import BackendUnavailable
 from festival_serve.runtime.devices import GpuOnlyViolation, cuda_available
-from festival_serve.models.sign_reader.reader import DB_PARAMS, EMPTY, ENGINES, REC_MAX_WH_RATIO, PaddleOCRReader, PPOCROnnxReader, SignReaderEngine, assemble, boxes_from_map, create_reader, det_batch, model_dictionary, orientation_groups, reading_order, rec_batch, sign_text_from_paddle, strip_tones
+from festival_serve.models.sign_reader.ppocr import assemble, boxes_from_map, DB_PARAMS, det_batch, EMPTY, model_dictionary, orientation_groups, reading_order, rec_batch, REC_MAX_WH_RATIO
+from festival_serve.models.sign_reader.reader import create_reader, ENGINES, PPOCROnnxReader, SignReaderEngine
+from festival_serve.models.sign_reader.paddle import PaddleOCRReader, sign_text_from_paddle
+from festival_serve.models.sign_reader.charset import strip_tones
 from festival_serve.pipeline.types import SignText, TextLine
 from festival_serve.pipeline.settings import SignReaderSettings
 

@@ -177,7 +177,7 @@ def test_shipped_ocr_reads_generated_signs(reader):
     end-to-end evaluation rests on the text being legible. Compared without tone marks: the shipped
     recogniser's dictionary lacks most tone-marked letters (see the module report)."""
     from festival_serve.serving.imaging import crop
-    from festival_serve.models.sign_reader.reader import strip_tones
+    from festival_serve.models.sign_reader.charset import strip_tones
 
     crops, texts = [], []
     for seed in scene_seeds("test", 40):

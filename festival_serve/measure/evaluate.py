@@ -72,9 +72,10 @@ def info_texts(sign_texts: str) -> tuple[str, ...]:
     """What the scenes' information signs say for ``sign_texts`` (``SIGN_TEXTS``)."""
     from festival_serve.world import synth
 
-    from festival_serve.models.sign_reader import charset
+
+    from festival_serve.world import phrases
     targets_for(sign_texts)  # validates the name
-    return synth.INFO_TEXTS if sign_texts == "world" else (*charset.phrases("val"), *charset.places("val"))
+    return synth.INFO_TEXTS if sign_texts == "world" else (*phrases.phrases("val"), *phrases.places("val"))
 
 
 def _scenes(seeds: Sequence[int], sizes: Sequence[tuple[int, int]], quality: int,

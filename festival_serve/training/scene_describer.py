@@ -28,7 +28,7 @@ import numpy as np
 
 from festival_serve.world import descriptions
 from festival_serve.world import synth
-from festival_serve.models.sign_reader import charset
+from festival_serve.world import phrases
 from festival_serve.pipeline.settings import SceneDescriberSettings
 from festival_serve.training.standins.scene_describer import VlmSize, build_idefics3, build_tokenizer
 from festival_serve.world.synth.scene import outdoor_layout
@@ -72,7 +72,7 @@ def corpus(seeds: list[int]) -> list[str]:
         draft = synth.scene.render_scene(seed, size=FRAME)
         findings = _scene_findings(draft.scene)
         lines += [build_prompt(findings), descriptions.target_description(findings, draft.scene.facts, rng)]
-    lines += list(synth.INFO_TEXTS) + [charset.sample_text(rng) for _ in range(2000)]
+    lines += list(synth.INFO_TEXTS) + [phrases.sample_text(rng) for _ in range(2000)]
     return lines
 
 
