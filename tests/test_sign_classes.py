@@ -152,10 +152,10 @@ def test_crop_dataset_holds_every_sign_and_background_in_ultralytics_layout(tmp_
 def test_one_epoch_of_the_classifier_command_writes_weights_the_detector_loads(tmp_path, capsys):
     import json
 
-    from festival_serve.training import sign_classifier
+    from festival_serve.training import run_trainer, sign_classifier
 
     out = tmp_path / "sign_classifier" / "sign_classes.pt"
-    assert sign_classifier.main(["--out", str(out), "--scenes", str(tmp_path / "scenes"), "--crops", str(tmp_path / "crops"),
+    assert run_trainer(sign_classifier, ["--out", str(out), "--scenes", str(tmp_path / "scenes"), "--crops", str(tmp_path / "crops"),
                               "--train-scenes", "4", "--val-scenes", "2", "--epochs", "1", "--imgsz", "32",
                               "--batch", "8", "--workers", "1", "--negatives-from", str(tmp_path / "none.pt"),
                               "--no-progress"]) == 0

@@ -157,10 +157,10 @@ def test_fixed_settings_cannot_be_overridden(tmp_path, sign_dataset):
 # -- the commands -----------------------------------------------------------------------------------
 
 def test_hazards_command_writes_weights_and_card(tmp_path, capsys, yolic_layout):
-    from festival_serve.training import hazard_cells
+    from festival_serve.training import hazard_cells, run_trainer
 
     out = tmp_path / "hazard_cells" / "yolic_m2.pth.tar"
-    assert hazard_cells.main(["--out", str(out), "--train-scenes", "4", "--val-scenes", "2", "--epochs", "1",
+    assert run_trainer(hazard_cells, ["--out", str(out), "--train-scenes", "4", "--val-scenes", "2", "--epochs", "1",
                          "--batch-size", "4", "--workers", "1", "--no-progress"]) == 0
     load_yolic_checkpoint(out, yolic_layout)
     card = (out.parent / "MODEL_CARD.md").read_text()
@@ -170,10 +170,10 @@ def test_hazards_command_writes_weights_and_card(tmp_path, capsys, yolic_layout)
 
 def test_signs_command_writes_weights_and_card(tmp_path, capsys):
     from festival_serve.models.sign_detector.detector import YoloCheckpoint
-    from festival_serve.training import sign_detector
+    from festival_serve.training import run_trainer, sign_detector
 
     out = tmp_path / "sign_detector" / "signs.pt"
-    assert sign_detector.main(["--out", str(out), "--dataset", str(tmp_path / "data"), "--project", str(tmp_path / "runs"),
+    assert run_trainer(sign_detector, ["--out", str(out), "--dataset", str(tmp_path / "data"), "--project", str(tmp_path / "runs"),
                        "--train-scenes", "4", "--val-scenes", "2", "--epochs", "1", "--imgsz", "160",
                        "--batch", "4", "--workers", "1", "--no-progress"]) == 0
     assert YoloCheckpoint(out, 160).names == dict(enumerate(synth.SIGN_CLASSES))

@@ -1,13 +1,19 @@
-"""Training the embedded default models from scratch on the synthetic festival road world.
+"""Training wing: the embedded default models trained from scratch on the synthetic festival road world.
 
-- ``hazards``: YOLIC-M2 hazard cells with a plain PyTorch loop, as in the paper (BCEWithLogits, Adam);
-- ``signs``: the YOLO sign detector with ultralytics' own trainer, from a generated dataset in its format;
-- ``sign_text``: the Vietnamese sign-text recognizer (CRNN, CTC) on text lines rendered on the fly, exported as
-  the PP-OCR reader's ``rec_model`` ONNX with its dictionary;
-- ``cards``: the Markdown model card written next to each trained checkpoint.
+One trainer per stage, named after it (the ``festival-serve train`` subcommand in brackets):
 
-Each trainer is a command (``python -m festival_serve.training.hazard_cells``, ``... .signs``) that retrains
-its model from a seed, shows a progress bar, and writes the weights and their model card.
+- ``hazard_cells`` (``hazards``): YOLIC-M2 with a plain PyTorch loop, as in the paper (BCEWithLogits, Adam);
+- ``sign_detector`` (``signs``): the YOLO sign detector with ultralytics' own trainer, on a generated dataset;
+- ``sign_classifier`` (``sign-classes``): the crop classifier that names each detected sign (ultralytics);
+- ``sign_reader`` (``sign-text``): the Vietnamese recognizer (the reader's CRNN, CTC) on lines rendered on the fly;
+- ``scene_describer`` (``describer``): a small Idefics3 (SmolVLM's architecture) on the world's scenes;
+- ``cards``: the Markdown model card written next to each trained checkpoint; ``schedule``: what the
+  time-budgeted PyTorch trainers share; ``standins/``: real architectures with random weights, for tests
+  and the bench.
+
+Each trainer is also a command (``python -m festival_serve.training.hazard_cells``, ...) that retrains its
+model from a seed, shows progress, and writes the weights and their model card. Trainers import the
+models they train and the world; nothing served imports a trainer.
 """
 
 

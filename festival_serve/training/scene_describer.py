@@ -416,11 +416,7 @@ def cmd_train(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+if __name__ == "__main__":
     from festival_serve.training import run_trainer
 
-    return run_trainer(sys.modules[__name__], argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_trainer(sys.modules[__name__]))
