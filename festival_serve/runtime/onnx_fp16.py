@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from festival_serve.runtime.cache import build_once, file_sha256
+from festival_serve.runtime.cache import build_once, derived_name
 from festival_serve.runtime.errors import BackendUnavailable
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ def fp16_target(onnx_path: Path, cache_dir: Path | None = None) -> Path:
     """Where the fp16 copy of ``onnx_path`` lives (named by the source's content hash)."""
     onnx_path = Path(onnx_path)
     folder = Path(cache_dir) if cache_dir is not None else onnx_path.parent
-    return folder / f"{onnx_path.stem}.{file_sha256(onnx_path)[:12]}.fp16.onnx"
+    return folder / derived_name(onnx_path, "fp16")
 
 
 def fp16_onnx(onnx_path: Path, cache_dir: Path | None = None, say: Callable[[str], None] = logger.info) -> tuple[Path, str]:

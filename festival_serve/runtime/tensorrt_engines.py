@@ -31,16 +31,14 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from festival_serve.runtime.errors import BackendUnavailable
 from festival_serve.runtime.onnx_fp16 import fp16_onnx, graph_has_fp16
-from festival_serve.runtime.cache import build_once, file_sha256
+from festival_serve.runtime.cache import build_once, file_sha256, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +217,7 @@ def build_engine(
             "build_seconds": round(seconds, 1),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        _write_atomic(sidecar_path(target), (json.dumps(sidecar, indent=2) + "\n").encode())
+        write_atomic(sidecar_path(target), lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2) + "\n"))
         build_once(target, lambda tmp: tmp.write_bytes(plan))
     say(f"built {target.name} in {seconds:.0f} s ({len(plan) / 2**20:.1f} MiB)")
     return target
@@ -302,7 +300,8 @@ def _build_plan(
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineBuildError(f"TensorRT failed to build an engine from {source}; its log above says why")
-    _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+    serialized = bytes(config.get_timing_cache().serialize())
+    write_atomic(timing_cache, lambda tmp: tmp.write_bytes(serialized))
     notes = {
         "typing": "strongly typed" if strongly_typed else "weakly typed",
         "fp16_via": (
@@ -386,17 +385,6 @@ def _cc(compute_capability: str | tuple[int, int]) -> str:
 def _slug(text: str) -> str:
     """"NVIDIA GeForce RTX 4090" → "nvidia-geforce-rtx-4090"."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from festival_serve.runtime.cache import write_atomic
 from festival_serve.world.scores import cell_metrics
 from festival_serve.models.hazard_cells.yolic import CellLayout, load_layout, load_yolic_checkpoint, preprocess_batch
 
@@ -180,11 +181,7 @@ def save_state_dict(state: dict, path: Path, *, half: bool = True) -> Path:
 
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def train_yolic(

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from festival_serve import DATA_DIR
-from festival_serve.runtime.cache import build_once, file_sha256
+from festival_serve.runtime.cache import build_once, derived_name
 from festival_serve.runtime.devices import resolve_device, resolve_fp16, warn_cpu_beside_gpu
 from festival_serve.pipeline.settings import HazardCellsSettings, in_store
 from festival_serve.pipeline.types import HazardCell, HazardLabel
@@ -153,7 +153,7 @@ class YolicNetwork:
             raise FileNotFoundError(f"YOLIC checkpoint not found: {path}")
         self.path, self.layout = path, layout
         self.name = f"yolic-m2:{path.name}"
-        self.onnx_target = path.with_name(f"{path.name.split('.')[0]}.{file_sha256(path)[:12]}.onnx")
+        self.onnx_target = path.with_name(derived_name(path, stem=path.name.split(".")[0]))  # .pth.tar: two suffixes
         # Validate the checkpoint up front, unless a cached export shows these exact bytes were loaded
         # before: then an ONNX Runtime replica never imports torch (~500 MB less resident memory).
         self._module = None if self.onnx_target.is_file() else load_yolic_checkpoint(path, layout)

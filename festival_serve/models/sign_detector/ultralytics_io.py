@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from festival_serve.runtime.cache import build_once, file_sha256
+from festival_serve.runtime.cache import build_once, derived_name, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class UltralyticsCheckpoint:
         return model.float().eval()
 
     def _onnx_target(self) -> Path:
-        return self.path.with_name(f"{self.path.stem}.{self.sha256[:12]}.{self.image_size}.onnx")
+        return self.path.with_name(derived_name(self.path, str(self.image_size), digest=self.sha256))
 
     def onnx_file(self) -> Path:
         return build_once(self._onnx_target(), self._export_onnx)

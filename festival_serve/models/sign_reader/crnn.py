@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from festival_serve.models.sign_reader import charset
-from festival_serve.runtime.cache import build_once, file_sha256
+from festival_serve.runtime.cache import build_once, derived_name, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -96,12 +96,9 @@ def build_recognizer(crnn):
 
 def save_checkpoint(model, path: Path, **extra: Any) -> Path:
     torch = _torch()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, "config": asdict(model.config), "dictionary": list(charset.DICTIONARY),
-                "model": model.state_dict(), **extra}, tmp)
-    tmp.replace(path)
-    return path
+    checkpoint = {"format": FORMAT, "config": asdict(model.config), "dictionary": list(charset.DICTIONARY),
+                  "model": model.state_dict(), **extra}
+    return write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def load_checkpoint(path: Path):
@@ -144,7 +141,7 @@ def write_onnx(model, path: Path) -> None:
 def onnx_export_path(checkpoint: Path) -> Path:
     """Where ``checkpoint``'s export is cached: beside it, keyed by its bytes (``vi_rec.<sha12>.onnx``), so a
     retrained checkpoint never serves a stale export."""
-    return checkpoint.with_name(f"{checkpoint.stem}.{file_sha256(checkpoint)[:12]}.onnx")
+    return checkpoint.with_name(derived_name(checkpoint))
 
 
 def cached_onnx(checkpoint: Path) -> Path:
