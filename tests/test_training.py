@@ -130,7 +130,7 @@ def test_one_epoch_of_signs_writes_a_checkpoint_the_server_loads(tmp_path, sign_
     checkpoint = YoloCheckpoint(out, 160)
     assert list(checkpoint.names.values()) == list(synth.SIGN_CLASSES)
     assert len(result["seconds"]["per_epoch"]) == 1
-    assert all(0 <= result[k] <= 1 for k in ("precision", "recall", "mAP50"))
+    assert all(0 <= result[k] <= 1 for k in ("precision", "recall", "val_mAP50"))
 
 
 def test_init_fine_tunes_from_a_checkpoint_instead_of_random_weights(tmp_path, sign_dataset):

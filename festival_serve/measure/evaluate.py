@@ -312,7 +312,7 @@ def summary(result: dict[str, Any]) -> str:
     lines = [
         f"images {result['images']}  answered {result['answered']}  errors {result['errors']}  "
         f"degraded {result['degraded_responses']}",
-        f"signs    precision {pct(s['precision'])}  recall {pct(s['recall'])}  mAP50 {pct(s['map50'])}  "
+        f"signs    precision {pct(s['precision'])}  recall {pct(s['recall'])}  mAP50 (all-point) {pct(s['map50'])}  "
         f"(tp {s['true_positives']}, fp {s['false_positives']}, fn {s['false_negatives']})",
         "         AP " + "  ".join(f"{c} {pct(v)}" for c, v in s["per_class_ap"].items()),
         f"ocr      exact {pct(o['exact_match'])}  exact without tones {pct(o['exact_match_no_tones'])}  "

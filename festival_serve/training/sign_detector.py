@@ -187,7 +187,8 @@ def train_signs(
 
     ``overrides`` are any ultralytics training settings (``close_mosaic``, ``mosaic``, ``lr0``, ``cache``,
     ...) except those in ``FIXED``, which this data and machine require. Returns the final validation of the
-    best checkpoint (precision, recall, mAP50, mAP50-95), the per-epoch seconds and the total seconds.
+    best checkpoint (precision, recall, val_mAP50, val_mAP50-95: ultralytics' validator, 101-point interpolated AP;
+    not ``festival-serve eval``'s all-point ``map50``, ``world.scores``), the per-epoch seconds and the total seconds.
     ``project`` keeps ultralytics' run folder (results.csv, last.pt); by default it is a temporary folder."""
     started = time.perf_counter()
     out = Path(out)
@@ -203,8 +204,8 @@ def train_signs(
         "bytes": out.stat().st_size,
         "precision": final.get("metrics/precision(B)"),
         "recall": final.get("metrics/recall(B)"),
-        "mAP50": final.get("metrics/mAP50(B)"),
-        "mAP50-95": final.get("metrics/mAP50-95(B)"),
+        "val_mAP50": final.get("metrics/mAP50(B)"),
+        "val_mAP50-95": final.get("metrics/mAP50-95(B)"),
         "best_epoch": _best_epoch(rows),
         "epochs": len(rows),
         "imgsz": imgsz,
@@ -334,7 +335,7 @@ def cmd_train(args: argparse.Namespace, command: str) -> int:
               f"'train'/'val'; sizes {[list(s) for s in DEFAULT_SIZES]}; JPEG q{JPEG_QUALITY}; "
               f"signs hidden over {MAX_OCCLUDED:.0%} unlabelled)"),
         seed=args.seed, command=command, seconds=seconds,
-        metrics={k: result[k] for k in ("precision", "recall", "mAP50", "mAP50-95", "best_epoch", "epochs", "seconds")},
+        metrics={k: result[k] for k in ("precision", "recall", "val_mAP50", "val_mAP50-95", "best_epoch", "epochs", "seconds")},
         notes=("ultralytics' trainer on the CPU, its default augmentation (mosaic, HSV, scale, translate) except "
                f"fliplr=0 (a mirrored sign changes meaning); {settings}. Serve it at the same letterbox size "
                f"(sign_detector image_size: {args.imgsz}). Metrics: ultralytics' validation of the best checkpoint "

@@ -5,7 +5,7 @@ trainers report on their validation sets, and what ``validate`` compares two run
 
 - signs: greedy class-aware matching at IoU 0.5 → precision, recall, per-class AP, mAP50 (all-point AP,
   PASCAL VOC 2010+; ultralytics' validator in the detector's model card uses 101-point interpolation
-  instead, so the two mAP50s differ slightly and are named apart: ``map50`` here, ``val_map50`` there);
+  instead, so the two mAP50s differ slightly and are named apart: ``map50`` here, ``val_mAP50`` there);
 - OCR: exact match and character error rate, with tone marks and with them stripped, and the letters misread;
 - hazards: a (cells, classes) bool array → micro precision/recall/F1;
 - the targets the shipped models are held to, and the check of a report against them.
