@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -190,9 +191,22 @@ def cmd_engines_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _training_module(name: str):
-    import importlib
+#: Commands whose module brings its own arguments (``add_arguments``) and runs them: (name, module, function, help).
+TOOL_COMMANDS: tuple[tuple[str, str, str, str], ...] = (
+    ("eval", "festival_serve.measure.evaluate", "cmd_eval",
+     "score a running deployment on held-out synthetic scenes (JSON report last)"),
+    ("validate", "festival_serve.ops.validate", "cmd_validate",
+     "check every local backend against torch fp32 on held-out scenes, and time it (JSON report last with --json; "
+     "exit 1 on a failure)"),
+    ("bench", "festival_serve.measure.bench.run", "cmd_bench",
+     "benchmark the graph against the single-process baseline (report in docs/bench)"),
+    ("check-gpu", "festival_serve.ops.check_gpu", "cmd_check_gpu",
+     "where each stage really runs (device, precision, runtime, GPU share) and this machine's GPUs; warns on "
+     "over-committed GPUs"),
+)
 
+
+def _training_module(name: str):
     return importlib.import_module(f"festival_serve.training.{name}")
 
 
@@ -228,31 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, help="also write the image annotated with the answer (PNG)")
     demo.set_defaults(func=cmd_demo)
 
-    from festival_serve.measure import evaluate
-
-    evaluation = sub.add_parser("eval", help="score a running deployment on held-out synthetic scenes (JSON report last)")
-    evaluate.add_arguments(evaluation)
-    evaluation.set_defaults(func=evaluate.cmd_eval)
-
-    from festival_serve.ops import validate as validate_mod
-
-    validate = sub.add_parser("validate", help="check every local backend against torch fp32 on held-out scenes, "
-                                                "and time it (JSON report last with --json; exit 1 on a failure)")
-    validate_mod.add_arguments(validate)
-    validate.set_defaults(func=validate_mod.cmd_validate)
-
-    from festival_serve.measure.bench import run
-
-    benchmark = sub.add_parser("bench", help="benchmark the graph against the single-process baseline (report in docs/bench)")
-    run.add_arguments(benchmark)
-    benchmark.set_defaults(func=run.cmd_bench)
-
-    from festival_serve.ops import check_gpu
-
-    gpu = sub.add_parser("check-gpu", help="where each stage really runs (device, precision, runtime, GPU share) "
-                                           "and this machine's GPUs; warns on over-committed GPUs")
-    check_gpu.add_arguments(gpu)
-    gpu.set_defaults(func=check_gpu.cmd_check_gpu)
+    for name, module, command, help_ in TOOL_COMMANDS:
+        tool = importlib.import_module(module)
+        parser_of_tool = sub.add_parser(name, help=help_)
+        tool.add_arguments(parser_of_tool)
+        parser_of_tool.set_defaults(func=getattr(tool, command))
 
     models = sub.add_parser("models", help="model weights in the model store")
     models_sub = models.add_subparsers(dest="models_command", required=True)

@@ -32,7 +32,7 @@ from festival_serve.world import phrases
 from festival_serve.pipeline.settings import SceneDescriberSettings
 from festival_serve.training.standins.scene_describer import VlmSize, build_idefics3, build_tokenizer
 from festival_serve.world.synth.scene import outdoor_layout
-from festival_serve.training.schedule import learning_rate, use_bf16
+from festival_serve.training.schedule import learning_rate, start_run, use_bf16
 from festival_serve.models.scene_describer.describer import TRAINED_ON_KEY, SceneDescriber, build_prompt, image_processor_kwargs, prepare_inputs
 from festival_serve.pipeline.types import Findings
 
@@ -226,13 +226,8 @@ def train_describer(
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if hours is None and steps is None:
-        raise ValueError("give a budget: hours or steps")
-    started = time.perf_counter()
+    started = start_run(hours, steps, threads=threads, seed=seed)
     out_dir = Path(out_dir)
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if init is None:
         logger.info("describer: training the tokenizer on %d scenes' prompts and descriptions", corpus_scenes)

@@ -1,8 +1,23 @@
-"""What the time-budgeted PyTorch trainers share: the learning-rate schedule and the CPU arithmetic."""
+"""What the time-budgeted PyTorch trainers share: the run's start, the learning-rate schedule and the CPU arithmetic."""
 
 from __future__ import annotations
 
 import math
+import time
+
+
+def start_run(hours: float | None, steps: int | None, *, threads: int | None, seed: int) -> float:
+    """Refuse a run without a budget, give torch ``threads`` (None: its default) and ``seed``; returns the start
+    time (``time.perf_counter``, s) the budget counts from."""
+    import torch
+
+    if hours is None and steps is None:
+        raise ValueError("give a budget: hours or steps")
+    started = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    return started
 
 
 def learning_rate(base: float, step: int, done: float, warmup: int) -> float:

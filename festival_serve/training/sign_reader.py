@@ -43,7 +43,7 @@ from festival_serve.models.sign_reader.crnn import (
     HEIGHT, WIDTH_STRIDE, CRNNConfig, build_crnn, cached_onnx, load_checkpoint, save_checkpoint,
 )
 from festival_serve.world.synth.text_lines import sample_lines, vietnamese_fonts
-from festival_serve.training.schedule import learning_rate, use_bf16
+from festival_serve.training.schedule import learning_rate, start_run, use_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -180,13 +180,8 @@ def train_sign_text(
     export, the dictionary and return the metrics (the card is ``cmd_train``'s). Ctrl-C ends training
     early and still exports what it has."""
     import torch
-    if hours is None and steps is None:
-        raise ValueError("give a budget: hours or steps")
-    started = time.perf_counter()
+    started = start_run(hours, steps, threads=threads, seed=seed)
     out_dir = Path(out_dir)
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
     fonts = tuple(fonts or vietnamese_fonts())
     logger.info("sign-text: %d fonts: %s", len(fonts), ", ".join(Path(f).name for f in fonts))
 
