@@ -12,7 +12,7 @@ from typing import Any, Callable, ClassVar
 
 import ray
 
-from festival_serve.serving.http import public_path
+from festival_serve.serving.public_paths import public_path
 from festival_serve.serving.autoscaling import FRAMES_IN_FLIGHT, InFlight
 from festival_serve.serving.batching import is_out_of_memory, run_isolating
 from festival_serve.runtime.devices import cuda_available

@@ -26,13 +26,15 @@ from starlette.responses import JSONResponse
 
 from festival_serve.serving.admission import Admission, Budget
 from festival_serve.serving.http import BUDGET_HEADER, ApiHandlers, build_http_app, ms_since, parse_bool, parse_budget, \
-    public_model_info, read_image_bytes, request_id_of
+    request_id_of
 from festival_serve.serving.auth import KeyRing
 from festival_serve.serving.autoscaling import ARRIVALS_PER_S, RateMeter
 from festival_serve.serving.coalesce import CallCoalescer
 from festival_serve.serving.flow import admitted, analyze_frame
 from festival_serve.serving.imaging import Decoder
-from festival_serve.serving.metrics import counting_refusals, record_answer
+from festival_serve.serving.metrics import record_answer, record_refusal
+from festival_serve.serving.public_paths import public_model_info
+from festival_serve.serving.uploads import read_image_bytes
 from festival_serve.pipeline.settings import IngressSettings
 from festival_serve.pipeline.stages import STAGES
 
@@ -68,10 +70,10 @@ class PipelineIngress:
         self.arrivals = RateMeter()  # every /v1/analyze, admitted or refused: the autoscaler's load
 
     def __serve_build_asgi_app__(self) -> Starlette:
-        # Routes, API keys, /openapi.json and the one error mapper are the baseline's too (festival_serve.serving.http).
-        handlers = ApiHandlers(analyze=counting_refusals(self.analyze, logger), models=self.list_models,
-                               healthz=self.healthz, readyz=self.readyz)
-        return build_http_app(handlers, keys=self.keys, log=logger)
+        # Routes, API keys, /openapi.json and the one error mapper are the baseline's too (festival_serve.serving.http);
+        # only the ingress counts the refusals it answers (festival_serve.serving.metrics).
+        handlers = ApiHandlers(analyze=self.analyze, models=self.list_models, healthz=self.healthz, readyz=self.readyz)
+        return build_http_app(handlers, keys=self.keys, log=logger, on_analyze_refusal=record_refusal)
 
     # -- routes (each raises what it cannot answer: build_http_app maps it to a status) ---------
 
@@ -90,7 +92,7 @@ class PipelineIngress:
         result = await analyze_frame(image, frame, describe, self.stages, self.settings, timings, budget=budget,
                                      admission=self.admission, request_id=request_id)
         timings["total"] = ms_since(started)
-        record_answer(result, timings)  # refusals are counted by counting_refusals (festival_serve.serving.metrics)
+        record_answer(result, timings)  # refusals are counted by the error mapper's on_analyze_refusal
         # Serve's proxy puts the same id in the x-request-id response header.
         return JSONResponse({"request_id": request_id, **result, "timings_ms": timings})
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from festival_serve.serving.admission import Admission, Budget, StageLoad
-from festival_serve.serving.http import error_response
+from festival_serve.serving.errors import error_response
 from festival_serve.serving.flow import Rejected, admit
 from festival_serve.pipeline.settings import IngressSettings
 

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from festival_serve.serving.admission import Admission, Budget
-from festival_serve.serving.http import ApiError, parse_budget
+from festival_serve.serving.errors import ApiError
+from festival_serve.serving.http import parse_budget
 from festival_serve.serving.flow import Rejected, analyze_frame
 from festival_serve.pipeline.types import SignText
 from festival_serve.pipeline.settings import IngressSettings

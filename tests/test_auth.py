@@ -1,5 +1,6 @@
 """API keys (``festival_serve.serving.auth``), ``festival-serve keys new``, and the middleware both servers share,
-checked on the baseline's Starlette app; and ``/v1/models`` showing weights relative to the model store.
+checked on the baseline's Starlette app; and ``/v1/models`` showing weights relative to the model store
+(``festival_serve.serving.public_paths``).
 
 The key checks sit in front of the models, so the app here runs stand-ins that find nothing (no weights
 to build); the Ray Serve ingress gets the same middleware and is checked in ``tests/test_graph.py``."""
@@ -15,7 +16,7 @@ from starlette.testclient import TestClient
 
 from festival_serve.serving import auth
 from festival_serve.ops import up
-from festival_serve.serving.http import public_model_info, public_path
+from festival_serve.serving.public_paths import public_model_info, public_path
 from festival_serve.measure.baseline import build_app
 from festival_serve.cli import main
 from festival_serve.serving.imaging import encode_jpeg

@@ -19,7 +19,8 @@ from starlette.testclient import TestClient
 
 from festival_serve.serving import auth
 from festival_serve.serving import flow
-from festival_serve.serving.http import ApiError, ApiHandlers, build_http_app, request_id_of
+from festival_serve.serving.errors import ApiError
+from festival_serve.serving.http import ApiHandlers, build_http_app, request_id_of
 from festival_serve.measure.baseline import build_app
 from festival_serve.serving.imaging import InvalidImage, encode_jpeg
 from festival_serve.serving.openapi import ERRORS

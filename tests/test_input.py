@@ -1,5 +1,5 @@
 """Input hardening of the HTTP layer: what an uploaded frame becomes (``festival_serve.serving.imaging``) and how a
-multipart upload is read (``festival_serve.serving.http``), without Ray.
+multipart upload is read (``festival_serve.serving.uploads``), without Ray.
 
 Streamed uploads go through ``httpx.ASGITransport``, which hands the app one chunk per item of an async
 generator body (sent chunked, with no content-length), so a test can count how much of the body the app
@@ -25,7 +25,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from festival_serve.serving import imaging
-from festival_serve.serving.http import ApiError, error_response, read_image_bytes
+from festival_serve.serving.errors import ApiError, error_response
+from festival_serve.serving.uploads import read_image_bytes
 from festival_serve.measure.baseline import build_app
 from festival_serve.serving.imaging import Decoder, InvalidImage, decode_image
 from festival_serve.pipeline.settings import IngressSettings, PipelineArgs

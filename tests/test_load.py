@@ -97,7 +97,7 @@ def test_fault_report_measures_recovery_against_the_goodput_before():
 def test_updates_change_one_value_and_leave_the_rest():
     import yaml
 
-    from festival_serve.measure.load import updated_config
+    from festival_serve.measure.faults import updated_config
 
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     tuned, change = updated_config(config, "user_config")

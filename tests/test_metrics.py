@@ -5,23 +5,25 @@ dashboard agree with the code. ``tests/test_graph.py`` scrapes them from a live 
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import re
 import socket
 from pathlib import Path
 
 import pytest
 import yaml
-from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.testclient import TestClient
 
 from festival_serve.serving import flow
 from festival_serve.serving import metrics
-from festival_serve.serving.http import ApiError, error_reply
+from festival_serve.serving.errors import ApiError
+from festival_serve.serving.http import ApiHandlers, build_http_app
 from festival_serve.cli import build_parser, main
 from festival_serve.serving.imaging import InvalidImage
+from festival_serve.pipeline.settings import IngressSettings
 from festival_serve.pipeline.stages import STAGE_NAMES, STAGES, stage
+from tests.test_http import ingress_app
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
@@ -153,16 +155,28 @@ def test_a_refusal_is_answered_as_the_error_mapper_answers_it_and_counted_once(r
     async def analyze(request):
         raise exc
 
-    def request():
-        return Request({"type": "http", "method": "POST", "path": "/v1/analyze", "query_string": b"",
-                        "headers": [(b"x-request-id", b"r-1")]})
+    async def ok(request):
+        return JSONResponse({"status": "ok"})
 
-    answer = asyncio.run(metrics.counting_refusals(analyze, logging.getLogger("test"))(request()))
+    handlers = ApiHandlers(analyze=analyze, models=ok, healthz=ok, readyz=ok)
+    counted = TestClient(build_http_app(handlers, keys=None, on_analyze_refusal=metrics.record_refusal))
+    uncounted = TestClient(build_http_app(handlers, keys=None))
 
-    expected = error_reply(request(), exc)
-    assert (answer.status_code, answer.body, answer.headers.get("retry-after")) == \
-        (expected.status_code, expected.body, expected.headers.get("retry-after"))
+    answers = [client.post("/v1/analyze", headers={"x-request-id": "r-1"}) for client in (counted, uncounted)]
+
+    assert [(a.status_code, a.content, a.headers.get("retry-after")) for a in answers] == \
+        [(answers[1].status_code, answers[1].content, answers[1].headers.get("retry-after"))] * 2
     assert recorded.answers.values == [(1, {"outcome": outcome, "code": code})]
+
+
+def test_the_ingress_counts_the_refusals_of_analyze_only(recorded):
+    client = TestClient(ingress_app(IngressSettings()))
+
+    client.post("/v1/analyze", content=b"x", headers={"x-request-timeout-seconds": "soon"})
+    client.get("/v1/nothing")  # the router's 404: Ray's own series count it
+    client.put("/v1/models")
+
+    assert recorded.answers.values == [(1, {"outcome": "rejected", "code": "invalid_budget"})]
 
 
 def test_a_batch_records_its_size_in_its_unit_each_wait_and_what_expired(recorded):

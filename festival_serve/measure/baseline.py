@@ -26,11 +26,13 @@ from starlette.responses import JSONResponse
 
 from festival_serve.serving.admission import Budget
 from festival_serve.serving.http import BUDGET_HEADER, ApiHandlers, build_http_app, ms_since, parse_bool, parse_budget, \
-    public_model_info, read_image_bytes, request_id_of
+    request_id_of
 from festival_serve.serving.auth import KeyRing
 from festival_serve.serving.flow import analyze_frame
 from festival_serve.pipeline.types import Ticket
 from festival_serve.serving.imaging import Decoder
+from festival_serve.serving.public_paths import public_model_info
+from festival_serve.serving.uploads import read_image_bytes
 from festival_serve.pipeline.settings import PipelineArgs
 from festival_serve.pipeline.stages import STAGE_NAMES, STAGES, Stage
 

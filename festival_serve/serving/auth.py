@@ -1,4 +1,5 @@
-"""API keys: who may call ``/v1``. No Ray, no HTTP: the middleware in ``festival_serve.serving.http`` uses it.
+"""API keys: who may call ``/v1`` (``KeyRing``), and the ASGI middleware that asks for one (``RequireApiKey``,
+which ``festival_serve.serving.http.build_http_app`` puts in front of both servers' routes). No Ray.
 
 A keys file holds the SHA-256 hex digest of each key, one per line (``#`` starts a comment; blank
 lines are fine), never a key itself: the file can be mounted on every node and read by anyone who
@@ -13,10 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from festival_serve.serving.errors import error_response
+
+logger = logging.getLogger(__name__)
 
 #: Marks a festival-serve key, so one found in a log or a repository is recognisable (and greppable).
 KEY_PREFIX = "fs_"
@@ -92,3 +101,47 @@ class KeyRing:
         for stored in self.digests:
             matched |= hmac.compare_digest(presented, stored.encode())
         return matched
+
+
+#: Paths anyone who reaches the port may call, with or without a key: the load balancers' and Kubernetes' probes,
+#: and the API's description.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
+
+
+class RequireApiKey:
+    """ASGI middleware: with a key ring, every request but the open paths (``OPEN_PATHS``) needs
+    ``Authorization: Bearer <key>`` with a key of the ring (``KeyRing.allows``); with ``keys=None`` everything passes.
+
+    It refuses by default rather than guarding ``/v1`` alone, so a path the router reads differently
+    from this check, or a route added later, is closed rather than open. A refusal is a 401 with
+    ``WWW-Authenticate`` (RFC 6750) and the usual JSON error; neither the answer nor the log shows the key."""
+
+    def __init__(self, app: ASGIApp, keys: KeyRing | None) -> None:
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.keys is None or scope["type"] != "http" or _route_path(scope) in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        authorization = headers.get("authorization")
+        if self.keys.allows(authorization):
+            await self.app(scope, receive, send)
+            return
+        request_id = headers.get("x-request-id")
+        if bearer_key(authorization) is None:
+            reason, challenge = "no API key", "Bearer"
+            message = "this endpoint needs an API key: send the header `Authorization: Bearer <key>`"
+        else:
+            reason, challenge, message = "unknown API key", 'Bearer error="invalid_token"', "the API key is not valid"
+        logger.info("request %s: 401 (%s)", request_id, reason)
+        response = error_response(401, "unauthorized", message, request_id)
+        response.headers["WWW-Authenticate"] = challenge
+        await response(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the app's router matches. Ray Serve's proxy keeps an application's route prefix in the path
+    and puts it in ``root_path`` too (``/bare/healthz``, ``/bare``); the router, and so this, strips it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root + "/") else path

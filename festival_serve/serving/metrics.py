@@ -9,8 +9,8 @@ flow's stable error codes), never a request id or a path.
 
 Where each is measured:
 
-- the ingress (``record_answer``, ``record_refusal``), once per ``/v1/analyze`` request that reached the
-  handler (a request refused for its API key, or by the router, never does; Ray's
+- the ingress (``record_answer``; ``record_refusal``, which the error mapper calls), once per ``/v1/analyze``
+  request that reached the handler (a request refused for its API key, or by the router, never does; Ray's
   ``ray_serve_num_http_requests_total`` counts those by status): the answer's outcome, the latency of
   each stage as the ingress waited for it (the answer's ``timings_ms``), and the whole answer's;
 - the model replicas (``record_stage_request``), once per Serve request: how many calls it carried;
@@ -31,12 +31,9 @@ that makes them, and a process that records nothing (the CLI, the baseline, the 
 from __future__ import annotations
 
 import functools
-import json
-import logging
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
-from festival_serve.serving.http import error_reply
 from festival_serve.pipeline.stages import STAGE_NAMES, Stage
 
 Outcome = Literal["ok", "degraded", "shed", "rejected", "error"]
@@ -136,25 +133,9 @@ def record_answer(answer: Mapping[str, Any], timings_ms: Mapping[str, float]) ->
 
 
 def record_refusal(status: int, code: str) -> None:
+    """A ``/v1/analyze`` request answered with an error: its status and code as the error mapper answered them
+    (the ingress hands this to ``build_http_app`` as its ``on_analyze_refusal``)."""
     _metrics().answers.inc(1, {"outcome": refusal_outcome(status, code), "code": code})
-
-
-Handler = Callable[[Any], Awaitable[Any]]  # a Starlette endpoint: request → response
-
-
-def counting_refusals(endpoint: Handler, log: logging.Logger) -> Handler:
-    """``endpoint``, answering what it raises through the API's one error mapper (``error_reply``, logging to
-    ``log``) and counting that answer's outcome by its status and error code (the body's ``error.code``)."""
-
-    async def call(request):
-        try:
-            return await endpoint(request)
-        except Exception as e:  # noqa: BLE001 - answered as build_http_app would answer it, and counted
-            response = error_reply(request, e, log)
-            record_refusal(response.status_code, json.loads(response.body)["error"]["code"])
-            return response
-
-    return call
 
 
 def record_stage_request(stage: Stage, calls: int) -> None:

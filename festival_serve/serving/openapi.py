@@ -136,7 +136,7 @@ _CHALLENGE = {"description": "`Bearer`, or `Bearer error=\"invalid_token\"` for 
 
 def openapi_document(*, budget_header: str, open_paths: Iterable[str]) -> dict[str, Any]:
     """The OpenAPI 3.1 document. ``budget_header``: the request's budget header; ``open_paths``: the paths
-    that need no API key (``festival_serve.serving.http.OPEN_PATHS``); every other operation needs one."""
+    that need no API key (``festival_serve.serving.auth.OPEN_PATHS``); every other operation needs one."""
     operations = {
         "/v1/analyze": {"post": _analyze(budget_header)},
         "/v1/models": {"get": {

@@ -24,7 +24,8 @@ from typing import Any
 import litserve as ls
 from fastapi import HTTPException
 
-from festival_serve.serving.http import ApiError, parse_bool
+from festival_serve.serving.errors import ApiError
+from festival_serve.serving.http import parse_bool
 from festival_serve.serving.flow import findings_of, hazard_json, sign_json, signs_with_text
 from festival_serve.serving.imaging import InvalidImage, crop, decode_image
 from festival_serve.pipeline.settings import PipelineArgs

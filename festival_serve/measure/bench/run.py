@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from festival_serve.measure import loadgen
+from festival_serve.measure.bench import report
+from festival_serve.measure.bench.targets import AT_MOST, TARGETS
 from festival_serve.measure.procstats import TreeSampler, resident_gb
 from festival_serve.pipeline.settings import PipelineArgs
 
@@ -62,14 +64,6 @@ FULL = Plan("full", (1, 4, 16, 64), (1, 4, 16, 64), (0.5, 1.0, 1.5, 2.0), 20.0, 
 #: warming up, so the CPU plan stops at 16 (pass --describe-concurrency to insist).
 FULL_CPU_DESCRIBE_CONCURRENCY = (1, 4, 16)
 
-#: Targets of the performance issue (2-core CPU machine, ratios from one run), and of the crowd-load issue
-#: at 5x the graph's capacity: answers within budget + 0.25 s, refusals fast and with Retry-After, goodput kept.
-#: And of the peers issue: against LitServe at 16 clients (mixed frames and text-sign frames), and p50 at one client.
-TARGETS = {"overhead_ms_p50": 10.0, "throughput_ratio_nodescribe": 1.0, "throughput_ratio_describe": 1.5,
-           "graph_rss_gb": 6.0, "overload_within_budget_5x": 0.99, "overload_shed_fast_5x": 0.95,
-           "overload_goodput_ratio_5x": 0.8, "peer_goodput_ratio_c16": 1.0, "peer_goodput_ratio_c16_text": 1.0,
-           "peer_p50_delta_ms_c1": 10.0}
-AT_MOST = ("overhead_ms_p50", "graph_rss_gb", "peer_p50_delta_ms_c1")  # targets that are ceilings
 SYSTEMS = ("baseline", "graph", "peer")
 #: The frame sets: "mixed" (the held-out scenes as they come), "text_signs" (each prints text) and "no_text".
 FRAME_SETS = ("mixed", "text_signs", "no_text")
@@ -339,7 +333,6 @@ def overload_summary(rows: list[dict], *, prefix: str) -> dict:
 
 
 def run(options: argparse.Namespace, progress=print) -> dict:
-    from festival_serve.measure.bench import report
     from festival_serve.measure.bench.micro import run_micro
     from festival_serve.measure.bench.servers import baseline_server, graph_server, peer_server
     from festival_serve.runtime.devices import cuda_available
