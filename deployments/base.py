@@ -17,7 +17,7 @@ from festival_serve.serving.autoscaling import FRAMES_IN_FLIGHT, InFlight
 from festival_serve.serving.batching import is_out_of_memory, run_isolating
 from festival_serve.runtime.devices import cuda_available
 from festival_serve.pipeline.types import StageError, Ticket
-from festival_serve.runtime.gpu_share import process_gpu_memory_bytes
+from festival_serve.runtime.nvml import process_gpu_memory_bytes
 from festival_serve.serving.metrics import record_batch, record_stage_request
 from festival_serve.pipeline.serve_config import batch_config
 from festival_serve.pipeline.settings import BatchConfig

@@ -12,11 +12,12 @@ import pytest
 
 from festival_serve.ops import check_gpu
 from festival_serve.cli import main
+from festival_serve.runtime import nvml
 
 from tests.ports import free_port
 
 GIB = 1 << 30
-HAS_GPU = check_gpu.local_gpus()["available"]
+HAS_GPU = nvml.local_gpus()["available"]
 no_gpu_here = pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU report; this machine has an NVIDIA GPU")
 
 
@@ -55,16 +56,16 @@ def test_without_a_gpu_it_says_so_and_exits_0(capsys):
     code, report, text = _run(capsys, "--url", _nowhere(), "--timeout", "2")
     assert code == 0
     assert report["gpu"] is False and report["local"]["available"] is False
-    assert report["local"]["reason"] == check_gpu.NO_GPU and report["local"]["devices"] == []
-    assert check_gpu.NO_GPU in text
+    assert report["local"]["reason"] == nvml.NO_GPU and report["local"]["devices"] == []
+    assert nvml.NO_GPU in text
 
 
 @no_gpu_here
 def test_require_gpu_fails_without_a_gpu(capsys):
     code, report, text = _run(capsys, "--url", _nowhere(), "--timeout", "2", "--require-gpu")
     assert code == 1
-    assert check_gpu.NO_GPU in report["require_gpu_failures"]
-    assert f"required GPU: {check_gpu.NO_GPU}" in text
+    assert nvml.NO_GPU in report["require_gpu_failures"]
+    assert f"required GPU: {nvml.NO_GPU}" in text
 
 
 def test_an_unreachable_graph_is_reported_not_fatal(capsys):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from festival_serve.cli import main as festival_serve_cli
 from festival_serve.measure import evaluate as ev
 
 from festival_serve.world import scores
@@ -287,7 +288,7 @@ def test_failed_requests_count_as_errors_and_misses(stub_server):
 
 def test_main_prints_the_report_as_the_last_stdout_line(stub_server, capsys):
     url, _, _ = stub_server
-    assert ev.main(["--url", url, "--images", "2", "--sizes", "848x480", "--no-progress"]) == 0
+    assert festival_serve_cli(["eval", "--url", url, "--images", "2", "--sizes", "848x480", "--no-progress"]) == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out.strip().splitlines()[-1])
     assert report["images"] == 2 and report["signs"]["recall"] == 1.0 and "hazards" in report
@@ -295,7 +296,7 @@ def test_main_prints_the_report_as_the_last_stdout_line(stub_server, capsys):
 
 
 def test_unreachable_server_is_one_clear_error(capsys):
-    assert ev.main(["--url", "http://127.0.0.1:9", "--images", "1", "--no-progress"]) == 1
+    assert festival_serve_cli(["eval", "--url", "http://127.0.0.1:9", "--images", "1", "--no-progress"]) == 1
     assert "cannot reach" in capsys.readouterr().err
 
 

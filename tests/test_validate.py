@@ -1,4 +1,5 @@
-"""`festival-serve validate`: every local backend against torch fp32 on held-out scenes, and the verdict.
+"""`festival-serve validate`: every local backend against torch fp32 on held-out scenes, and the verdict; the
+comparisons it makes (`ops.parity`) and the environment it reports (`runtime.environment`).
 
 The end-to-end tests run the real command on the shipped models (models/) with 2 scenes and batch sizes
 1,2. They pass ``--validate-only`` so that a GPU machine with TensorRT never spends minutes building
@@ -15,10 +16,13 @@ import pytest
 import yaml
 
 from festival_serve import cli
+from festival_serve.ops import parity
 from festival_serve.ops import up
 from festival_serve.ops import validate
+from festival_serve.pipeline.stages import STAGES
 from festival_serve.pipeline.types import SignDetection
 from festival_serve.pipeline.types import HazardCell, HazardLabel
+from festival_serve.runtime import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "serve_config.yaml"
@@ -101,14 +105,14 @@ def test_a_missing_engine_of_an_unconfigured_candidate_is_skipped_not_failed():
     def load():
         raise EngineMissing("no engine; festival-serve engines build")
 
-    assert run.load("hazard_cells", validate.Candidate("tensorrt", "cuda", "fp16"), load) is None
+    assert run.load("hazard_cells", parity.Candidate("tensorrt", "cuda", "fp16"), load) is None
     assert run.failures == []
     assert run.models["hazard_cells"]["skipped"][0]["backend"] == "tensorrt/cuda/fp16"
 
     def broken():
         raise RuntimeError("cuDNN missing")
 
-    assert run.load("hazard_cells", validate.Candidate("torch", "cuda", "fp16"), broken) is None
+    assert run.load("hazard_cells", parity.Candidate("torch", "cuda", "fp16"), broken) is None
     assert run.failures == ["hazard_cells: torch/cuda/fp16 did not load: RuntimeError: cuDNN missing"]
 
 
@@ -129,7 +133,7 @@ def outputs(seed: int = 0) -> list[np.ndarray]:
 def test_parity_passes_identical_outputs_and_fp32_rounding_noise():
     reference = outputs()
     noisy = [r * (1 + 1e-6) for r in reference]
-    result = validate.compare_outputs(reference, noisy, validate.TOLERANCES["fp32"])
+    result = parity.compare_outputs(reference, noisy, parity.TOLERANCES["fp32"])
     assert result["passed"]
     assert 0 < result["max_abs_error"] < 1e-3
 
@@ -138,7 +142,7 @@ def test_parity_fails_when_an_output_differs_beyond_tolerance():
     reference = outputs()
     broken = [r.copy() for r in reference]
     broken[1][0, 3] += 0.5  # one logit off by 0.5: far beyond fp32's 1e-3 relative
-    result = validate.compare_outputs(reference, broken, validate.TOLERANCES["fp32"])
+    result = parity.compare_outputs(reference, broken, parity.TOLERANCES["fp32"])
     assert not result["passed"]
     assert result["outputs"][0]["passed"] and not result["outputs"][1]["passed"]
     assert result["max_abs_error"] == pytest.approx(0.5, rel=1e-3)
@@ -148,18 +152,18 @@ def test_parity_fails_when_an_output_differs_beyond_tolerance():
 def test_half_precision_rounding_passes_fp16_tolerance_but_not_fp32():
     reference = outputs()
     halved = [r.astype(np.float16).astype(np.float32) for r in reference]
-    assert validate.compare_outputs(reference, halved, validate.TOLERANCES["fp16"])["passed"]
-    assert not validate.compare_outputs(reference, halved, validate.TOLERANCES["fp32"])["passed"]
+    assert parity.compare_outputs(reference, halved, parity.TOLERANCES["fp16"])["passed"]
+    assert not parity.compare_outputs(reference, halved, parity.TOLERANCES["fp32"])["passed"]
 
 
 def test_parity_fails_on_a_wrong_shape_a_missing_output_or_nan():
     reference = outputs()
-    tolerance = validate.TOLERANCES["bf16"]
-    assert not validate.compare_outputs(reference, [reference[0][:1], reference[1]], tolerance)["passed"]
-    assert not validate.compare_outputs(reference, reference[:1], tolerance)["passed"]
+    tolerance = parity.TOLERANCES["bf16"]
+    assert not parity.compare_outputs(reference, [reference[0][:1], reference[1]], tolerance)["passed"]
+    assert not parity.compare_outputs(reference, reference[:1], tolerance)["passed"]
     with_nan = [reference[0].copy(), reference[1]]
     with_nan[0][0, 0, 0] = np.nan
-    result = validate.compare_outputs(reference, with_nan, tolerance)
+    result = parity.compare_outputs(reference, with_nan, tolerance)
     assert not result["passed"] and result["max_abs_error"] is None
 
 
@@ -171,15 +175,15 @@ def sign(x: float, label: str = "stop") -> SignDetection:
 
 def test_sign_agreement_counts_missing_extra_and_relabelled_signs():
     reference = [[sign(0), sign(100)], [sign(200)]]
-    assert validate.sign_agreement(reference, reference, "fp32")["passed"]
+    assert parity.sign_agreement(reference, reference, "fp32")["passed"]
 
-    dropped = validate.sign_agreement(reference, [[sign(0)], [sign(200)]], "fp32")
+    dropped = parity.sign_agreement(reference, [[sign(0)], [sign(200)]], "fp32")
     assert dropped["value"] == pytest.approx(2 / 3, abs=1e-4) and not dropped["passed"]
 
-    relabelled = validate.sign_agreement(reference, [[sign(0), sign(100, "children")], [sign(200)]], "fp16")
+    relabelled = parity.sign_agreement(reference, [[sign(0), sign(100, "children")], [sign(200)]], "fp16")
     assert relabelled["details"]["matched"] == 2 and not relabelled["passed"]
 
-    extra = validate.sign_agreement(reference, [[sign(0), sign(100), sign(300)], [sign(200)]], "fp16")
+    extra = parity.sign_agreement(reference, [[sign(0), sign(100), sign(300)], [sign(200)]], "fp16")
     assert extra["details"]["candidate_matched"] == 0.75 and not extra["passed"]
 
 
@@ -189,10 +193,16 @@ def cells(*flags: tuple[int, str]) -> list[HazardCell]:
 
 def test_hazard_agreement_is_the_jaccard_index_of_flagged_cells():
     reference = [cells((1, "person"), (2, "car")), cells()]
-    assert validate.hazard_agreement(reference, reference, "fp32")["value"] == 1.0
-    assert validate.hazard_agreement([cells(), cells()], [cells(), cells()], "fp32")["passed"]  # nothing flagged
-    moved = validate.hazard_agreement(reference, [cells((1, "person"), (3, "car")), cells()], "fp16")
+    assert parity.hazard_agreement(reference, reference, "fp32")["value"] == 1.0
+    assert parity.hazard_agreement([cells(), cells()], [cells(), cells()], "fp32")["passed"]  # nothing flagged
+    moved = parity.hazard_agreement(reference, [cells((1, "person"), (3, "car")), cells()], "fp16")
     assert moved["value"] == pytest.approx(1 / 3, abs=1e-4) and not moved["passed"]
+
+
+def test_every_kind_of_answer_the_stage_table_names_has_a_comparison():
+    kinds = {stage.name: stage.agreement for stage in STAGES if stage.agreement}
+    assert kinds == {"sign_detector": "detections", "hazard_cells": "cells"}
+    assert set(kinds.values()) <= set(parity.AGREEMENTS)
 
 
 def test_speed_rows_cover_every_batch_size_with_real_items():
@@ -205,13 +215,18 @@ def test_speed_rows_cover_every_batch_size_with_real_items():
 
 def test_candidates_are_every_backend_this_machine_offers():
     cpu_only = {"cuda_available": False, "onnxruntime_providers": ["CPUExecutionProvider"], "tensorrt": "10.13"}
-    assert [c.label for c in validate.candidates(cpu_only)] == ["onnxruntime/cpu/fp32"]
+    assert [c.label for c in parity.candidates(cpu_only)] == ["onnxruntime/cpu/fp32"]
 
     gpu = {"cuda_available": True, "onnxruntime_providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-           "tensorrt": validate.NOT_INSTALLED}
-    labels = [c.label for c in validate.candidates(gpu)]
+           "tensorrt": environment.NOT_INSTALLED}
+    labels = [c.label for c in parity.candidates(gpu)]
     assert labels == ["onnxruntime/cpu/fp32", "torch/cuda/fp32", "torch/cuda/fp16", "torch/cuda/bf16",
                       "onnxruntime/cuda/fp32"]
     # fp32 on CUDA convolves in TF32 by default, and is judged as such.
-    assert validate.Candidate("torch", "cuda", "fp32").numerics == "tf32"
-    assert validate.REFERENCE.numerics == "fp32"
+    assert parity.Candidate("torch", "cuda", "fp32").numerics == "tf32"
+    assert parity.REFERENCE.numerics == "fp32"
+
+
+def test_package_versions_name_the_installed_packages_only_in_the_order_asked():
+    versions = environment.package_versions(["pytest", "no-such-package-here", "numpy"])
+    assert list(versions) == ["pytest", "numpy"] and versions["numpy"] == np.__version__

@@ -397,12 +397,3 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(json.dumps(result, ensure_ascii=False), flush=True)
     missed = [k for k, t in result["targets"].items() if not t["met"]]
     return 1 if args.strict and missed else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="festival-serve eval", description=__doc__.split("\n\n")[0]))
-    return cmd_eval(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,9 +2,9 @@
 
 Two sources, read side by side:
 
-- NVML on this machine: driver and CUDA driver versions, and per device its name, memory
-  (total/used/free, bytes), utilisation and the processes holding memory on it. NVML rather than
-  ``torch.cuda``: importing torch costs ~400 MB and seconds, and NVML also sees other processes.
+- NVML on this machine (``festival_serve.runtime.nvml.local_gpus``): driver and CUDA driver versions,
+  and per device its name, memory (total/used/free, bytes), utilisation and the processes holding
+  memory on it.
 - ``GET /v1/models`` of a running graph: per stage and per network the device it resolved, the
   device its runtime reports (``runtime_device``), precision, backend and ONNX Runtime providers,
   threads, the GPU memory cap and use, and the Ray GPU share (``gpu_fraction``). Every field but
@@ -26,94 +26,15 @@ import sys
 from typing import Any
 from urllib.parse import urlsplit
 
-import pynvml
+from festival_serve.runtime.nvml import NO_GPU, local_gpus
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-NO_GPU = "no NVIDIA GPU or driver on this machine"
 #: Fractions like 0.2 + 0.2 + 0.3 + 0.3 sum to 1.0000000000000002 in floating point; Ray itself
 #: rounds GPU shares to 1e-4, so anything within that of 1.0 fits on one GPU.
 FRACTION_SLACK = 1e-4
 GIB = 1 << 30
-
-
-# -- local devices (NVML) ---------------------------------------------------------------------------
-
-def local_gpus() -> dict[str, Any]:
-    """NVML's view of this machine: ``{"available", "reason", "nvml_error", "driver_version",
-    "cuda_driver_version", "devices": [...]}``; ``available`` is False without a driver or GPU."""
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as e:  # no libnvidia-ml (no driver), or a driver/library mismatch
-        logger.debug("NVML did not start: %s", e)
-        return _no_gpu(nvml_error=str(e))
-    try:
-        return _read_nvml()
-    except pynvml.NVMLError as e:  # the driver is there but a device does not answer (lost, being reset)
-        logger.warning("NVML could not list the devices: %s", e)
-        return _no_gpu(nvml_error=str(e), reason="an NVIDIA driver is installed but its GPUs did not answer NVML")
-    finally:
-        pynvml.nvmlShutdown()
-
-
-def _read_nvml() -> dict[str, Any]:
-    devices = [_device(i) for i in range(pynvml.nvmlDeviceGetCount())]
-    if not devices:
-        return _no_gpu(nvml_error="NVML started but counts no device")
-    return {"available": True, "reason": None, "nvml_error": None,
-            "driver_version": _nvml(pynvml.nvmlSystemGetDriverVersion),
-            "cuda_driver_version": _cuda_version(_nvml(pynvml.nvmlSystemGetCudaDriverVersion)),
-            "devices": devices}
-
-
-def _no_gpu(nvml_error: str, reason: str = NO_GPU) -> dict[str, Any]:
-    return {"available": False, "reason": reason, "nvml_error": nvml_error,
-            "driver_version": None, "cuda_driver_version": None, "devices": []}
-
-
-def _nvml(query, *args):
-    """One NVML query, or None where the device does not support it (utilisation on some vGPUs,
-    process names of other users' processes): one missing field must not hide the rest."""
-    try:
-        return query(*args)
-    except pynvml.NVMLError as e:
-        logger.debug("%s%s: %s", getattr(query, "__name__", query), args, e)
-        return None
-
-
-def _cuda_version(encoded: int | None) -> str | None:
-    """NVML encodes the CUDA driver version as 1000 * major + 10 * minor (12040 → "12.4")."""
-    return None if encoded is None else f"{encoded // 1000}.{encoded % 1000 // 10}"
-
-
-def _device(index: int) -> dict[str, Any]:
-    handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-    memory = _nvml(pynvml.nvmlDeviceGetMemoryInfo, handle)
-    rates = _nvml(pynvml.nvmlDeviceGetUtilizationRates, handle)
-    return {
-        "index": index,
-        "name": _nvml(pynvml.nvmlDeviceGetName, handle),
-        "uuid": _nvml(pynvml.nvmlDeviceGetUUID, handle),
-        "memory_total_bytes": memory.total if memory else None,
-        "memory_used_bytes": memory.used if memory else None,
-        "memory_free_bytes": memory.free if memory else None,
-        "utilization_percent": rates.gpu if rates else None,
-        "processes": _processes(handle),
-    }
-
-
-def _processes(handle) -> list[dict[str, Any]]:
-    """Compute and graphics processes on one device, once each (a process can be both)."""
-    found = {}
-    for query in (pynvml.nvmlDeviceGetComputeRunningProcesses, pynvml.nvmlDeviceGetGraphicsRunningProcesses):
-        for proc in _nvml(query, handle) or []:
-            found.setdefault(proc.pid, {
-                "pid": proc.pid,
-                "name": _nvml(pynvml.nvmlSystemGetProcessName, proc.pid),
-                "used_memory_bytes": proc.usedGpuMemory,  # None where the driver does not say (WDDM)
-            })
-    return list(found.values())
 
 
 # -- the running graph ------------------------------------------------------------------------------
@@ -374,12 +295,3 @@ def cmd_check_gpu(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, ensure_ascii=False), flush=True)
     return 1 if report["require_gpu_failures"] else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="festival-serve check-gpu", description=__doc__.split("\n\n")[0]))
-    return cmd_check_gpu(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,17 +6,21 @@ Every other backend available here is a *candidate*: ONNX Runtime fp32 on the CP
 torch fp32/fp16/bf16, ONNX Runtime on the CUDA provider (where installed) and TensorRT fp16 (where
 installed). For held-out synthetic scenes (``synth.scene_seeds("test", n)``, the split ``eval`` scores):
 
-1. environment: Python, torch and its CUDA build, the GPU (NVML), TensorRT, ONNX Runtime and its providers;
+1. environment (``festival_serve.runtime.environment.probe``): Python, torch and its CUDA build, the GPU
+   (NVML), TensorRT, ONNX Runtime and its providers;
 2. raw parity, per exportable network (``stages.NETWORKS``): the same real input batch through the
    reference and each candidate; max absolute and relative error of every output against a tolerance
-   per precision (``TOLERANCES``; fp32 on CUDA is judged as the TF32 it computes in);
+   per precision (``parity.TOLERANCES``; fp32 on CUDA is judged as the TF32 it computes in);
 3. task-level parity, per stage, loaded through the stage table with only the backend overridden: the
-   signs and hazard cells a candidate finds against the reference's; the sign reader (ONNX Runtime only)
-   against the scenes' ground-truth text, and on a GPU its CUDA text against its CPU text;
+   signs and hazard cells a candidate finds against the reference's (``parity.AGREEMENTS``, by the
+   stage's kind of answer); the sign reader (ONNX Runtime only) against the scenes' ground-truth text,
+   and on a GPU its CUDA text against its CPU text;
 4. speed: items per second against batch size, per network and backend.
 
-Any parity failure or missing requirement (a configured ``backend: tensorrt`` that cannot load here)
-is listed under ``failures`` and makes the command exit 1. No Ray import.
+The comparisons themselves are ``festival_serve.ops.parity``'s; this module runs them in order, rebuilds
+engines, and writes the report, its tables and the command. Any parity failure or missing requirement (a
+configured ``backend: tensorrt`` that cannot load here) is listed under ``failures`` and makes the command
+exit 1. No Ray import.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import statistics
 import sys
 import time
@@ -34,160 +37,25 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from festival_serve.world import scores
-from festival_serve.world import synth
-from festival_serve.runtime.errors import BackendUnavailable
+from festival_serve.ops.parity import (AGREEMENTS, REFERENCE, TOLERANCES, Candidate, candidates, compare_outputs,
+                                       load_network, ocr_exact, text_agreement)
 from festival_serve.pipeline.settings import PipelineArgs
 from festival_serve.pipeline.stages import NETWORKS, STAGES, Network, Stage
+from festival_serve.runtime import environment
+from festival_serve.runtime.environment import NOT_INSTALLED
+from festival_serve.runtime.errors import BackendUnavailable
+from festival_serve.world import scores
+from festival_serve.world import synth
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path("serve_config.yaml")
-NOT_INSTALLED = "not installed"
 #: CPU defaults keep a run to about a minute on a laptop; a GPU sweeps up to past the engines' max batch (32).
 DEFAULT_BATCH_SIZES = {"cpu": (1, 4, 16), "cuda": (1, 2, 4, 8, 16, 32, 64)}
 DEFAULT_SCENES = 8
 DEFAULT_REPEATS = 3
-
-
-# -- what is compared against what ------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Candidate:
-    """One way to run a network: a backend of the registry, a device and a precision."""
-
-    backend: str  # "torch", "onnxruntime" or "tensorrt"
-    device: str  # "cpu" or "cuda"
-    precision: str  # "fp32", "fp16" or "bf16" (bf16: torch only, built here; no stage setting asks for it)
-
-    @property
-    def label(self) -> str:
-        return f"{self.backend}/{self.device}/{self.precision}"
-
-    @property
-    def fp16(self) -> bool:
-        return self.precision == "fp16"
-
-    @property
-    def numerics(self) -> str:
-        """The arithmetic it really does, which picks its tolerances: fp32 on CUDA convolves in TF32 by
-        default (cuDNN under torch, ONNX Runtime's CUDA provider), 10 mantissa bits like fp16."""
-        return "tf32" if self.precision == "fp32" and self.device == "cuda" else self.precision
-
-
-REFERENCE = Candidate("torch", "cpu", "fp32")
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """``|candidate - reference| <= atol + rtol * |reference|`` for every element of an output, where
-    ``atol = atol_of_peak * max|reference|``.
-
-    The floor scales with the output's own range because rounding error grows with the magnitudes that
-    flow through the network: YOLO's raw boxes are pixels (hundreds), its class scores and the
-    classifier's probabilities lie in [0, 1], YOLIC's logits in tens. A floor in absolute units would be
-    either meaningless for the pixels or impossible for the probabilities. What raw parity cannot
-    judge finely (a class score riding on a pixel-sized floor) task-level parity does.
-    """
-
-    rtol: float
-    atol_of_peak: float
-
-
-#: By ``Candidate.numerics``. Measured on the shipped models (torch fp32 reference, 4 held-out scenes), worst
-#: element over all outputs: ORT fp32 on the CPU stays within 1.8e-4 px of ~500 px boxes (4e-7 of the peak);
-#: torch fp16 needs atol 0.15 px at rtol 1e-2 on the detector, bf16 (8 mantissa bits) 1.5 px at rtol 5e-2.
-#: Each bound leaves about 3x headroom over those and stays far below what a wrong graph or a broken
-#: kernel gives; fp32's is tight enough that one fp16 rounding of the outputs already fails it.
-#: TF32 shares fp16's mantissa (and keeps fp32's range): it is held to fp16's bound.
-TOLERANCES: dict[str, Tolerance] = {
-    "fp32": Tolerance(rtol=1e-4, atol_of_peak=1e-5),
-    "tf32": Tolerance(rtol=1e-2, atol_of_peak=1e-3),
-    "fp16": Tolerance(rtol=1e-2, atol_of_peak=1e-3),
-    "bf16": Tolerance(rtol=5e-2, atol_of_peak=1e-2),
-}
-#: Task level, by ``Candidate.numerics``: the fraction of the reference's detections (and of the candidate's)
-#: matched at IoU >= 0.5 with the same label. Reduced precision may flip a box whose score sits at the
-#: confidence threshold; fp32 should not.
-SIGN_AGREEMENT = {"fp32": 0.95, "tf32": 0.90, "fp16": 0.90}
-#: Jaccard index of the flagged (scene, cell, class) triples. A scene flags about 10, so over the default
-#: 8 scenes 0.98 allows one flip and 0.95 allows four.
-HAZARD_AGREEMENT = {"fp32": 0.98, "tf32": 0.95, "fp16": 0.95}
-#: The reader on ground-truth crops must meet the OCR target ``eval`` holds the whole pipeline to.
-OCR_EXACT = scores.TARGETS["ocr.exact_match"]
-#: Share of crops whose CUDA text equals the CPU text (same ONNX graphs, different kernels).
-OCR_DEVICE_AGREEMENT = 0.95
 #: Fewer text signs than this say nothing about the reader: more held-out scenes are drawn for it.
 MIN_TEXT_SIGNS = 4
-
-
-def candidates(env: dict[str, Any]) -> list[Candidate]:
-    """Every backend that can run here, besides the reference."""
-    found = [Candidate("onnxruntime", "cpu", "fp32")]
-    if not env["cuda_available"]:
-        return found
-    found += [Candidate("torch", "cuda", precision) for precision in ("fp32", "fp16", "bf16")]
-    if "CUDAExecutionProvider" in env["onnxruntime_providers"]:
-        found.append(Candidate("onnxruntime", "cuda", "fp32"))
-    if env["tensorrt"] != NOT_INSTALLED:
-        found.append(Candidate("tensorrt", "cuda", "fp16"))
-    return found
-
-
-# -- 1. environment ---------------------------------------------------------------------------------
-
-def environment() -> dict[str, Any]:
-    """What this machine runs: the facts a parity or speed number depends on."""
-    import onnxruntime as ort
-    import torch
-
-    from festival_serve.ops.check_gpu import local_gpus
-
-    cuda = torch.cuda.is_available()
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torch_cuda_build": torch.version.cuda,  # None: a CPU-only torch wheel
-        "cuda_available": cuda,
-        "cuda_devices": [_cuda_device(torch, i) for i in range(torch.cuda.device_count())] if cuda else [],
-        "nvml": local_gpus(),  # driver, and per GPU its memory free/total, as NVML sees it
-        "tensorrt": _tensorrt_version(),
-        "onnxruntime": ort.__version__,
-        "onnxruntime_package": _onnxruntime_packages(),
-        "onnxruntime_providers": ort.get_available_providers(),
-    }
-
-
-def _cuda_device(torch, index: int) -> dict[str, Any]:
-    """A device as torch sees it (indices honour CUDA_VISIBLE_DEVICES, unlike NVML's)."""
-    major, minor = torch.cuda.get_device_capability(index)
-    free, total = torch.cuda.mem_get_info(index)
-    return {"index": index, "name": torch.cuda.get_device_name(index), "compute_capability": f"{major}.{minor}",
-            "memory_free_bytes": free, "memory_total_bytes": total}
-
-
-def _tensorrt_version() -> str:
-    from festival_serve.runtime.tensorrt_engines import require_tensorrt
-
-    try:
-        return require_tensorrt().__version__
-    except BackendUnavailable:
-        return NOT_INSTALLED
-
-
-def _onnxruntime_packages() -> list[str]:
-    """The wheels that provide ``import onnxruntime``. Both at once is a broken install: they write the
-    same files, and whichever was installed last decides whether the CUDA provider exists."""
-    from importlib import metadata
-
-    found = []
-    for name in ("onnxruntime-gpu", "onnxruntime"):
-        try:
-            found.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            continue
-    return found
 
 
 # -- inputs: held-out scenes --------------------------------------------------------------------------
@@ -197,8 +65,6 @@ def held_out_scenes(count: int, skip: int = 0) -> list[synth.Scene]:
     sizes = scores.DEFAULT_SIZES
     seeds = synth.scene_seeds("test", count, skip=skip)
     return [synth.generate_scene(seed, size=sizes[(skip + i) % len(sizes)]) for i, seed in enumerate(seeds)]
-
-
 
 
 def text_crops(scenes: Sequence[synth.Scene], padding: float) -> tuple[list[np.ndarray], list[str], int]:
@@ -218,135 +84,7 @@ def text_crops(scenes: Sequence[synth.Scene], padding: float) -> tuple[list[np.n
     return crops, texts, used
 
 
-# -- 2. raw parity ----------------------------------------------------------------------------------
-
-def compare_outputs(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray],
-                    tolerance: Tolerance) -> dict[str, Any]:
-    """Every output of ``candidate`` against the reference's: errors, and whether all are within ``tolerance``."""
-    if len(reference) != len(candidate):
-        return {"passed": False, "error": f"{len(candidate)} outputs, the reference has {len(reference)}",
-                "max_abs_error": None, "max_rel_error": None, "outputs": []}
-    rows = [_compare_one(ref, out, tolerance) for ref, out in zip(reference, candidate)]
-    result = {"passed": all(r["passed"] for r in rows), "max_abs_error": _worst(r["max_abs_error"] for r in rows),
-              "max_rel_error": _worst(r["max_rel_error"] for r in rows), "outputs": rows}
-    failed = [f"output {i}: {r['error']}" for i, r in enumerate(rows) if not r["passed"]]
-    if failed:
-        result["error"] = "; ".join(failed)
-    return result
-
-
-def _compare_one(reference: np.ndarray, candidate: np.ndarray, tolerance: Tolerance) -> dict[str, Any]:
-    if reference.shape != candidate.shape:
-        return {"shape": list(candidate.shape), "passed": False, "max_abs_error": None, "max_rel_error": None,
-                "error": f"shape {tuple(candidate.shape)}, the reference's is {tuple(reference.shape)}"}
-    ref = reference.astype(np.float64)
-    diff = np.abs(candidate.astype(np.float64) - ref)
-    peak = float(np.abs(ref).max()) if ref.size else 0.0
-    atol = tolerance.atol_of_peak * (peak or 1.0)
-    # Relative to each reference value, but never to less than atol: near-zero values would blow it up.
-    relative = diff / np.maximum(np.abs(ref), atol)
-    finite = bool(np.isfinite(candidate).all())
-    if not finite:
-        return {"shape": list(ref.shape), "passed": False, "max_abs_error": None, "max_rel_error": None,
-                "error": "NaN or infinity in the output"}
-    row = {
-        "shape": list(ref.shape),
-        "peak": _num(peak),
-        "atol": _num(atol),
-        "rtol": tolerance.rtol,
-        "max_abs_error": _num(float(diff.max())) if diff.size else 0.0,
-        "max_rel_error": _num(float(relative.max())) if diff.size else 0.0,
-        "passed": bool((diff <= atol + tolerance.rtol * np.abs(ref)).all()),
-    }
-    if not row["passed"]:
-        outside = int(np.sum(diff > atol + tolerance.rtol * np.abs(ref)))
-        row["error"] = (f"{outside} of {diff.size} values off by more than {row['atol']} + {tolerance.rtol} x "
-                        f"|reference| (max abs {row['max_abs_error']}, max rel {row['max_rel_error']})")
-    return row
-
-
-def _num(value: float) -> float:
-    """A float for the report, to 4 significant digits."""
-    return float(f"{value:.4g}")
-
-
-def _worst(values) -> float | None:
-    """The largest error, or None when any is unknown (a broken output)."""
-    values = list(values)
-    return None if any(v is None for v in values) else max(values, default=0.0)
-
-
-class _Bf16Module:
-    """torch in bfloat16 on CUDA, which no backend setting offers: compared because it keeps fp32's range
-    (no fp16 overflow) at half the memory traffic, and its error here is what switching to it would cost."""
-
-    def __init__(self, source, device: str) -> None:
-        import torch
-
-        self.device = device
-        self.module = source.torch_module().to(device, torch.bfloat16).eval()
-
-    def forward(self, batch: np.ndarray) -> list[np.ndarray]:
-        import torch
-
-        with torch.inference_mode():
-            out = self.module(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, torch.bfloat16))
-        # Outputs as TorchBackend returns them: a tensor, or the tensors at the top level of a tuple.
-        tensors = [out] if isinstance(out, torch.Tensor) else [o for o in out if isinstance(o, torch.Tensor)]
-        return [t.float().cpu().numpy() for t in tensors]
-
-
-def load_network(candidate: Candidate, source, *, threads: int | None, build_engines: bool):
-    """``candidate``'s runtime for ``source``: an object with ``forward((N, C, H, W) float32) → outputs``."""
-    if candidate.precision == "bf16":
-        return _Bf16Module(source, candidate.device)
-    from festival_serve.runtime.backends import Placement, create_backend
-
-    return create_backend(candidate.backend, source, device=candidate.device, fp16=candidate.fp16,
-                          threads=threads, placement=Placement(build_engines=build_engines))
-
-
-# -- 3. task-level parity ---------------------------------------------------------------------------
-
-def sign_agreement(reference: Sequence[Sequence[Any]], candidate: Sequence[Sequence[Any]],
-                   numerics: str) -> dict[str, Any]:
-    """Per scene, the candidate's ``SignDetection``s matched to the reference's (IoU >= 0.5, same label,
-    ``eval``'s greedy matching); the value is the smaller of the two matched fractions."""
-    matched = ref_count = cand_count = 0
-    for ref, cand in zip(reference, candidate, strict=True):
-        truths = [scores.GroundTruth(d.box, d.label) for d in ref]
-        preds = [scores.Prediction(d.box, d.label, d.score) for d in cand]
-        matched += len(scores.match_detections(preds, truths).pairs)
-        ref_count, cand_count = ref_count + len(ref), cand_count + len(cand)
-    ref_rate = matched / ref_count if ref_count else 1.0
-    cand_rate = matched / cand_count if cand_count else 1.0
-    return _verdict("signs matched at IoU>=0.5, same label", min(ref_rate, cand_rate), SIGN_AGREEMENT[numerics], {
-        "reference_detections": ref_count, "candidate_detections": cand_count, "matched": matched,
-        "reference_matched": round(ref_rate, 4), "candidate_matched": round(cand_rate, 4)})
-
-
-def hazard_agreement(reference: Sequence[Sequence[Any]], candidate: Sequence[Sequence[Any]],
-                     numerics: str) -> dict[str, Any]:
-    """Jaccard index of the flagged (scene, cell, class) triples of two runs (1.0 when neither flags any)."""
-    ref, cand = _flags(reference), _flags(candidate)
-    union = ref | cand
-    value = len(ref & cand) / len(union) if union else 1.0
-    return _verdict("flagged (cell, class) Jaccard", value, HAZARD_AGREEMENT[numerics], {
-        "reference_flags": len(ref), "candidate_flags": len(cand), "shared": len(ref & cand)})
-
-
-def _flags(scenes: Sequence[Sequence[Any]]) -> set[tuple[int, int, str]]:
-    return {(i, cell.cell, label.label) for i, cells in enumerate(scenes) for cell in cells for label in cell.labels}
-
-
-def _verdict(metric: str, value: float, threshold: float, details: dict[str, Any]) -> dict[str, Any]:
-    return {"metric": metric, "value": round(value, 4), "threshold": threshold, "passed": value >= threshold,
-            "details": details}
-
-
-
-
-# -- 4. speed ---------------------------------------------------------------------------------------
+# -- speed ------------------------------------------------------------------------------------------
 
 def items_per_second(run: Callable[[Any], Any], batch, *, device: str, repeats: int) -> float:
     """Median throughput of ``run(batch)``. Every runtime returns host arrays, so a call includes the
@@ -529,7 +267,7 @@ def validate_stage(run: Run, stage: Stage, scenes: Sequence[synth.Scene]) -> Non
         if candidate is REFERENCE:
             expected = answers
             continue
-        result = {"backend": candidate.label, **stage.agreement_check()(expected, answers, candidate.numerics)}
+        result = {"backend": candidate.label, **AGREEMENTS[stage.agreement](expected, answers, candidate.numerics)}
         _record_task(run, stage.name, result)
 
 
@@ -567,24 +305,12 @@ def validate_reader(run: Run, scenes: Sequence[synth.Scene]) -> None:
             continue
         row["backends"].append(candidate.label)
         texts[device] = [sign.text for sign in reader.read(crops)]
-        _record_task(run, stage.name, {"backend": candidate.label, **_ocr_exact(texts[device], truths)})
+        _record_task(run, stage.name, {"backend": candidate.label, **ocr_exact(texts[device], truths)})
         _speed(run, stage.name, candidate, reader.read, crops, "crops")
     if len(texts) == 2:
         _record_task(run, stage.name, {"backend": Candidate(runtime, "cuda", "fp32").label,
-                                       **_text_agreement(texts["cpu"], texts["cuda"])})
+                                       **text_agreement(texts["cpu"], texts["cuda"])})
 
-
-def _ocr_exact(read: Sequence[str], truths: Sequence[str]) -> dict[str, Any]:
-    metrics = scores.ocr_metrics(list(zip(read, truths)))
-    # With tone marks, as `eval` scores the served recognizer; the no-tone figures stay for PP-OCRv6's sake.
-    details = {k: metrics[k] for k in ("evaluated", "exact_match", "exact_match_no_tones", "cer", "cer_no_tones")}
-    return _verdict("exact text vs truth, with tones", metrics["exact_match"], OCR_EXACT, details)
-
-
-def _text_agreement(cpu: Sequence[str], cuda: Sequence[str]) -> dict[str, Any]:
-    same = sum(a == b for a, b in zip(cpu, cuda, strict=True))
-    return _verdict("same text as on the CPU", same / len(cpu), OCR_DEVICE_AGREEMENT,
-                    {"crops": len(cpu), "same": same})
 
 
 # -- requirements: a stage configured for TensorRT -------------------------------------------------
@@ -669,7 +395,7 @@ def _rebuild(run: Run, name: str, onnx: Path) -> None:
 def validate(args: PipelineArgs, options: Options) -> dict[str, Any]:
     """Every check, in order; the report (``passed`` is False when anything failed)."""
     started = time.perf_counter()
-    run = Run(args, options, environment())
+    run = Run(args, options, environment.probe())
     run.say(f"reference {REFERENCE.label}; candidates: {', '.join(c.label for c in run.candidates)}")
     for name, problem in requirement_failures(run):
         run.fail(name, problem)
@@ -737,35 +463,36 @@ def _environment_lines(env: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _raw_lines(report: dict[str, Any]) -> list[str]:
-    lines = [f"raw parity against {report['reference']}",
-             f"  {'model':16} {'backend':24} {'max abs':>10} {'max rel':>10}  {'rtol':>6} {'atol/peak':>9}  result"]
-    for name, model in report["models"].items():
-        for r in model["raw"]:
-            lines.append(f"  {name:16} {r['backend']:24} {_g(r['max_abs_error']):>10} {_g(r['max_rel_error']):>10}  "
-                         f"{r['tolerance']['rtol']:>6g} {r['tolerance']['atol_of_peak']:>9g}  {_ok(r['passed'])}")
+def _model_table(report: dict[str, Any], title: str, part: str, head: str,
+                 cells: Callable[[dict[str, Any]], str]) -> list[str]:
+    """``title``, the column heads (model, backend, then ``head``), and a line per model and backend of the
+    report's ``part`` ("raw", "task" or "speed" of each model): its name, backend, then ``cells(row)``."""
+    lines = [title, f"  {'model':16} {'backend':24} {head}"]
+    lines += [f"  {name:16} {row['backend']:24} {cells(row)}"
+              for name, model in report["models"].items() for row in model[part]]
     return lines
+
+
+def _raw_lines(report: dict[str, Any]) -> list[str]:
+    return _model_table(
+        report, f"raw parity against {report['reference']}", "raw",
+        f"{'max abs':>10} {'max rel':>10}  {'rtol':>6} {'atol/peak':>9}  result",
+        lambda r: f"{_g(r['max_abs_error']):>10} {_g(r['max_rel_error']):>10}  "
+                  f"{r['tolerance']['rtol']:>6g} {r['tolerance']['atol_of_peak']:>9g}  {_ok(r['passed'])}")
 
 
 def _task_lines(report: dict[str, Any]) -> list[str]:
-    lines = ["task-level parity (held-out scenes)",
-             f"  {'model':16} {'backend':24} {'metric':38} {'value':>6} {'min':>6}  result"]
-    for name, model in report["models"].items():
-        for t in model["task"]:
-            lines.append(f"  {name:16} {t['backend']:24} {t['metric']:38} {t['value']:>6.3f} {t['threshold']:>6.2f}  "
-                         f"{_ok(t['passed'])}")
-    return lines
+    return _model_table(
+        report, "task-level parity (held-out scenes)", "task", f"{'metric':38} {'value':>6} {'min':>6}  result",
+        lambda t: f"{t['metric']:38} {t['value']:>6.3f} {t['threshold']:>6.2f}  {_ok(t['passed'])}")
 
 
 def _speed_lines(report: dict[str, Any]) -> list[str]:
-    rows = [(name, s) for name, model in report["models"].items() for s in model["speed"]]
-    sizes = sorted({int(n) for _, s in rows for n in s["items_per_s"]})
-    lines = [f"speed (items/s, median of {report['config']['repeats']}) by batch size",
-             f"  {'model':16} {'backend':24} {'unit':6} " + " ".join(f"{'b' + str(n):>8}" for n in sizes)]
-    for name, s in rows:
-        cells = " ".join(f"{_g(s['items_per_s'].get(str(n)), '.1f'):>8}" for n in sizes)
-        lines.append(f"  {name:16} {s['backend']:24} {s['unit']:6} {cells}")
-    return lines
+    sizes = sorted({int(n) for model in report["models"].values() for s in model["speed"] for n in s["items_per_s"]})
+    return _model_table(
+        report, f"speed (items/s, median of {report['config']['repeats']}) by batch size", "speed",
+        f"{'unit':6} " + " ".join(f"{'b' + str(n):>8}" for n in sizes),
+        lambda s: f"{s['unit']:6} " + " ".join(f"{_g(s['items_per_s'].get(str(n)), '.1f'):>8}" for n in sizes))
 
 
 def _g(value: float | None, spec: str = ".3g") -> str:
@@ -824,13 +551,3 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, ensure_ascii=False), flush=True)
     return 0 if report["passed"] else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="festival-serve validate", description=__doc__.split("\n\n")[0]))
-    return cmd_validate(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(main())

@@ -3,8 +3,9 @@
 A *stage* is one model deployment: its name (the key in answers, metrics, ``/v1/models`` and the
 settings), its section of ``PipelineArgs``, its Serve deployment and batched method, its loader
 (the plain model class the deployment, the baseline, ``validate`` and the bench all build), the
-weights it reads, and the *networks* it runs that can be exported to ONNX and compiled to TensorRT
-engines (the reader's and the describer's networks are not: they ship as ONNX / run in transformers).
+weights it reads, the kind of answer it gives (what ``validate`` compares two runs' answers by), and the
+*networks* it runs that can be exported to ONNX and compiled to TensorRT engines (the reader's and the
+describer's networks are not: they ship as ONNX / run in transformers).
 
 No Ray import, no import of the settings (they read this table to check stage names), and the model modules
 are imported only when a loader or network source is called, so reading the table is cheap (the CLI, the
@@ -65,8 +66,10 @@ class Stage:
     safety: bool = False
     #: Must be able to serve for /readyz to say 200 (``ingress.required_stages`` defaults to these).
     required: bool = False
-    #: "module:function" comparing two runs' answers on the same scenes (reference, candidate, numerics)
-    #: → a verdict, for ``validate``'s task-level parity; None where validate compares the stage its own way.
+    #: What kind of answer the stage gives, for comparing two runs' answers on the same scenes ("detections":
+    #: ``SignDetection``s per frame, "cells": ``HazardCell``s per frame): a key of
+    #: ``festival_serve.ops.parity.AGREEMENTS``, for ``validate``'s task-level parity; None where validate
+    #: compares the stage its own way (the reader, against ground-truth text) or not at all.
     agreement: str | None = None
     #: What one item of the stage's batches is: "frames", or "crops" for a stage batched by crop count; names
     #: its batch-size histogram (``festival_serve.serving.metrics``).
@@ -94,9 +97,6 @@ class Stage:
 
     def missing_errors(self) -> tuple[type[Exception], ...]:
         return tuple(_attr(path) for path in self.missing)
-
-    def agreement_check(self) -> Callable[..., dict] | None:
-        return _attr(self.agreement) if self.agreement else None
 
 
 def _yolo(path: Path, settings) -> Any:
@@ -139,14 +139,14 @@ STAGES: tuple[Stage, ...] = (
             Network("sign_classifier", "sign_detector", lambda s: s.classifier, _classifier, _classifier_batch,
                     "crops"),
         ),
-        agreement="festival_serve.ops.validate:sign_agreement", safety=True, required=True,
+        agreement="detections", safety=True, required=True,
     ),
     Stage(
         name="hazard_cells", deployment="HazardCells", method="classify",
         loader="festival_serve.models.hazard_cells.yolic:HazardCellClassifier", missing=("builtins:FileNotFoundError",),
         weights=lambda s: s.weights, runtime=lambda s: s.backend,
         networks=(Network("hazard_cells", "hazard_cells", lambda s: s.weights, _yolic, _yolic_batch, "images"),),
-        agreement="festival_serve.ops.validate:hazard_agreement", safety=True, required=True,
+        agreement="cells", safety=True, required=True,
     ),
     Stage(
         name="sign_reader", deployment="SignReader", method="read",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 
 from festival_serve.runtime.devices import cuda_driver
 
@@ -80,23 +79,3 @@ def trt_workspace_bytes(device: str, fraction: float | None) -> int:
     if cap is None:
         return DEFAULT_TRT_WORKSPACE_BYTES
     return min(DEFAULT_TRT_WORKSPACE_BYTES, int(cap * TRT_WORKSPACE_SHARE_OF_CAP))
-
-
-def process_gpu_memory_bytes() -> int | None:
-    """GPU memory this process holds on every device, from NVML (None without a driver)."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - no driver / no NVML: nothing to report
-        return None
-    try:
-        used, pid = 0, os.getpid()
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if proc.pid == pid and proc.usedGpuMemory:
-                    used += int(proc.usedGpuMemory)
-        return used
-    finally:
-        pynvml.nvmlShutdown()

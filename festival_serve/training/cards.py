@@ -7,9 +7,10 @@ import datetime
 import json
 import os
 import platform
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from festival_serve.runtime.environment import package_versions
 
 _PACKAGES = ("torch", "torchvision", "ultralytics", "numpy")
 
@@ -97,10 +98,5 @@ def _machine() -> str:
 
 
 def _versions() -> str:
-    found = []
-    for name in _PACKAGES:
-        try:
-            found.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            continue
-    return ", ".join([f"Python {platform.python_version()}", *found])
+    installed = package_versions(_PACKAGES)
+    return ", ".join([f"Python {platform.python_version()}", *(f"{name} {v}" for name, v in installed.items())])

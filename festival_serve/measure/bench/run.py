@@ -24,6 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from festival_serve.runtime.environment import package_versions
 from festival_serve.measure import loadgen
 from festival_serve.measure.bench import report
 from festival_serve.measure.bench.targets import AT_MOST, TARGETS
@@ -401,7 +402,7 @@ def run(options: argparse.Namespace, progress=print) -> dict:
         "mode": plan.mode,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "cuda": cuda_available(), "python": platform.python_version(),
-                    "platform": platform.platform(terse=True), **_versions()},
+                    "platform": platform.platform(terse=True), **package_versions(("ray", "torch", "onnxruntime", "transformers", "ultralytics"))},
         "plan": asdict(plan),
         "graph_env": graph_env,
         "models": [{**asdict(s), "path": portable_path(s.path)} for s in sources],
@@ -458,18 +459,6 @@ def _env_pairs(pairs: list[str]) -> dict[str, str]:
             raise ValueError(f"--graph-env takes NAME=VALUE, got {pair!r}")
         env[name] = value
     return env
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for package in ("ray", "torch", "onnxruntime", "transformers", "ultralytics"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def cmd_bench(options: argparse.Namespace) -> int:
