@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from festival_serve.ops.up import apply_local_ray_env
 from festival_serve.runtime.offline import install_network_guard
 
 install_network_guard()  # before any test module imports a library that might call home
+# Before any test imports Ray (it reads its uv switch once, at import): every Ray worker a test starts runs this
+# interpreter, not a copy uv builds with only the extras of the `uv run` line.
+apply_local_ray_env()
 
 
 @pytest.fixture(scope="session")

@@ -28,8 +28,7 @@ def one_gpu_cluster():
     from ray import serve
 
     cluster = local_cluster.start_nodes(local_cluster.ClusterShape(workers=1, gpus_per_node=1, cpus_per_node=2,
-                                                                   head_cpus=1, object_store_mb=128),
-                                        env=up.LOCAL_RAY_ENV)
+                                                                   head_cpus=1, object_store_mb=128))
     ray.init(address=cluster.address, namespace="serve", log_to_driver=False,
              runtime_env={"env_vars": dict(OFFLINE_ENV),
                           "worker_process_setup_hook": "festival_serve.runtime.offline.install_network_guard"})

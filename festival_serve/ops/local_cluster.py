@@ -51,12 +51,15 @@ class ClusterShape:
             raise ValueError("--gpus-per-node must be >= 0 and --cpus-per-node > 0")
 
 
-def start_nodes(shape: ClusterShape, *, env: dict[str, str] | None = None):
+def start_nodes(shape: ClusterShape):
     """Start the head and the worker nodes (each a raylet with its own object store); returns the Cluster.
-    ``env`` is set in this process first, so every node's processes inherit it."""
+    The local Ray settings (``up.LOCAL_RAY_ENV``) are set in this process first, so every node's processes
+    inherit them, and before Ray is imported: its workers then run this interpreter, not a `uv run` of their own."""
+    from festival_serve.ops import up
+
+    up.apply_local_ray_env()
     from ray.cluster_utils import Cluster
 
-    os.environ.update(env or {})
     store = shape.object_store_mb * 1024 * 1024
     cluster = Cluster(initialize_head=True, shutdown_at_exit=True,
                       head_node_args={"num_cpus": shape.head_cpus, "num_gpus": 0, "object_store_memory": store})
@@ -261,7 +264,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"  {change}")
     up.prepare_models(config, has_gpu=has_gpu)
     started = time.monotonic()
-    cluster = start_nodes(shape, env=up.LOCAL_RAY_ENV)
+    cluster = start_nodes(shape)
     state = {"address": cluster.address, "up_pid": os.getpid(), "head": cluster.head_node.node_id,
              "nodes": node_pids(cluster), "profile": profile, "deployed": config}
     state_path.parent.mkdir(parents=True, exist_ok=True)
@@ -301,6 +304,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from festival_serve.ops import up
+
+    up.apply_local_ray_env()  # before Ray is imported: a driver under `uv run` would upload this directory for workers
     import ray
 
     state = _read_state(_state_path(args))
@@ -317,10 +323,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Redeploy a (changed) serve config onto the running cluster with the options ``up`` was given, and wait
     for Serve's rolling update to finish."""
-    import ray
-
     from festival_serve.ops import up
     from festival_serve.runtime.devices import cuda_available
+
+    up.apply_local_ray_env()  # before Ray is imported, as in cmd_status
+    import ray
 
     path = _state_path(args)
     state = _read_state(path)

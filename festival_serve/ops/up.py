@@ -141,11 +141,14 @@ def prepare_models(config: dict, *, has_gpu: bool) -> None:
             subprocess.run(command, check=False)
 
 
-#: Ray settings for a one-machine run, set unless the environment already says otherwise. Ray hands the
-#: driver's environment to every process it starts.
+#: Ray settings for a one-machine run, set unless the environment already says otherwise (``apply_local_ray_env``).
+#: Ray hands the driver's environment to every process it starts.
 LOCAL_RAY_ENV = {
-    # Workers run this interpreter directly: under `uv run`, Ray would otherwise wrap every worker in its
-    # own `uv run` (an extra process and a dependency check per replica).
+    # Workers run the driver's own interpreter, in the environment the driver was started in, extras and all. Under
+    # `uv run`, Ray's uv integration (on by default) makes the driver's `uv run …` line every worker's py_executable,
+    # run in a copy of the working directory: uv builds a second environment there from the lockfile with only the
+    # extras typed on that line (`uv run --frozen festival-serve cluster local up` gave replicas without ONNX Runtime,
+    # so every model stage failed to start). This is Ray's own switch for it; Ray reads it once, when imported.
     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
     # Ray gives a new HTTP proxy 5 s to answer its readiness check, three times, then kills it; a busy
     # 2-core machine (training, tests) can need longer just to start the proxy's worker process.
@@ -161,6 +164,13 @@ LOCAL_RAY_ENV = {
 }
 
 
+def apply_local_ray_env() -> None:
+    """Set ``LOCAL_RAY_ENV`` in this process where the environment does not already say otherwise, so every process
+    Ray starts from here inherits it. Call it before Ray is imported: Ray reads its uv switch once, at import."""
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def start(config: dict, *, offline: bool, dashboard: bool = False, num_cpus: int | None = None,
           metrics_port: int | None = None, address: str | None = None) -> None:
     """Start Ray and Serve on this machine and submit ``config`` (non-blocking).
@@ -169,9 +179,7 @@ def start(config: dict, *, offline: bool, dashboard: bool = False, num_cpus: int
     where this node's Prometheus metrics are served (``/metrics``: Ray's, Serve's and ``festival_serve.serving.metrics``,
     every process of the node; on all interfaces), default a free port Ray picks. ``address``: join that running
     cluster instead (its nodes were started with their own settings; the three above do not apply)."""
-    # Before Ray is imported: it reads some of these once, at import.
-    for key, value in LOCAL_RAY_ENV.items():
-        os.environ.setdefault(key, value)
+    apply_local_ray_env()
     import ray
     from ray.serve._private import api as serve_api
     from ray.serve._private.constants import SERVE_NAMESPACE

@@ -15,7 +15,11 @@ import asyncio
 import os
 import time
 
-from ray import serve
+from festival_serve.ops.up import apply_local_ray_env
+
+apply_local_ray_env()  # before Ray is imported: its workers then run this interpreter, not a uv-built copy
+
+from ray import serve  # noqa: E402
 
 
 def process_cpu_s(pid: int) -> float:
