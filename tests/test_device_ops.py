@@ -1,7 +1,7 @@
 """The device path (``festival_serve.models.sign_detector.device_ops``) answers as the host path does.
 
 The tensor code that runs on the GPU in production runs here on the CPU device (``preprocess: device``), beside
-the host path of ``signs`` and ``sign_classes`` on the same inputs: the shipped detector and classifier
+the host path of ``detector`` and ``classifier`` on the same inputs: the shipped detector and classifier
 (``models/``) on generated road scenes. Geometry is exact; resized pixels differ from cv2's and PIL's
 fixed-point kernels by at most one grey level (1/255), so boxes agree to IoU >= 0.9 and labels exactly.
 """
@@ -18,6 +18,7 @@ from festival_serve.models.sign_detector import device_ops
 from festival_serve.world import synth
 from festival_serve.pipeline.settings import SignDetectorSettings
 from festival_serve.models.sign_detector.classifier import preprocess_crops, square_crop
+from festival_serve.models.sign_detector.boxes import NmsOptions
 from festival_serve.models.sign_detector.detector import SignDetector, letterbox_batch, postprocess, preprocess_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,11 +95,11 @@ def test_letterbox_on_device_rejects_what_is_not_rgb_uint8():
 @pytest.mark.parametrize("agnostic", [False, True])
 def test_postprocess_on_device_equals_the_host_postprocess_on_the_same_predictions(on_host, predictions, agnostic):
     _, metas, raw = predictions
-    options = dict(confidence=0.15, iou=0.45, max_detections=50, agnostic=agnostic)
+    options = NmsOptions(confidence=0.15, iou=0.45, max_detections=50, agnostic=agnostic)
 
-    got = device_ops.postprocess_on_device(torch.from_numpy(raw), metas, on_host.names, **options)
+    got = device_ops.postprocess_on_device(torch.from_numpy(raw), metas, on_host.names, options)
 
-    expected = postprocess(raw, metas, on_host.names, **options)
+    expected = postprocess(raw, metas, on_host.names, options)
     assert sum(map(len, expected)) > 3 and got == expected
 
 
@@ -109,10 +110,11 @@ def test_postprocess_on_device_reads_six_anchors_as_anchors():
     _, metas = letterbox_batch([np.zeros((SIZE, SIZE, 3), np.uint8)], SIZE)
     names = {0: "stop", 1: "give_way"}
 
-    got = device_ops.postprocess_on_device(torch.from_numpy(raw), metas, names, confidence=0.25, iou=0.45,
-                                           max_detections=5)
+    options = NmsOptions(confidence=0.25, iou=0.45, max_detections=5)
 
-    assert got == postprocess(raw, metas, names, confidence=0.25, iou=0.45, max_detections=5)
+    got = device_ops.postprocess_on_device(torch.from_numpy(raw), metas, names, options)
+
+    assert got == postprocess(raw, metas, names, options)
     assert [(d.label, d.box) for d in got[0]] == [("stop", (80.0, 80.0, 120.0, 120.0))]
 
 
@@ -120,7 +122,7 @@ def test_postprocess_on_device_rejects_predictions_for_another_number_of_classes
     _, metas = letterbox_batch([np.zeros((8, 8, 3), np.uint8)], SIZE)
     with pytest.raises(ValueError, match="3 classes"):
         device_ops.postprocess_on_device(torch.zeros((1, 4 + 5, 10)), metas, {0: "a", 1: "b", 2: "c"},
-                                         confidence=0.25, iou=0.45, max_detections=5)
+                                         NmsOptions(confidence=0.25, iou=0.45, max_detections=5))
 
 
 # --- classifier crops -----------------------------------------------------------------------------------
@@ -137,10 +139,14 @@ def test_crops_on_device_match_the_host_crops_within_one_grey_level(images):
         (900.0, 600.0, 950.0, 640.0),  # wholly outside: all grey
     ]
     context, size = 1.15, 64
-    expected = preprocess_crops([square_crop(image, box, context) for box in boxes], size)
+    host_crops = [square_crop(image, box, context) for box in boxes]
+    expected = preprocess_crops(host_crops, size)
 
-    frames = device_ops.upload_frames([image], "cpu")
-    got = device_ops.crops_on_device(frames, [boxes], context, size)
+    crops = device_ops.square_crops(device_ops.upload_frames([image], "cpu"), [boxes], context)
+    got = device_ops.preprocess_crops_on_device(crops, size)
+
+    for host, device in zip(host_crops, crops):  # the same squares from the same geometry (boxes.square_window)
+        np.testing.assert_array_equal(device.permute(1, 2, 0).numpy(), host)
 
     assert got.shape == expected.shape and got.dtype == torch.float32
     np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=ONE_LEVEL)
@@ -153,13 +159,14 @@ def test_the_classifier_names_true_signs_the_same_from_device_crops(on_device, i
              for seed, size in zip(synth.scene_seeds("test", 5), SHAPES)]
     assert sum(map(len, boxes)) >= 5
 
-    got = classifier.classify_on_device(device_ops.upload_frames(images, "cpu"), boxes)
+    context = on_device.settings.classifier_context
 
-    expected = classifier.classify(images, boxes)
-    assert [[(i, name) for i, name, _ in found] for found in got] == [[(i, name) for i, name, _ in found]
-                                                                       for found in expected]
-    np.testing.assert_allclose([p for found in got for *_, p in found], [p for found in expected for *_, p in found],
-                               atol=0.02)
+    got = classifier.classify_on_device(device_ops.square_crops(device_ops.upload_frames(images, "cpu"), boxes, context))
+
+    expected = classifier.classify([square_crop(image, box, context) for image, found in zip(images, boxes)
+                                    for box in found])
+    assert [(i, name) for i, name, _ in got] == [(i, name) for i, name, _ in expected]
+    np.testing.assert_allclose([p for *_, p in got], [p for *_, p in expected], atol=0.02)
 
 
 # --- the detector ---------------------------------------------------------------------------------------

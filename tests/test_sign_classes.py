@@ -6,6 +6,8 @@ what the detector must return while every crop still goes through the real loade
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,9 @@ from PIL import Image
 
 from festival_serve.world import synth
 from festival_serve.pipeline.settings import SignDetectorSettings
-from festival_serve.models.sign_detector.classifier import BACKGROUND, ClassifierCheckpoint, SignClassifier, preprocess_crops, square_crop
+from festival_serve.models.sign_detector.boxes import NmsOptions
+from festival_serve.models.sign_detector.classifier import (BACKGROUND, ClassifierCheckpoint, SignClassifier, preprocess_crops,
+                                                            square_crop)
 from festival_serve.models.sign_detector.detector import PAD_VALUE, SignDetector, letterbox_batch, postprocess
 from festival_serve.training.standins.sign_detector import build_yolo_checkpoint, build_yolo_classifier, smooth_random_image
 
@@ -65,8 +69,13 @@ def test_crops_are_preprocessed_as_ultralytics_validates_classifiers():
     crop = smooth_random_image(37, 37, seed=1)
     batch = preprocess_crops([crop, crop], 64)
     assert batch.shape == (2, 3, 64, 64) and batch.dtype == np.float32
-    np.testing.assert_allclose(batch[0], classify_transforms(64)(Image.fromarray(crop)).numpy())
+    np.testing.assert_array_equal(batch[0], classify_transforms(64)(Image.fromarray(crop)).numpy())  # no torch here
     assert 0 <= batch.min() and batch.max() <= 1
+
+
+def test_crops_that_are_not_square_are_refused():
+    with pytest.raises(ValueError, match=r"crop 1: expected a square"):
+        preprocess_crops([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 9, 3), np.uint8)], 64)
 
 
 # --- the checkpoint and the detector ---------------------------------------------------------------
@@ -109,14 +118,33 @@ def test_the_classifier_renames_every_box_and_keeps_box_and_score(store, backend
     batch, metas = letterbox_batch(frames(), SIZE)
     settings = plain.settings
     # One box per sign whatever class the detector guessed: class-agnostic NMS over its raw output.
-    expected = postprocess(plain.backend.forward(batch)[0], metas, plain.names, confidence=settings.confidence,
-                           iou=settings.iou, max_detections=settings.max_detections, agnostic=True)
+    options = NmsOptions(confidence=settings.confidence, iou=settings.iou, max_detections=settings.max_detections,
+                         agnostic=True)
+    expected = postprocess(plain.backend.forward(batch)[0], metas, plain.names, options)
     named = detector(store, "sign_classifier/give_way.pt", backend).detect(frames())
     assert sum(map(len, named)) > 0
     for want, got in zip(expected, named):
         assert [d.label for d in got] == ["give_way"] * len(want) and {d.class_id for d in got} <= {1}
         np.testing.assert_allclose([d.box for d in got], [d.box for d in want], atol=0.05)
         np.testing.assert_allclose([d.score for d in got], [d.score for d in want], atol=1e-4)
+
+
+def test_the_host_path_never_imports_torch_or_ultralytics(store):
+    """An ONNX Runtime replica's whole batch, letterbox to named crops, without torch (~500 MB of its memory)."""
+    assert sum(map(len, detector(store, "sign_classifier/give_way.pt").detect(frames()))) > 0  # exports both ONNX
+    probe = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from tests.test_sign_classes import detector, frames\n"
+        "found = detector(Path(sys.argv[1]), 'sign_classifier/give_way.pt').detect(frames())\n"
+        "assert {d.label for signs in found for d in signs} == {'give_way'}\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'ultralytics') if m in sys.modules))\n"
+    )
+    # A replica finds the cached ONNX exports and reads the class names from them, as this one does.
+    done = subprocess.run([sys.executable, "-c", probe, str(store)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
 
 
 def test_boxes_the_classifier_calls_background_are_dropped(store):
@@ -161,10 +189,11 @@ def test_one_epoch_of_the_classifier_command_writes_weights_the_detector_loads(t
                               "--no-progress"]) == 0
     checkpoint = ClassifierCheckpoint(out, 32)
     assert set(checkpoint.names.values()) == {*synth.SIGN_CLASSES, BACKGROUND}
-    classifier = SignClassifier(out, image_size=32, context=1.15, backend="onnxruntime", device="cpu", fp16=False,
-                                threads=1, expected_names=dict(enumerate(synth.SIGN_CLASSES)))
-    (named,) = classifier.classify([smooth_random_image(100, 100, seed=0)], [[(10, 10, 40, 40)]])
-    assert len(named) == 1 and 0 <= named[0][2] <= 1
+    classifier = SignClassifier(out, image_size=32, backend="onnxruntime", device="cpu", fp16=False, threads=1,
+                                expected_names=dict(enumerate(synth.SIGN_CLASSES)))
+    [(_, name, probability)] = classifier.classify([square_crop(smooth_random_image(100, 100, seed=0), (10, 10, 40, 40),
+                                                                1.15)])
+    assert name in checkpoint.names.values() and 0 <= probability <= 1
     card = (out.parent / "MODEL_CARD.md").read_text()
     assert "background" in card and "--epochs 1" in card
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["epochs"] == 1

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from festival_serve.pipeline.settings import SignDetectorSettings
-from festival_serve.models.sign_detector.boxes import LetterboxMeta
+from festival_serve.models.sign_detector.boxes import LetterboxMeta, NmsOptions
 from festival_serve.models.sign_detector.detector import PAD_VALUE, SignDetector, YoloCheckpoint, letterbox_batch, postprocess
 from festival_serve.pipeline.types import SignDetection
 from festival_serve.training.standins.sign_detector import build_yolo_checkpoint, smooth_random_image
@@ -126,9 +126,10 @@ def test_letterbox_places_the_image_centred_and_maps_boxes_back_exactly(height, 
     assert meta == LetterboxMeta(
         orig_shape=(height, width),
         input_shape=(SIZE, SIZE),
-        gain=(new_h / height, new_w / width),
+        resized_shape=(new_h, new_w),
         pad=((SIZE - new_w) // 2, (SIZE - new_h) // 2),
     )
+    assert meta.gain == (new_h / height, new_w / width)
     pad_x, pad_y = meta.pad
     if pad_y:  # grey bars, as ultralytics pads
         assert np.all(batch[0, :, : pad_y - 1] == np.float32(PAD_VALUE / 255))
@@ -147,7 +148,7 @@ def test_letterbox_places_the_image_centred_and_maps_boxes_back_exactly(height, 
     x1, y1, x2, y2 = mapped
     raw[0, :4, 0] = ((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1)  # cx, cy, w, h
     raw[0, 4 + 1, 0] = 0.9
-    (dets,) = postprocess(raw, [meta], NAMES, confidence=0.25, iou=0.45, max_detections=10)
+    (dets,) = postprocess(raw, [meta], NAMES, NmsOptions(confidence=0.25, iou=0.45, max_detections=10))
     assert len(dets) == 1
     np.testing.assert_allclose(dets[0].box, box, atol=1e-3)
 
@@ -162,6 +163,58 @@ def test_letterbox_agrees_with_ultralytics_predictor_geometry():
         ours = scale_boxes(meta.input_shape, letterboxed.clone(), meta.orig_shape, ratio_pad=meta.ratio_pad)
         theirs = scale_boxes(meta.input_shape, letterboxed.clone(), meta.orig_shape)  # as the predictor calls it
         torch.testing.assert_close(ours, theirs)
+
+
+#: (height, width): down- and upscaled, odd paddings, a whole 4x ratio, one line, one pixel over the square.
+ULTRALYTICS_SHAPES = [(480, 848), (848, 480), (100, 200), (333, 517), (720, 1280), (1, 300), (321, 320), (SIZE, SIZE)]
+
+
+def test_letterbox_equals_ultralytics_letterbox_pixel_for_pixel():
+    from ultralytics.data.augment import LetterBox
+
+    images = [smooth_random_image(h, w, seed=i) for i, (h, w) in enumerate(ULTRALYTICS_SHAPES)]
+    theirs = LetterBox(new_shape=(SIZE, SIZE), auto=False, scaleup=True, center=True, padding_value=PAD_VALUE)
+
+    batch, metas = letterbox_batch(images, SIZE)
+
+    for image, ours, meta in zip(images, batch, metas):
+        params = theirs.get_params({"img": image})
+        assert (meta.resized_shape, meta.pad) == (params["new_unpad"][::-1], (params["left"], params["top"]))
+        expected = theirs(image=image).transpose(2, 0, 1).astype(np.float32) / 255.0  # as the predictor feeds it
+        np.testing.assert_array_equal(ours, expected)
+
+
+@pytest.mark.parametrize("agnostic", [False, True])
+@pytest.mark.parametrize("scores", ["continuous", "tied", "fp16"])
+def test_postprocess_equals_ultralytics_nms_and_scale_boxes(agnostic, scores):
+    """The host path's numpy NMS against ultralytics' (over torchvision's kernel) on crowded random predictions:
+    the same boxes, scores and classes to the last bit, ties between equal scores broken the same way."""
+    import torch
+    import torchvision  # noqa: F401  (ultralytics' NMS takes torchvision's kernel once it is imported, as in training)
+    from ultralytics.utils.nms import non_max_suppression
+    from ultralytics.utils.ops import scale_boxes
+
+    rng = np.random.default_rng(7)
+    _, metas = letterbox_batch([np.zeros((h, w, 3), np.uint8) for h, w in ULTRALYTICS_SHAPES], SIZE)
+    raw = np.empty((len(metas), 4 + len(NAMES), 400), np.float32)
+    raw[:, :2] = rng.uniform(-20, SIZE + 20, (len(metas), 2, 400))  # centres, some outside the square: clipped
+    raw[:, 2:4] = rng.uniform(0, 120, (len(metas), 2, 400))  # 400 boxes up to 120 px: many overlaps
+    raw[:, 4:] = rng.uniform(0, 1, (len(metas), len(NAMES), 400))
+    if scores == "tied":
+        raw[:, 4:] = np.round(raw[:, 4:] * 8) / 8
+    elif scores == "fp16":  # an fp16 network's outputs
+        raw = raw.astype(np.float16)
+    options = NmsOptions(confidence=0.25, iou=0.45, max_detections=50, agnostic=agnostic)
+
+    ours = postprocess(raw, metas, NAMES, options)
+
+    kept = non_max_suppression(torch.from_numpy(raw.astype(np.float32)), conf_thres=0.25, iou_thres=0.45,
+                               max_det=50, nc=len(NAMES), agnostic=agnostic, max_time_img=float("inf"))
+    for found, rows, meta in zip(ours, kept, metas):
+        boxes = scale_boxes(meta.input_shape, rows[:, :4].clone(), meta.orig_shape, ratio_pad=meta.ratio_pad)
+        theirs = [(tuple(box), int(k), score) for box, (score, k) in zip(boxes.tolist(), rows[:, 4:6].tolist())]
+        assert [(d.box, d.class_id, d.score) for d in found] == theirs
+    assert sum(map(len, ours)) > 2 * len(metas)  # the comparison is not vacuous
 
 
 def test_letterbox_rejects_what_is_not_rgb_uint8():
@@ -188,7 +241,7 @@ def test_postprocess_keeps_the_best_of_overlapping_boxes_in_original_pixels():
     raw = np.array(anchors, np.float32).T[None]
     raw.setflags(write=False)
 
-    (dets,) = postprocess(raw, [meta], NAMES, confidence=0.25, iou=0.45, max_detections=10)
+    (dets,) = postprocess(raw, [meta], NAMES, NmsOptions(confidence=0.25, iou=0.45, max_detections=10))
 
     def original(cx, cy, w, h):
         return ((cx - w / 2 - pad_x) / gain_x, (cy - h / 2 - pad_y) / gain_y,
@@ -202,14 +255,14 @@ def test_postprocess_keeps_the_best_of_overlapping_boxes_in_original_pixels():
     np.testing.assert_allclose(dets[2].box, (x1, 0.0, x2, y2), rtol=1e-5)
     assert all(isinstance(d, SignDetection) and isinstance(d.box[0], float) for d in dets)
 
-    (best,) = postprocess(raw, [meta], NAMES, confidence=0.25, iou=0.45, max_detections=1)
+    (best,) = postprocess(raw, [meta], NAMES, NmsOptions(confidence=0.25, iou=0.45, max_detections=1))
     assert [d.score for d in best] == [dets[0].score]
 
 
 def test_postprocess_rejects_predictions_for_another_number_of_classes():
     _, metas = letterbox_batch([np.zeros((8, 8, 3), np.uint8)], SIZE)
     with pytest.raises(ValueError, match="3 classes"):
-        postprocess(np.zeros((1, 4 + 5, 10), np.float32), metas, NAMES, confidence=0.25, iou=0.45, max_detections=5)
+        postprocess(np.zeros((1, 4 + 5, 10), np.float32), metas, NAMES, NmsOptions(confidence=0.25, iou=0.45, max_detections=5))
 
 
 # --- backends and the detector ------------------------------------------------------------------------

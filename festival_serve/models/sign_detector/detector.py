@@ -1,23 +1,28 @@
 """Traffic-sign detection with an ultralytics YOLO checkpoint: letterbox → network → NMS → original pixels.
 
 The network comes from an ultralytics ``.pt`` checkpoint and runs on any backend (PyTorch eager, ONNX
-Runtime on an ONNX file exported by ultralytics' own exporter, TensorRT). Pre- and post-processing reuse
-ultralytics' functions, so boxes match ultralytics' own predictor wherever its letterbox is the same square
-(for a square frame through the exported ONNX they are identical):
+Runtime on an ONNX file exported by ultralytics' own exporter, TensorRT). Pre- and post-processing are
+ultralytics' own arithmetic (``festival_serve.models.sign_detector.boxes`` holds the geometry), so boxes match
+ultralytics' own predictor wherever its letterbox is the same square (for a square frame through the exported
+ONNX they are identical):
 
-- ``LetterBox`` (``ultralytics.data.augment``): aspect-preserving resize, centred, padded with 114;
-- ``non_max_suppression`` (``ultralytics.utils.nms``): class-aware NMS on ``(N, 4 + nc, anchors)``
-  predictions whose first four channels are ``cx, cy, w, h`` in letterboxed pixels;
-- ``scale_boxes`` (``ultralytics.utils.ops``): letterboxed pixels back to the original image, clipped.
+- ``letterbox_batch``: ``LetterBox``'s aspect-preserving resize (cv2, ``INTER_LINEAR``), centred, padded with 114;
+- ``postprocess``: ``non_max_suppression``'s class-aware NMS on ``(N, 4 + nc, anchors)`` predictions whose first
+  four channels are ``cx, cy, w, h`` in letterboxed pixels, and ``scale_boxes`` back to the original image,
+  clipped; in numpy, so a host replica (ONNX Runtime) never imports torch or ultralytics.
 
-Where the stage runs on CUDA with a backend that takes device tensors, the same steps run as torch ops on the
-GPU instead (``festival_serve.models.sign_detector.device_ops``; ``SignDetectorSettings.preprocess`` chooses).
+``SignDetector.detect`` orchestrates a batch: letterbox, network, NMS, boxes back, then it cuts each box's crop
+and hands the crops to the classifier (``classifier.SignClassifier``), which names them. Where the stage runs on
+CUDA with a backend that takes device tensors, the same steps run as torch ops on the GPU instead
+(``festival_serve.models.sign_detector.device_ops``; ``SignDetectorSettings.preprocess`` chooses), each frame
+uploaded once for the letterbox and the crops alike.
 
-ultralytics and torch are imported lazily, so importing this module (e.g. for ``SignDetection``) is cheap.
+cv2, torch and ultralytics are imported lazily, so importing this module is cheap.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -27,8 +32,10 @@ import numpy as np
 from festival_serve.runtime.devices import resolve_device, resolve_fp16, warn_cpu_beside_gpu
 from festival_serve.pipeline.settings import SignDetectorSettings, in_store
 from festival_serve.pipeline.types import SignDetection
-from festival_serve.models.sign_detector.boxes import LetterboxMeta
-from festival_serve.models.sign_detector.ultralytics_io import PAD_VALUE, UltralyticsCheckpoint, configure_ultralytics_offline
+from festival_serve.models.sign_detector.boxes import (CLASS_OFFSET, MAX_NMS_CANDIDATES, LetterboxMeta, NmsOptions,
+                                                       letterbox_meta, nms, to_original)
+from festival_serve.models.sign_detector.classifier import SignClassifier, square_crop
+from festival_serve.models.sign_detector.ultralytics_io import PAD_VALUE, UltralyticsCheckpoint
 
 logger = logging.getLogger(__name__)
 
@@ -37,56 +44,59 @@ def letterbox_batch(images: list[np.ndarray], size: int) -> tuple[np.ndarray, li
     """``(H, W, 3) uint8 RGB`` images (read-only is fine) → ``(N, 3, size, size) float32`` in [0, 1], RGB.
 
     Each image is resized to fit ``size`` keeping its aspect ratio (up or down), centred and padded with 114,
-    exactly as ultralytics' predictor does (``LetterBox(auto=False)``, the square shape the exports take).
+    exactly as ultralytics' predictor does (``LetterBox(auto=False)``, the square shape the exports take): the
+    geometry of ``boxes.letterbox_meta`` and the same ``cv2.resize`` (``INTER_LINEAR``) call.
     """
-    configure_ultralytics_offline()
-    from ultralytics.data.augment import LetterBox
+    import cv2
 
-    letterbox = LetterBox(new_shape=(size, size), auto=False, scaleup=True, center=True, padding_value=PAD_VALUE)
-    batch = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    batch = np.full((len(images), size, size, 3), PAD_VALUE, dtype=np.uint8)
     metas = []
     for i, image in enumerate(images):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
             raise ValueError(f"image {i}: expected (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
-        labels = {"img": np.ascontiguousarray(image)}  # cv2 needs C order; never writes into its input
-        params = letterbox.get_params(labels)
-        batch[i] = letterbox.apply_image(labels, params)["img"]
-        new_w, new_h = params["new_unpad"]
-        height, width = image.shape[:2]
-        metas.append(
-            LetterboxMeta(
-                orig_shape=(height, width),
-                input_shape=(size, size),
-                gain=(new_h / height, new_w / width),
-                pad=(params["left"], params["top"]),
-            )
-        )
+        meta = letterbox_meta(*image.shape[:2], size)
+        (new_h, new_w), (left, top) = meta.resized_shape, meta.pad
+        if (new_h, new_w) != image.shape[:2]:  # LetterBox skips cv2.resize then too
+            image = cv2.resize(np.ascontiguousarray(image), (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        batch[i, top : top + new_h, left : left + new_w] = image  # the rest stays grey, as copyMakeBorder pads
+        metas.append(meta)
     # HWC → CHW once for the whole batch; the divide matches ultralytics' ``im /= 255``.
     return batch.transpose(0, 3, 1, 2).astype(np.float32) / 255.0, metas
 
 
-def postprocess(
-    raw: np.ndarray,
-    metas: list[LetterboxMeta],
-    names: dict[int, str],
-    *,
-    confidence: float,
-    iou: float,
-    max_detections: int,
-    agnostic: bool = False,
-) -> list[list[SignDetection]]:
-    """``(N, 4 + nc, anchors)`` raw predictions → per-image detections in original pixels, best first: the
-    device path's NMS and mapping (``device_ops.postprocess_on_device``) on a CPU tensor."""
-    import torch
+def postprocess(raw: np.ndarray, metas: list[LetterboxMeta], names: dict[int, str],
+                options: NmsOptions) -> list[list[SignDetection]]:
+    """``(N, 4 + nc, anchors)`` raw predictions → per-image detections in original pixels, best first.
 
-    from festival_serve.models.sign_detector.device_ops import postprocess_on_device
+    ultralytics' ``non_max_suppression`` (best class per anchor, class-aware unless ``agnostic``) and
+    ``scale_boxes``, in numpy float32 with the same operations, so a host replica never loads torch.
+    """
+    if raw.ndim != 3 or raw.shape[0] != len(metas) or raw.shape[1] != 4 + len(names):
+        raise ValueError(
+            f"expected raw predictions (N={len(metas)}, 4 + {len(names)} classes, anchors), got {tuple(raw.shape)}"
+        )
+    preds = np.asarray(raw, dtype=np.float32)  # an fp16 network's outputs: NMS in float32, as ultralytics casts
+    return [_image_detections(pred, meta, names, options) for pred, meta in zip(preds, metas)]
 
-    if raw.ndim != 3 or raw.shape[0] != len(metas):
-        raise ValueError(f"expected raw predictions (N={len(metas)}, 4 + {len(names)} classes, anchors), got {raw.shape}")
-    # Outputs may be read-only (Ray's object store); torch wants a writable buffer.
-    preds = torch.from_numpy(np.array(raw, dtype=np.float32, copy=not raw.flags.writeable))
-    return postprocess_on_device(preds, metas, names, confidence=confidence, iou=iou, max_detections=max_detections,
-                                 agnostic=agnostic)
+
+def _image_detections(pred: np.ndarray, meta: LetterboxMeta, names: dict[int, str],
+                      options: NmsOptions) -> list[SignDetection]:
+    """One image's ``(4 + nc, anchors)`` predictions (``cx, cy, w, h`` in letterboxed pixels, then class scores)
+    → its detections: anchors whose best class scores above ``options.confidence``, through NMS, in original
+    pixels."""
+    candidates = pred[:, pred[4:].max(axis=0) > options.confidence].T  # (n, 4 + nc), in anchor order
+    class_ids = candidates[:, 4:].argmax(axis=1)  # the first of equal scores, as torch's max
+    scores = candidates[np.arange(len(candidates)), 4 + class_ids]
+    if len(candidates) > MAX_NMS_CANDIDATES:
+        best = np.argsort(-scores, kind="stable")[:MAX_NMS_CANDIDATES]
+        candidates, class_ids, scores = candidates[best], class_ids[best], scores[best]
+    centres, half = candidates[:, :2], candidates[:, 2:4] / 2
+    corners = np.concatenate([centres - half, centres + half], axis=1)  # x1, y1, x2, y2 (xywh2xyxy)
+    offsets = class_ids.astype(np.float32)[:, None] * np.float32(0 if options.agnostic else CLASS_OFFSET)
+    kept = nms(corners + offsets, scores, options.iou, options.max_detections)
+    found = to_original(corners[kept], meta).tolist()
+    return [SignDetection(box=tuple(box), label=names[int(k)], class_id=int(k), score=score)
+            for box, k, score in zip(found, class_ids[kept].tolist(), scores[kept].tolist())]
 
 
 class YoloCheckpoint(UltralyticsCheckpoint):
@@ -129,11 +139,14 @@ def preprocess_path(requested: str, backends: list) -> str:
     return "device" if takes_tensors and on_cuda else "host"
 
 
-def _renamed(detections: list[list[SignDetection]], named) -> list[list[SignDetection]]:
-    """Each detection under its classifier class (``SignClassifier.classify``'s answer), background dropped."""
+def _renamed(detections: list[list[SignDetection]], named: list[tuple[int, str, float]]) -> list[list[SignDetection]]:
+    """Each detection under its classifier class (``SignClassifier.classify``'s answers, one per detection of
+    all images in order), background dropped."""
+    answers = iter(named)
     return [
-        [replace(d, class_id=class_id, label=label) for d, (class_id, label, _) in zip(found, names) if class_id >= 0]
-        for found, names in zip(detections, named)
+        [replace(d, class_id=class_id, label=label)
+         for d, (class_id, label, _) in zip(found, itertools.islice(answers, len(found))) if class_id >= 0]
+        for found in detections
     ]
 
 
@@ -155,13 +168,10 @@ class SignDetector:
         self.backend = create_backend(settings.backend, self.checkpoint, **run)
         self.classifier = None
         if settings.classifier:
-            from festival_serve.models.sign_detector.classifier import SignClassifier
-
             # The classifier runs where its detector runs, with the same settings ("auto" looks for its own engine).
             self.classifier = SignClassifier(
                 in_store(settings.classifier, model_store),
                 image_size=settings.classifier_image_size,
-                context=settings.classifier_context,
                 backend=settings.backend,
                 expected_names=self.names,
                 **run,
@@ -170,54 +180,62 @@ class SignDetector:
         networks = [self.backend, *([self.classifier.backend] if self.classifier else [])]
         self.preprocess = preprocess_path(settings.preprocess, networks)  # "host" | "device", fixed from here on
         # Warm-up through the whole path: the first batch would otherwise also pay for importing the
-        # letterbox/NMS code (ultralytics and torch, ~3 s on a small CPU).
+        # letterbox/NMS code (cv2 on the host, ultralytics and torch on the device, ~3 s on a small CPU).
         blank = np.zeros((64, 64, 3), dtype=np.uint8)
         self.detect([blank])
         if self.classifier is not None:  # a blank frame has no signs, so warm the classifier on a box of it
-            box = [[(0.0, 0.0, 32.0, 32.0)]]
-            if self.preprocess == "device":
-                from festival_serve.models.sign_detector.device_ops import upload_frames
-
-                self.classifier.classify_on_device(upload_frames([blank], self.backend.runtime_device()), box)
-            else:
-                self.classifier.classify([blank], box)
+            self._classify(self._frames([blank]), [[(0.0, 0.0, 32.0, 32.0)]])
 
     def detect(self, images: list[np.ndarray]) -> list[list[SignDetection]]:
+        """``(H, W, 3) uint8 RGB`` frames → per frame, the signs found, best first: letterbox, one forward pass,
+        NMS and boxes back in frame pixels, then (with a classifier) the boxes' crops named in one more."""
         if not images:
             return []
-        if self.preprocess == "device":
-            detections = self._detect_on_device(images)
-        else:
-            batch, metas = letterbox_batch(images, self.settings.image_size)
-            raw = self.backend.forward(batch)[0]
-            detections = postprocess(raw, metas, self.names, **self._nms_options())
-            if self.classifier is not None:
-                named = self.classifier.classify(images, [[d.box for d in found] for found in detections])
-                detections = _renamed(detections, named)
+        frames = self._frames(images)
+        detections = self._find(frames)
+        if self.classifier is not None:
+            detections = _renamed(detections, self._classify(frames, [[d.box for d in found] for found in detections]))
         if self.text_classes is None:
             return detections
         return [[replace(d, has_text=d.label in self.text_classes) for d in found] for found in detections]
 
-    def _detect_on_device(self, images: list[np.ndarray]) -> list[list[SignDetection]]:
-        """The same steps as tensor ops where the networks run: each frame is uploaded once (uint8), the
-        classifier cuts its crops from those copies, and only boxes and class probabilities come back."""
+    def _frames(self, images: list[np.ndarray]) -> list:
+        """Where the frames are worked on: the images themselves on the host; on the device path, each uploaded
+        once (``(3, H, W)`` uint8), for the letterbox and the classifier's crops alike."""
+        if self.preprocess != "device":
+            return images
+        from festival_serve.models.sign_detector.device_ops import upload_frames
+
+        return upload_frames(images, self.backend.runtime_device())
+
+    def _find(self, frames: list) -> list[list[SignDetection]]:
+        """Letterbox, network, NMS and boxes back in frame pixels, where the frames are: on the device path as
+        tensor ops where the network runs, so only the kept boxes come back."""
+        if self.preprocess != "device":
+            batch, metas = letterbox_batch(frames, self.settings.image_size)
+            return postprocess(self.backend.forward(batch)[0], metas, self.names, self._nms_options())
         from festival_serve.models.sign_detector import device_ops
 
-        frames = device_ops.upload_frames(images, self.backend.runtime_device())
         batch, metas = device_ops.letterbox_frames(frames, self.settings.image_size)
         raw = self.backend.forward_tensor(batch)[0]
-        detections = device_ops.postprocess_on_device(raw, metas, self.names, **self._nms_options())
-        if self.classifier is not None:
-            named = self.classifier.classify_on_device(frames, [[d.box for d in found] for found in detections])
-            detections = _renamed(detections, named)
-        return detections
+        return device_ops.postprocess_on_device(raw, metas, self.names, self._nms_options())
 
-    def _nms_options(self) -> dict:
+    def _classify(self, frames: list, boxes: list[list[tuple[float, float, float, float]]]) -> list[tuple[int, str, float]]:
+        """The classifier's answer for every box of every frame, in order: crops cut where the frames are."""
+        context = self.settings.classifier_context
+        if self.preprocess == "device":
+            from festival_serve.models.sign_detector.device_ops import square_crops
+
+            return self.classifier.classify_on_device(square_crops(frames, boxes, context))
+        return self.classifier.classify([square_crop(frame, box, context)
+                                         for frame, frame_boxes in zip(frames, boxes) for box in frame_boxes])
+
+    def _nms_options(self) -> NmsOptions:
         settings = self.settings
         # With a classifier the detector's class is only a hint: one box per sign, whatever it guessed
         # (class-aware NMS keeps a triangle twice, as "children" and as "pedestrian_crossing").
-        return dict(confidence=settings.confidence, iou=settings.iou, max_detections=settings.max_detections,
-                    agnostic=self.classifier is not None)
+        return NmsOptions(confidence=settings.confidence, iou=settings.iou, max_detections=settings.max_detections,
+                          agnostic=self.classifier is not None)
 
     def _known_classes(self, text_classes: list[str] | None) -> frozenset[str] | None:
         """``text_classes`` as a set, refusing a name the detector cannot output (which would silently

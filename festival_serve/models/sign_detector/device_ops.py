@@ -1,21 +1,23 @@
 """The sign detector's and sign classifier's pre/post-processing as batched torch ops on the network's device.
 
-At GPU speed, letterboxing frames with cv2, NMS on a host tensor and cutting crops through PIL leave the GPU
+At GPU speed, letterboxing frames with cv2, NMS on the host and cutting crops through PIL leave the GPU
 waiting on the CPU. These functions do the same work on whatever device the tensors live on, so a frame
 crosses to the GPU once (uint8, 1 byte a value) and only the final boxes and class probabilities come back.
-They mirror the host path (``festival_serve.models.sign_detector.detector``, ``festival_serve.models.sign_detector.classifier``) step for step:
+They mirror the host path (``festival_serve.models.sign_detector.detector``, ``.classifier``) step for step,
+with the geometry of both from ``festival_serve.models.sign_detector.boxes``:
 
-- ``letterbox_frames``: ultralytics' ``LetterBox`` geometry (its own ``get_params``), so ``LetterboxMeta`` is
+- ``letterbox_frames``: ``boxes.letterbox_meta`` (ultralytics' ``LetterBox`` geometry), so ``LetterboxMeta`` is
   identical; bilinear resize without antialiasing as cv2's ``INTER_LINEAR``, rounded half up into whole grey
   levels as cv2 writes ``uint8``. cv2's fixed-point SIMD kernel truncates some intermediates, so where the
   scale is not a whole ratio up to one value in ten lands one grey level (1/255) lower there than here
   (whole ratios, 1280x720 → 320x180, match exactly).
 - ``postprocess_on_device``: ultralytics' own ``non_max_suppression`` and ``scale_boxes`` on device tensors.
-- ``crops_on_device``: ``square_crop``'s square (grey where it leaves the frame) resized as
-  ``classify_transforms`` does through PIL (antialiased bilinear, rounded into grey levels), to [0, 1].
+- ``square_crops``: ``classifier.square_crop``'s square (``boxes.square_window``, grey where it leaves the
+  frame) as views of the uploaded frames; ``preprocess_crops_on_device`` resizes them as ``classify_transforms``
+  does through PIL (antialiased bilinear, rounded into grey levels), to [0, 1].
 
 Only the torch and TensorRT backends take device tensors (``Backend.takes_device_tensors``); torch is imported
-at the top here, so ``signs`` imports this module only on that path and ONNX Runtime replicas never load it.
+at the top here, so the detector imports this module only on that path and ONNX Runtime replicas never load it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from festival_serve.pipeline.types import SignDetection
-from festival_serve.models.sign_detector.boxes import LetterboxMeta
+from festival_serve.models.sign_detector.boxes import LetterboxMeta, NmsOptions, letterbox_meta, square_window
 from festival_serve.models.sign_detector.ultralytics_io import PAD_VALUE, configure_ultralytics_offline
 
 
@@ -50,7 +52,7 @@ def upload_frames(images: list[np.ndarray], device: str | torch.device) -> list[
 def letterbox_on_device(
     images: list[np.ndarray], size: int, device: str | torch.device
 ) -> tuple[torch.Tensor, list[LetterboxMeta]]:
-    """``signs.letterbox_batch`` on ``device``: ``(N, 3, size, size) float32`` in [0, 1] and the same metas."""
+    """``detector.letterbox_batch`` on ``device``: ``(N, 3, size, size) float32`` in [0, 1] and the same metas."""
     if not images:
         return torch.empty((0, 3, size, size), dtype=torch.float32, device=device), []
     return letterbox_frames(upload_frames(images, device), size)
@@ -63,46 +65,24 @@ def letterbox_frames(frames: list[torch.Tensor], size: int) -> tuple[torch.Tenso
     One resize per frame: frames of a batch may differ in size, and a float32 copy of one frame at a time
     (25 MB at 1080p) stays small beside a replica's GPU memory cap, where a stack of the batch would not.
     """
-    configure_ultralytics_offline()
-    from ultralytics.data.augment import LetterBox
-
-    letterbox = LetterBox(new_shape=(size, size), auto=False, scaleup=True, center=True, padding_value=PAD_VALUE)
     batch = torch.full((len(frames), 3, size, size), float(PAD_VALUE), dtype=torch.float32, device=frames[0].device)
     metas = []
     for i, frame in enumerate(frames):
-        height, width = frame.shape[1:]
-        # ultralytics' own arithmetic (rounding of new_unpad, -0.1 on the padding) on a shape-only stand-in.
-        params = letterbox.get_params({"img": np.broadcast_to(np.uint8(0), (height, width, 3))})
-        new_w, new_h = params["new_unpad"]
-        top, left = params["top"], params["left"]
+        meta = letterbox_meta(*frame.shape[1:], size)
+        (new_h, new_w), (left, top) = meta.resized_shape, meta.pad
         resized = frame.unsqueeze(0).float()
-        if (new_h, new_w) != (height, width):  # LetterBox skips cv2.resize then too
+        if (new_h, new_w) != tuple(frame.shape[1:]):  # LetterBox skips cv2.resize then too
             resized = F.interpolate(resized, size=(new_h, new_w), mode="bilinear", align_corners=False)
             resized = _round_half_up(resized)
         batch[i, :, top : top + new_h, left : left + new_w] = resized[0]
-        metas.append(
-            LetterboxMeta(
-                orig_shape=(height, width),
-                input_shape=(size, size),
-                gain=(new_h / height, new_w / width),
-                pad=(left, top),
-            )
-        )
+        metas.append(meta)
     return batch.div_(255.0), metas  # whole grey levels / 255 in float32: the host path's values exactly
 
 
 @torch.inference_mode()
-def postprocess_on_device(
-    raw: torch.Tensor,
-    metas: list[LetterboxMeta],
-    names: dict[int, str],
-    *,
-    confidence: float,
-    iou: float,
-    max_detections: int,
-    agnostic: bool = False,
-) -> list[list[SignDetection]]:
-    """``signs.postprocess`` on ``raw``'s device: ``(N, 4 + nc, anchors)`` → detections in original pixels.
+def postprocess_on_device(raw: torch.Tensor, metas: list[LetterboxMeta], names: dict[int, str],
+                          options: NmsOptions) -> list[list[SignDetection]]:
+    """``detector.postprocess`` on ``raw``'s device: ``(N, 4 + nc, anchors)`` → detections in original pixels.
 
     NMS and the mapping back to original pixels run where ``raw`` is; the kept rows, ``(K, 6)`` for the whole
     batch, cross to the host in one copy.
@@ -124,11 +104,11 @@ def postprocess_on_device(
         preds = torch.cat([preds, preds.new_zeros(preds.shape[:2] + (1,))], dim=2)
     per_image = non_max_suppression(
         preds,
-        conf_thres=confidence,
-        iou_thres=iou,
-        max_det=max_detections,
+        conf_thres=options.confidence,
+        iou_thres=options.iou,
+        max_det=options.max_detections,
         nc=len(names),
-        agnostic=agnostic,
+        agnostic=options.agnostic,
         # Its default time budget (2 s + 50 ms/image) drops the remaining images' boxes with only a warning
         # once exceeded; on a CPU replica under festival load that is a silent wrong answer, so never stop early.
         max_time_img=math.inf,
@@ -151,45 +131,39 @@ def postprocess_on_device(
 
 
 @torch.inference_mode()
-def crops_on_device(
-    frames: list[torch.Tensor],
-    boxes: list[list[tuple[float, float, float, float]]],
-    context: float,
-    size: int,
-) -> torch.Tensor:
-    """Per frame, per box: ``sign_classes.square_crop`` + ``preprocess_crops`` on the frames' device.
+def square_crops(
+    frames: list[torch.Tensor], boxes: list[list[tuple[float, float, float, float]]], context: float
+) -> list[torch.Tensor]:
+    """Per frame, per box: ``classifier.square_crop`` on the frames' device, ``(3, S, S)`` in the frames' dtype.
 
-    ``frames``: ``(3, H, W)`` on one device, uint8 (or float holding the same 0-255 values), as
-    ``upload_frames`` made them for the detector. Returns ``(M, 3, size, size) float32`` in [0, 1] for the
-    ``M`` boxes of all frames, in order. The crop geometry is computed on the host from the host boxes with
-    ``square_crop``'s own rounding; each crop is a view of its frame, padded with grey where it leaves it.
+    ``frames``: ``(3, H, W)`` on one device, as ``upload_frames`` made them for the detector. The square comes
+    from ``boxes.square_window`` on the host boxes; each crop is a view of its frame where the square lies inside
+    it, padded with grey where it leaves it.
     """
-    device = frames[0].device if frames else torch.device("cpu")
-    out = torch.empty((sum(map(len, boxes)), 3, size, size), dtype=torch.float32, device=device)
-    i = 0
-    for frame, frame_boxes in zip(frames, boxes):
-        for box in frame_boxes:
-            crop = _square_crop(frame, box, context).unsqueeze(0).float()
-            # classify_transforms: Resize(size) on a square is size x size (its CenterCrop is then a no-op),
-            # through PIL's antialiased bilinear, whose uint8 result ToTensor divides by 255.
-            out[i] = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
-            i += 1
+    return [_square_crop(frame, box, context) for frame, frame_boxes in zip(frames, boxes) for box in frame_boxes]
+
+
+@torch.inference_mode()
+def preprocess_crops_on_device(crops: list[torch.Tensor], size: int) -> torch.Tensor:
+    """``classifier.preprocess_crops`` on the crops' device: ``(3, S, S)`` uint8 crops (or float holding the same
+    0-255 values) → ``(M, 3, size, size) float32`` in [0, 1] there."""
+    out = torch.empty((len(crops), 3, size, size), dtype=torch.float32, device=crops[0].device)
+    for i, crop in enumerate(crops):
+        # classify_transforms: Resize(size) on a square is size x size (its CenterCrop is then a no-op),
+        # through PIL's antialiased bilinear, whose uint8 result ToTensor divides by 255.
+        out[i] = F.interpolate(crop.unsqueeze(0).float(), size=(size, size), mode="bilinear", align_corners=False,
+                               antialias=True)[0]
     return _round_half_up(out).div_(255.0)  # Normalize(mean 0, std 1) leaves the values as they are
 
 
 def _square_crop(frame: torch.Tensor, box: tuple[float, float, float, float], context: float) -> torch.Tensor:
-    """``sign_classes.square_crop`` on a ``(3, H, W)`` tensor: a view of it where the square is inside it."""
-    x1, y1, x2, y2 = box
-    side = max(2, int(round(max(x2 - x1, y2 - y1) * context)))
-    left = int(round((x1 + x2) / 2 - side / 2))
-    top = int(round((y1 + y2) / 2 - side / 2))
-    height, width = frame.shape[1:]
-    sx1, sy1 = max(0, left), max(0, top)
-    sx2, sy2 = min(width, left + side), min(height, top + side)
-    if sx2 <= sx1 or sy2 <= sy1:  # wholly outside the frame: all grey, as on the host
-        return frame.new_full((3, side, side), PAD_VALUE)
-    padding = (sx1 - left, left + side - sx2, sy1 - top, top + side - sy2)  # F.pad's left, right, top, bottom
-    inside = frame[:, sy1:sy2, sx1:sx2]
+    """``classifier.square_crop`` on a ``(3, H, W)`` tensor: a view of it where the square is inside it."""
+    window = square_window(box, context, *frame.shape[1:])
+    if window.empty:  # wholly outside the frame: all grey, as on the host
+        return frame.new_full((3, window.side, window.side), PAD_VALUE)
+    left, top, side = window.left, window.top, window.side
+    padding = (window.x1 - left, left + side - window.x2, window.y1 - top, top + side - window.y2)  # F.pad's order
+    inside = frame[:, window.y1 : window.y2, window.x1 : window.x2]
     return F.pad(inside, padding, value=PAD_VALUE) if any(padding) else inside
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import festival_serve.models.sign_detector.detector  # noqa: F401 - configures ultralytics offline before it is imported below
+from festival_serve.models.sign_detector.ultralytics_io import configure_ultralytics_offline
 
 #: Side of the calibration images, pixels, and the grid of random values they are upsampled from.
 CALIBRATION_SIZE = 320
@@ -39,6 +39,7 @@ def build_yolo_checkpoint(
     class_bias: float | None = None,
 ) -> Path:
     """Write a ``yolov8{scale}`` detection checkpoint for ``names`` to ``path`` and return ``path``."""
+    configure_ultralytics_offline()  # before ultralytics is first imported
     import torch
     from ultralytics import YOLO
     from ultralytics.nn.tasks import DetectionModel
@@ -111,6 +112,7 @@ def build_yolo_classifier(path: Path, names: dict[int, str] | list[str], *, favo
 
     Random weights, and the head's bias for ``favour`` set far above the rest, so a test knows what every
     crop will be called while the crop still runs through the whole network (and its ONNX export)."""
+    configure_ultralytics_offline()  # before ultralytics is first imported
     import torch
     from ultralytics import YOLO
     from ultralytics.nn.tasks import ClassificationModel
