@@ -129,7 +129,7 @@ def test_the_describer_speaks_faithfully_out_of_the_box(shipped_app, shipped_arg
 def test_the_shipped_describer_batches_as_it_describes_one_frame(shipped_args):
     """Batched greedy generation (left-padded prompts of different lengths) says what one-at-a-time says."""
     from festival_serve.world import descriptions
-    from festival_serve.models.scene_describer.describer import SceneDescriber
+    from festival_serve.models.scene_describer.describer import SceneDescriber, build_prompt
     from festival_serve.world.synth.scene import outdoor_layout
 
     layout = outdoor_layout()
@@ -137,7 +137,7 @@ def test_the_shipped_describer_batches_as_it_describes_one_frame(shipped_args):
                                    model_store=Path(shipped_args.model_store))
     scenes = [synth.generate_scene(seed) for seed in synth.scene_seeds("test", 4)]
     findings = [descriptions.findings_from_truth(s.signs, s.cells, layout.classes, layout.boxes) for s in scenes]
-    assert len({describer.build_prompt(f) for f in findings}) == 4  # different prompts, so padding differs
+    assert len({build_prompt(f) for f in findings}) == 4  # different prompts, so padding differs
     batched = describer.describe([s.image for s in scenes], findings)
     single = [describer.describe([s.image], [f])[0] for s, f in zip(scenes, findings)]
     assert batched == single and all(batched)
