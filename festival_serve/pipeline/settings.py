@@ -177,6 +177,54 @@ class IngressSettings(_Section):
         description="Threads that decode request images, per ingress replica (or baseline process), off the event "
         "loop: at most this many frames decode at once, each holding up to max_image_pixels x 3 bytes.",
     )
+    max_jpeg_scans: int = Field(
+        64, ge=1,
+        description="Most scans a JPEG may have (a baseline JPEG has 1, a progressive one ~10): each scan is decoded "
+        "over the whole frame, so a small file that repeats one scan thousands of times costs seconds of CPU. "
+        "Counted from the markers before decoding; more is a 400.",
+    )
+    decode_max_side: int = Field(
+        2048, ge=320,
+        description="Frames whose longer side is over this many pixels are decoded (JPEG: at 1/2, 1/4 or 1/8 scale "
+        "by the decoder itself) and resized down to it; the detectors run at 320 px and sign crops of a 2048 px "
+        "frame still carry their text. Boxes in the answer stay in the client's pixels.",
+    )
+    large_image_pixels: int = Field(
+        8_000_000, ge=1,
+        description="Frames over this many pixels decode on a thread of their own (one per ingress replica), so a "
+        "sender of huge frames waits behind its own kind, not in front of the cameras' frames.",
+    )
+    max_decoding_pixels: int = Field(
+        48_000_000, ge=1,
+        description="Pixels (width x height, summed) that may be decoding or waiting to decode at once, per ingress "
+        "replica; a frame that would go over is refused at once (503 + Retry-After): admission by pixels as well "
+        "as by frames.",
+    )
+    body_read_max_s: float = Field(
+        5.0, gt=0,
+        description="Longest a request body may take to arrive, seconds (and never longer than the request's "
+        "budget): a body still arriving after it is a 408. A frame of the cameras' arrives in milliseconds.",
+    )
+    max_bodies_in_flight: int = Field(
+        64, ge=1,
+        description="Request bodies one ingress replica reads at once; more are refused at once (503 + "
+        "Retry-After). Bodies are read before admission, so a slow upload never counts as work waiting.",
+    )
+    probe_refresh_s: float = Field(
+        1.0, gt=0,
+        description="How often the ingress asks every stage for its state in the background, seconds: /readyz and "
+        "/healthz answer from that state, never with model calls of their own.",
+    )
+    probe_rate_per_s: float = Field(
+        50.0, gt=0,
+        description="Most /healthz + /readyz + /v1/models answers per second per ingress replica (a token bucket "
+        "of one second's worth); more get a 429 with Retry-After.",
+    )
+    keys_reload_s: float = Field(
+        2.0, gt=0,
+        description="How often the ingress checks its api_keys_file for changes, seconds: a key removed from the "
+        "file stops working within this long, a key added starts.",
+    )
     stage_requests_in_flight: int = Field(
         4, ge=1,
         description="Serve requests to one stage that one ingress replica keeps in flight at once. While that many "
