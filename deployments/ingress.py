@@ -14,6 +14,7 @@ a request whose safety stages' queues could not answer within it is turned away 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -24,15 +25,16 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from festival_serve.serving.admission import Admission, Budget
-from festival_serve.serving.http import BUDGET_HEADER, ApiHandlers, build_http_app, ms_since, parse_bool, parse_budget, \
-    request_id_of
-from festival_serve.serving.auth import KeyRing
+from festival_serve.serving.admission import Admission, Budget, Slots, TokenBucket
+from festival_serve.serving.http import BUDGET_HEADER, DISCONNECT_DISABLED_HEADER, ApiHandlers, build_http_app, \
+    ms_since, parse_bool, parse_budget, request_id_of
+from festival_serve.serving.auth import keys_from_file
 from festival_serve.serving.autoscaling import ARRIVALS_PER_S, RateMeter
 from festival_serve.serving.coalesce import CallCoalescer
-from festival_serve.serving.flow import admitted, analyze_frame
+from festival_serve.serving.flow import Rejected, admitted, analyze_frame
 from festival_serve.serving.imaging import Decoder
 from festival_serve.serving.metrics import record_answer, record_refusal
+from festival_serve.serving.probes import StageStates, readiness
 from festival_serve.serving.public_paths import public_model_info
 from festival_serve.serving.uploads import read_image_bytes
 from festival_serve.pipeline.settings import IngressSettings
@@ -49,17 +51,19 @@ class PipelineIngress:
         """``models``: one handle per stage, keyed by stage name (``festival_serve.pipeline.stages``); ``model_store``:
         the models' store, which ``/v1/models`` shows weights relative to (without it: file names only)."""
         self.model_store = model_store
-        # Read once: a missing, unreadable or malformed keys file fails the deployment with the reason.
-        self.keys = KeyRing.from_file(settings.api_keys_file) if settings.api_keys_file else None
+        # Read now: a missing, unreadable or malformed keys file fails the deployment with the reason. Then followed:
+        # a key removed from the file stops working within keys_reload_s (festival_serve.serving.auth.KeyFile).
+        self.keys = keys_from_file(settings.api_keys_file, reload_s=settings.keys_reload_s)
         if self.keys is None:
             logger.warning("ingress: no api_keys_file: /v1 is open to anyone who can reach the port")
         else:
-            logger.info("ingress: /v1 needs an API key (%d key digest(s) in %s)", len(self.keys.digests),
-                        settings.api_keys_file)
+            logger.info("ingress: /v1 needs an API key (%d key digest(s) in %s, reread on change)",
+                        len(self.keys.digests), settings.api_keys_file)
         self.models = {stage.name: models[stage.name] for stage in STAGES}
         self.settings = settings
-        self.decoder = Decoder(settings.decode_threads, settings.max_image_pixels)  # off the event loop
+        self.decoder = Decoder(settings)  # off the event loop, bounded in scans, pixels and time
         self.admission = Admission()  # this replica's view of every stage's queue (festival_serve.serving.admission)
+        self.bodies = Slots(settings.max_bodies_in_flight)  # bodies arriving now: read before admission, capped
         # A stage's calls that wait while its requests in flight are at the cap leave together as one Serve
         # request (a request costs milliseconds of CPU whatever it carries); the replica hands them one by one to
         # its batcher.
@@ -67,54 +71,65 @@ class PipelineIngress:
                                                  max_calls=settings.stage_request_max_calls,
                                                  max_requests=settings.stage_requests_in_flight)
                        for stage in STAGES}
-        self.arrivals = RateMeter()  # every /v1/analyze, admitted or refused: the autoscaler's load
+        # /readyz and /v1/models answer from every stage's model_info, asked in the background: a probe costs the
+        # models nothing (festival_serve.serving.probes).
+        self.states = StageStates({name: handle.info.remote for name, handle in self.models.items()},
+                                  refresh_s=settings.probe_refresh_s, timeout_s=MODEL_INFO_TIMEOUT_S)
+        self.arrivals = RateMeter()  # every /v1/analyze whose body arrived, admitted or refused: the autoscaler's load
 
     def __serve_build_asgi_app__(self) -> Starlette:
         # Routes, API keys, /openapi.json and the one error mapper are the baseline's too (festival_serve.serving.http);
         # only the ingress counts the refusals it answers (festival_serve.serving.metrics).
         handlers = ApiHandlers(analyze=self.analyze, models=self.list_models, healthz=self.healthz, readyz=self.readyz)
-        return build_http_app(handlers, keys=self.keys, log=logger, on_analyze_refusal=record_refusal)
+        return build_http_app(handlers, keys=self.keys, log=logger, on_analyze_refusal=record_refusal,
+                              probe_limit=TokenBucket(self.settings.probe_rate_per_s))
 
     # -- routes (each raises what it cannot answer: build_http_app maps it to a status) ---------
 
     async def analyze(self, request: Request) -> JSONResponse:
-        self.arrivals.mark()
         request_id = request_id_of(request)
         started, started_monotonic = time.perf_counter(), time.monotonic()
         budget = Budget(parse_budget(request.headers.get(BUDGET_HEADER), self.settings), started_monotonic)
-        # Shed in milliseconds, before reading or decoding; an admitted frame counts as waiting until it is sent.
-        with admitted(self.admission, budget, self.settings):
-            describe = parse_bool(request.query_params.get("describe", "true"), "describe")
-            data = await read_image_bytes(request, self.settings.max_body_bytes)
-            image = await self.decoder.decode(data)
-            timings = {"decode": ms_since(started)}
-            frame = ray.put(image)  # one copy in the object store, shared by every stage
-        result = await analyze_frame(image, frame, describe, self.stages, self.settings, timings, budget=budget,
-                                     admission=self.admission, request_id=request_id)
+        describe = parse_bool(request.query_params.get("describe", "true"), "describe")
+        # The body arrives before admission: a frame still uploading is not work waiting, and a trickled one is cut
+        # off at body_read_max_s (or the budget) with a 408, holding a body slot, never an admission slot.
+        if self.bodies.full:
+            raise Rejected(503, "overloaded", "too many uploads are arriving at once", self.settings.retry_after_s)
+        with self.bodies:
+            data = await read_image_bytes(request, self.settings.max_body_bytes, within_s=min(
+                self.settings.body_read_max_s, budget.remaining() - self.settings.answer_margin_s))
+        self.arrivals.mark()  # a request that got this far is load, refused or not; a malformed one was not
+        with cancelled_on_disconnect(request):
+            # Shed in milliseconds, before decoding; an admitted frame counts as waiting until it is sent.
+            with admitted(self.admission, budget, self.settings):
+                decoded = await self.decoder.decode(data, deadline=started_monotonic + budget.seconds
+                                                    - self.settings.answer_margin_s)
+                timings = {"decode": ms_since(started)}
+                frame = ray.put(decoded.pixels)  # one copy in the object store, shared by every stage
+            result = await analyze_frame(decoded.pixels, frame, describe, self.stages, self.settings, timings,
+                                         budget=budget, admission=self.admission, request_id=request_id,
+                                         original_size=decoded.original_size)
         timings["total"] = ms_since(started)
         record_answer(result, timings)  # refusals are counted by the error mapper's on_analyze_refusal
         # Serve's proxy puts the same id in the x-request-id response header.
         return JSONResponse({"request_id": request_id, **result, "timings_ms": timings})
 
     async def list_models(self, request: Request) -> JSONResponse:
-        infos = await self._model_infos()
+        infos = await self.states.refresh()  # live: behind the keys and the probes' rate limit
         return JSONResponse({"models": [
-            {"name": stage, "deployment": handle.deployment_name, **public_model_info(info, self.model_store)}
-            for (stage, handle), info in zip(self.models.items(), infos)
+            {"name": stage, "deployment": handle.deployment_name, **public_model_info(infos[stage], self.model_store)}
+            for stage, handle in self.models.items()
         ]})
 
     async def healthz(self, request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> JSONResponse:
-        """200 only when every stage in ``ingress.required_stages`` answers ``info`` with its model loaded,
-        else 503; the body gives every stage's state (``/v1/models`` has the details)."""
-        required = set(self.settings.required_stages)
-        infos = await self._model_infos()
-        stages = {stage: {"ready": info.get("ready") is True, "required": stage in required,
-                          "reason": _not_ready_reason(info)} for stage, info in zip(self.models, infos)}
-        ready = all(state["ready"] for state in stages.values() if state["required"])
-        return JSONResponse({"ready": ready, "stages": stages}, status_code=200 if ready else 503)
+        """200 only when every stage in ``ingress.required_stages`` has its model loaded, as the stages last said
+        (asked in the background every ``probe_refresh_s``), else 503; the body gives every stage's state."""
+        ready, stages = readiness(await self.states.current(), self.settings.required_stages)
+        return JSONResponse({"ready": ready, "stages": stages, "age_s": self.states.age_s()},
+                            status_code=200 if ready else 503)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         # Serve samples this for the autoscaler. The ingress's work is per arrival (decoding, or refusing in
@@ -122,20 +137,29 @@ class PipelineIngress:
         # (GraphMetricPolicy, serve_config.yaml).
         return {ARRIVALS_PER_S: self.arrivals.rate()}
 
-    async def _model_infos(self) -> list[dict]:
-        async def one(handle: DeploymentHandle) -> dict:
-            try:
-                return await asyncio.wait_for(handle.info.remote(), timeout=5)
-            except Exception as e:  # noqa: BLE001 - report, don't fail, the probe
-                return {"ready": False, "error": f"{type(e).__name__}: {e}"}
 
-        return await asyncio.gather(*(one(h) for h in self.models.values()))
+#: How long a stage may take to answer model_info before it reads "no replica answered", seconds.
+MODEL_INFO_TIMEOUT_S = 5.0
 
 
-def _not_ready_reason(info: dict) -> str | None:
-    """Why a stage is not ready, in words a probe may show: no file paths, no exception text."""
-    if info.get("ready") is True:
-        return None
-    if "error" in info:  # ``_model_infos`` could not get an answer from a replica
-        return "no replica answered"
-    return "model not loaded (weights missing)" if info.get("unavailable_reason") else "model not loaded"
+@contextlib.contextmanager
+def cancelled_on_disconnect(request: Request):
+    """With ``x-request-disconnect-disabled: ?1`` Serve's proxy no longer cancels a request whose client left, so an
+    abandoned describe=true frame would keep every model busy: watch for the client's leaving here instead, and cancel
+    the handler as the proxy would have. (Without the header the proxy does it; the body must have been read.)"""
+    if request.headers.get(DISCONNECT_DISABLED_HEADER) != "?1":
+        yield
+        return
+    handler = asyncio.current_task()
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        logger.debug("request %s: client left; its work is cancelled", request_id_of(request))
+        handler.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()

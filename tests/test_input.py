@@ -28,8 +28,9 @@ from festival_serve.serving import imaging
 from festival_serve.serving.errors import ApiError, error_response
 from festival_serve.serving.uploads import read_image_bytes
 from festival_serve.measure.baseline import build_app
-from festival_serve.serving.imaging import Decoder, InvalidImage, decode_image
-from festival_serve.pipeline.settings import IngressSettings, PipelineArgs
+from festival_serve.serving.imaging import Decoder, InvalidImage, decode_image, encode_jpeg
+from festival_serve.pipeline.settings import IngressSettings
+from festival_serve.pipeline.settings import PipelineArgs
 
 LIMIT = 64 * 1024  # bytes: the body limit every app here runs with
 CHUNK = 16 * 1024  # bytes per chunk of a streamed upload
@@ -120,7 +121,7 @@ def test_frames_decode_on_the_decoders_own_threads_at_most_threads_at_a_time(mon
     running, most, threads = 0, 0, set()
     lock = threading.Lock()
 
-    def slow_decode(data, *, max_pixels):
+    def slow_decode(data, **limits):
         nonlocal running, most
         with lock:
             running += 1
@@ -129,19 +130,82 @@ def test_frames_decode_on_the_decoders_own_threads_at_most_threads_at_a_time(mon
         time.sleep(0.05)
         with lock:
             running -= 1
-        return np.zeros((1, 1, 3), np.uint8)
+        return imaging.DecodedFrame(np.zeros((1, 1, 3), np.uint8), (1, 1))
 
-    monkeypatch.setattr(imaging, "decode_image", slow_decode)
-    decoder = Decoder(threads=2, max_pixels=100)
+    monkeypatch.setattr(imaging, "decode_frame", slow_decode)
+    decoder = Decoder(IngressSettings(decode_threads=2))
+    frame = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
 
     async def five_frames():
-        return await asyncio.gather(*(decoder.decode(b"frame") for _ in range(5)))
+        return await asyncio.gather(*(decoder.decode(frame) for _ in range(5)))
 
     try:
         assert len(asyncio.run(five_frames())) == 5
     finally:
         decoder.close()
     assert most == 2 and all(name.startswith("decode") for name in threads)
+
+
+def _scan_bomb(target_bytes: int = 140_000) -> bytes:
+    from festival_serve.measure.hostile import scan_bomb
+
+    return scan_bomb(target_bytes)
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding_and_fast():
+    bomb = _scan_bomb()
+    started = time.perf_counter()
+    with pytest.raises(InvalidImage, match="scans"):
+        imaging.probe_image(bomb, max_pixels=40_000_000, max_jpeg_scans=64)
+    assert time.perf_counter() - started < 0.2
+
+
+def test_a_normal_progressive_jpeg_is_accepted():
+    buf = io.BytesIO()
+    Image.new("RGB", (640, 480), (10, 120, 200)).save(buf, "JPEG", progressive=True)
+    frame = imaging.decode_frame(buf.getvalue(), max_pixels=40_000_000, max_jpeg_scans=64)
+    assert frame.pixels.shape == (480, 640, 3) and frame.original_size == (640, 480)
+
+
+def test_a_huge_frame_is_decoded_smaller_and_remembers_the_clients_size():
+    for fmt in ("JPEG", "PNG"):
+        buf = io.BytesIO()
+        Image.new("RGB", (6000, 4000), (200, 30, 30)).save(buf, fmt)
+        frame = imaging.decode_frame(buf.getvalue(), max_pixels=40_000_000, max_side=2048)
+        assert max(frame.pixels.shape[:2]) <= 2048 and frame.original_size == (6000, 4000), fmt
+        assert frame.scale == pytest.approx(6000 / frame.pixels.shape[1])
+
+
+def test_a_decode_past_its_deadline_stops_and_says_so():
+    bomb = _scan_bomb()
+    decoder = Decoder(IngressSettings(max_jpeg_scans=100_000))
+
+    async def decode():
+        return await decoder.decode(bomb, deadline=time.monotonic() + 0.2)
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(imaging.DecodeTimedOut):
+            asyncio.run(decode())
+    finally:
+        decoder.close()
+    assert time.monotonic() - started < 1.5
+
+
+def test_pixels_over_max_decoding_pixels_are_refused_at_once_and_released_after():
+    decoder = Decoder(IngressSettings(max_decoding_pixels=1000, large_image_pixels=500))
+    cancel = threading.Event()
+    decoder._reserve(900, cancel)  # a large frame decoding now
+    small = encode_jpeg(np.zeros((10, 20, 3), np.uint8))  # 200 px
+    try:
+        with pytest.raises(imaging.DecoderBusy) as busy:
+            asyncio.run(decoder.decode(small))
+        assert busy.value.retry_after_s >= 0
+        decoder._release(900, cancel)
+        assert asyncio.run(decoder.decode(small)).pixels.shape == (10, 20, 3)
+        assert decoder.reserved_pixels == 0
+    finally:
+        decoder.close()
 
 
 # -- how a multipart upload is read ------------------------------------------------------------------------

@@ -55,7 +55,7 @@ class SequentialPipeline:
     def __init__(self, args: PipelineArgs, models: dict[str, Any]) -> None:
         self.args, self.models = args, models
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="models")
-        self.decoder = Decoder(args.ingress.decode_threads, args.ingress.max_image_pixels)  # as the ingress does
+        self.decoder = Decoder(args.ingress)  # as the ingress does
         self.one_at_a_time = asyncio.Lock()
         self.batch_sizes = {stage: collections.Counter() for stage in STAGE_NAMES}  # always 1: no batching here
         self.stages = {stage.name: self._one_item_call(stage) for stage in STAGES}
@@ -83,10 +83,11 @@ class SequentialPipeline:
         """One request at a time, as the seed served: no admission control, but the same budget on every wait."""
         async with self.one_at_a_time:
             started = time.perf_counter()
-            image = await self.decoder.decode(data)
+            decoded = await self.decoder.decode(data)
             timings = {"decode": ms_since(started)}
-            result = await analyze_frame(image, image, describe, self.stages, self.args.ingress, timings,
-                                         budget=budget, request_id=request_id)
+            result = await analyze_frame(decoded.pixels, decoded.pixels, describe, self.stages, self.args.ingress,
+                                         timings, budget=budget, request_id=request_id,
+                                         original_size=decoded.original_size)
             return result, timings
 
     def info(self) -> list[dict]:

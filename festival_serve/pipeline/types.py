@@ -66,7 +66,7 @@ class Findings:
 
 
 
-DegradedCode = Literal["timeout", "skipped_over_budget", "shed", "unavailable", "error", "partial"]
+DegradedCode = Literal["timeout", "skipped_over_budget", "shed", "unavailable", "error", "partial", "malformed"]
 
 
 @dataclass(frozen=True)

@@ -121,3 +121,43 @@ class Budget:
     def deadline_unix(self) -> float:
         """The deadline as wall-clock time, for other processes (model replicas) to compare against."""
         return time.time() + self.remaining()
+
+
+class TokenBucket:
+    """At most ``rate_per_s`` takes a second on average, with bursts of up to one second's worth."""
+
+    def __init__(self, rate_per_s: float) -> None:
+        self.rate, self.capacity = rate_per_s, max(1.0, rate_per_s)
+        self.tokens, self.updated = self.capacity, time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    def retry_after_s(self) -> float:
+        """Seconds until the next take would succeed."""
+        return max(0.0, (1 - self.tokens) / self.rate)
+
+
+class Slots:
+    """A cap on something held across awaits (bodies being read): ``hold()`` or ``Rejected``-style refusal by the
+    caller when ``full``."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.held = size, 0
+
+    @property
+    def full(self) -> bool:
+        return self.held >= self.size
+
+    def __enter__(self) -> "Slots":
+        self.held += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.held -= 1

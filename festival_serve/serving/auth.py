@@ -15,8 +15,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import re
 import secrets
+import stat
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +107,80 @@ class KeyRing:
         return matched
 
 
+class KeyFile:
+    """The keys of a keys file, following the file: at most every ``reload_s`` seconds a request's check looks at
+    the file (one ``stat``, microseconds) and, when its identity, size or mtime changed, reads it again. A key
+    removed from the file stops working within ``reload_s``; a key added starts. A file that has become unreadable,
+    malformed or empty keeps the last good keys (and says so in the log every time it is looked at), so a botched
+    edit does not open or close the service by itself; ``mode_warning`` says when others may write the file."""
+
+    def __init__(self, path: str | Path, *, reload_s: float) -> None:
+        self.path, self.reload_s = Path(path), reload_s
+        self.ring = KeyRing.from_file(self.path)  # the first read fails loudly: a replica must not start keyless
+        self._signature = self._stat_signature()
+        self._checked_at = time.monotonic()
+        self._lock = threading.Lock()  # the ingress checks from its event loop; the baseline may from threads
+        warning = self.mode_warning()
+        if warning:
+            logger.warning(warning)
+
+    @property
+    def digests(self) -> tuple[str, ...]:
+        return self.ring.digests
+
+    def allows(self, authorization: str | None) -> bool:
+        self.refresh()
+        return self.ring.allows(authorization)
+
+    def refresh(self, *, now: float | None = None) -> None:
+        """Read the file again if ``reload_s`` has passed since the last look and it changed."""
+        now = time.monotonic() if now is None else now
+        if now - self._checked_at < self.reload_s:
+            return
+        with self._lock:
+            self._checked_at = now
+            signature = self._stat_signature()
+            if signature == self._signature:
+                return
+            try:
+                ring = KeyRing.from_file(self.path)
+            except KeysFileError as e:
+                logger.error("%s; still using the %d key digest(s) read before", e, len(self.ring.digests))
+                return  # looked at again on the next check: the signature is not taken
+            self._signature = signature
+            if ring.digests != self.ring.digests:
+                gone, added = set(self.ring.digests) - set(ring.digests), set(ring.digests) - set(self.ring.digests)
+                logger.warning("API keys file %s changed: %d key(s) revoked, %d added (%d in all)", self.path,
+                               len(gone), len(added), len(ring.digests))
+            self.ring = ring
+            warning = self.mode_warning()
+            if warning:
+                logger.warning(warning)
+
+    def mode_warning(self) -> str | None:
+        """A warning when the file's mode lets its group or others write it (they could add a key of their own)."""
+        try:
+            mode = self.path.stat().st_mode
+        except OSError:
+            return None
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return (f"API keys file {self.path} is writable by {'others' if mode & stat.S_IWOTH else 'its group'} "
+                    f"(mode {stat.S_IMODE(mode):04o}): anyone who can write it can add a key; chmod 600 or 640 it")
+        return None
+
+    def _stat_signature(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def keys_from_file(path: str | Path | None, *, reload_s: float) -> KeyFile | None:
+    """The keys of ``path`` following their file, or None (no keys file: /v1 is open)."""
+    return KeyFile(path, reload_s=reload_s) if path else None
+
+
 #: Paths anyone who reaches the port may call, with or without a key: the load balancers' and Kubernetes' probes,
 #: and the API's description.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
@@ -116,7 +194,7 @@ class RequireApiKey:
     from this check, or a route added later, is closed rather than open. A refusal is a 401 with
     ``WWW-Authenticate`` (RFC 6750) and the usual JSON error; neither the answer nor the log shows the key."""
 
-    def __init__(self, app: ASGIApp, keys: KeyRing | None) -> None:
+    def __init__(self, app: ASGIApp, keys: KeyRing | KeyFile | None) -> None:
         self.app, self.keys = app, keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -95,9 +95,12 @@ def admit(admission: Admission, budget: Budget, settings: IngressSettings) -> No
 
 async def analyze_frame(image: np.ndarray, frame: Any, describe: bool, stages: Mapping[str, StageCall],
                         settings: IngressSettings, timings: dict, *, budget: Budget | None = None,
-                        admission: Admission | None = None, request_id: str = "") -> dict:
+                        admission: Admission | None = None, request_id: str = "",
+                        original_size: tuple[int, int] | None = None) -> dict:
     """Run ``image`` through the stages and build the answer. ``frame`` is what the model stages are
     handed (the array itself, or a reference to one shared copy); crops are cut from ``image``.
+    ``original_size`` (width, height): the client's frame when ``image`` was decoded smaller
+    (``ingress.decode_max_side``); the answer's sizes and boxes are in the client's pixels.
     Raises ``Rejected`` when the safety stages cannot answer."""
     run = _Frame(budget or Budget(settings.default_budget_s), settings, admission or Admission(), timings,
                  request_id, [], {})
@@ -114,10 +117,12 @@ async def analyze_frame(image: np.ndarray, frame: Any, describe: bool, stages: M
         else:
             run.degraded.append(Degraded("scene_describer", "skipped_over_budget",
                                          "the describer's queue would not answer within the request's budget"))
+    width, height = original_size or (int(image.shape[1]), int(image.shape[0]))
+    scale = (width / image.shape[1], height / image.shape[0])  # decoded pixels → the client's
     return {
-        "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
-        "signs": [sign_json(s, t) for s, t in zip(found_signs, texts)],
-        "hazards": [hazard_json(h) for h in hazards],
+        "image": {"width": width, "height": height},
+        "signs": [sign_json(s, t, scale) for s, t in zip(found_signs, texts)],
+        "hazards": [hazard_json(h, scale) for h in hazards],
         "description": description,
         "degraded": [asdict(d) for d in run.degraded],
     }
@@ -190,7 +195,44 @@ async def _stage(run: _Frame, stages: Mapping[str, StageCall], name: str, items:
     if isinstance(result, StageError):
         run.degraded.append(Degraded(name, result.code, result.reason))
         return None
+    if malformed(result):  # a NaN box would fail the answer's JSON, or a crop: the stage gave nothing usable
+        logger.error("request %s: stage %s answered a malformed result: %.200r", run.request_id, name, result)
+        run.degraded.append(Degraded(name, "malformed", "the stage's answer for this frame was not well formed"))
+        return None
     return result
+
+
+#: How deep ``malformed`` looks: a stage's answer is a list of records of numbers and short tuples.
+_MAX_RESULT_DEPTH = 6
+
+
+def malformed(value: Any, depth: int = 0) -> bool:
+    """Whether a stage's result holds a number that is not finite, a ``box`` that is not four numbers with
+    x1 <= x2 and y1 <= y2, or nesting deeper than any stage answers with."""
+    if depth > _MAX_RESULT_DEPTH:
+        return True
+    if isinstance(value, float | np.floating):
+        return not np.isfinite(value)
+    if isinstance(value, str | bytes | int | np.integer | bool | None):
+        return False
+    if isinstance(value, list | tuple):
+        return any(malformed(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        return any(malformed(item, depth + 1) for item in value.values())
+    if hasattr(value, "__dataclass_fields__"):
+        box = getattr(value, "box", None)
+        if box is not None and not _well_formed_box(box):
+            return True
+        return any(malformed(getattr(value, name), depth + 1) for name in value.__dataclass_fields__)
+    return False
+
+
+def _well_formed_box(box: Any) -> bool:
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        return False
+    return bool(np.isfinite([x1, y1, x2, y2]).all()) and x1 <= x2 and y1 <= y2
 
 
 async def _bounded(run: _Frame, name: str, pending: Awaitable):
@@ -229,9 +271,15 @@ def _stage_failure(run: _Frame, name: str, error: Exception) -> StageError:
 # -- the answer's JSON ---------------------------------------------------------------------------------
 
 
-def sign_json(detection, text) -> dict:
+def _scaled(box, scale: tuple[float, float]) -> list[float]:
+    sx, sy = scale
+    x1, y1, x2, y2 = box
+    return [round(x1 * sx, 1), round(y1 * sy, 1), round(x2 * sx, 1), round(y2 * sy, 1)]
+
+
+def sign_json(detection, text, scale: tuple[float, float] = (1.0, 1.0)) -> dict:
     return {
-        "box": [round(v, 1) for v in detection.box],
+        "box": _scaled(detection.box, scale),
         "label": detection.label,
         "score": round(detection.score, 4),
         "text": text.text if text is not None else None,
@@ -239,10 +287,10 @@ def sign_json(detection, text) -> dict:
     }
 
 
-def hazard_json(cell) -> dict:
+def hazard_json(cell, scale: tuple[float, float] = (1.0, 1.0)) -> dict:
     return {
         "cell": cell.cell,
-        "box": [round(v, 1) for v in cell.box],
+        "box": _scaled(cell.box, scale),
         "labels": [{"label": lab.label, "score": round(lab.score, 4)} for lab in cell.labels],
     }
 

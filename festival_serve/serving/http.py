@@ -11,8 +11,10 @@ the weights paths a client may see (``festival_serve.serving.public_paths``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,14 +23,15 @@ from typing import Awaitable, Callable
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from festival_serve.serving.auth import OPEN_PATHS, KeyRing, RequireApiKey
+from festival_serve.serving.admission import TokenBucket
+from festival_serve.serving.auth import OPEN_PATHS, KeyFile, KeyRing, RequireApiKey
 from festival_serve.serving.errors import ApiError, error_response
 from festival_serve.serving.flow import Rejected
-from festival_serve.serving.imaging import InvalidImage
+from festival_serve.serving.imaging import DecoderBusy, DecodeTimedOut, InvalidImage
 from festival_serve.serving.openapi import openapi_document
 from festival_serve.pipeline.settings import IngressSettings
 
@@ -38,6 +41,8 @@ _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 #: Ray Serve's own per-request timeout header; the ingress reads it as the request's budget.
 BUDGET_HEADER = "x-request-timeout-seconds"
+#: Ray Serve's header that switches off cancelling a request whose client left (``?1``); the ingress watches instead.
+DISCONNECT_DISABLED_HEADER = "x-request-disconnect-disabled"
 
 
 def parse_bool(value: str, name: str) -> bool:
@@ -86,32 +91,53 @@ class ApiHandlers:
     readyz: Endpoint  # GET /readyz
 
 
+#: A request id a client may choose: what log lines and tracing ids are made of, at most 128 characters. Anything
+#: else (a megabyte of it, a newline that forges a log line) is replaced by an id of our own.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+#: The status of a request whose client left before its answer (nginx's convention; no client ever reads it).
+CLIENT_CLOSED_STATUS = 499
+
+
 def request_id_of(request: Request) -> str:
-    """The request's id: its ``x-request-id`` (Serve's proxy sets one), else a new one, kept on the request so
-    that its handler and the error mapper answer with the same id."""
+    """The request's id: its ``x-request-id`` (Serve's proxy sets one) when it is a sane id (``REQUEST_ID``), else a
+    new one, kept on the request so that its handler and the error mapper answer with the same id."""
     if getattr(request.state, "request_id", None) is None:
-        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        given = request.headers.get("x-request-id") or ""
+        request.state.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
     return request.state.request_id
 
 
-def build_http_app(handlers: ApiHandlers, *, keys: KeyRing | None, log: logging.Logger = logger,
-                   on_analyze_refusal: RefusalObserver | None = None) -> Starlette:
+def build_http_app(handlers: ApiHandlers, *, keys: KeyRing | KeyFile | None, log: logging.Logger = logger,
+                   on_analyze_refusal: RefusalObserver | None = None,
+                   probe_limit: TokenBucket | None = None) -> Starlette:
     """The Starlette app of both servers: the route table, ``RequireApiKey`` in front of it (``keys=None``:
     open), ``GET /openapi.json``, and ``error_reply`` for whatever an endpoint or the router raises, logged
     to ``log`` (the ingress passes Serve's logger, so errors land in its replica logs). ``on_analyze_refusal``
     hears the status and code of each ``/v1/analyze`` request its handler did not answer (the ingress counts
-    them: ``festival_serve.serving.metrics.record_refusal``)."""
+    them: ``festival_serve.serving.metrics.record_refusal``). ``probe_limit``: the rate ``/healthz``, ``/readyz`` and
+    ``/v1/models`` are answered at, together; beyond it a 429 with ``Retry-After``."""
     document = openapi_document(budget_header=BUDGET_HEADER, open_paths=OPEN_PATHS)  # built once: it never changes
 
     async def openapi(request: Request) -> JSONResponse:
         return JSONResponse(document)
 
-    def mapped(endpoint: Endpoint, on_refusal: RefusalObserver | None = None) -> Endpoint:
+    def mapped(endpoint: Endpoint, on_refusal: RefusalObserver | None = None, *, limit: TokenBucket | None = None
+               ) -> Endpoint:
         # Caught here rather than by an exception handler for Exception: Starlette answers those and then
         # re-raises, and the server would log a second traceback for the one error.
         async def call(request: Request) -> Response:
             try:
+                if limit is not None and not limit.take():
+                    raise Rejected(429, "rate_limited", "probes and /v1/models are answered at a limited rate; "
+                                   "poll less often", limit.retry_after_s())
                 return await endpoint(request)
+            except asyncio.CancelledError:
+                # Serve's proxy cancels the handler when the client disconnects: counted as the client's leaving,
+                # and the cancellation goes on (it is what stops the work).
+                if on_refusal is not None:
+                    on_refusal(CLIENT_CLOSED_STATUS, "client_closed")
+                raise
             except Exception as e:  # noqa: BLE001 - every failure is answered, by its status
                 return error_reply(request, e, log, on_refusal)
 
@@ -123,9 +149,9 @@ def build_http_app(handlers: ApiHandlers, *, keys: KeyRing | None, log: logging.
     return Starlette(
         routes=[
             Route("/v1/analyze", mapped(handlers.analyze, on_analyze_refusal), methods=["POST"]),
-            Route("/v1/models", mapped(handlers.models), methods=["GET"]),
-            Route("/healthz", mapped(handlers.healthz), methods=["GET"]),
-            Route("/readyz", mapped(handlers.readyz), methods=["GET"]),
+            Route("/v1/models", mapped(handlers.models, limit=probe_limit), methods=["GET"]),
+            Route("/healthz", mapped(handlers.healthz, limit=probe_limit), methods=["GET"]),
+            Route("/readyz", mapped(handlers.readyz, limit=probe_limit), methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),
         ],
         middleware=[Middleware(RequireApiKey, keys=keys)],
@@ -149,6 +175,15 @@ def error_reply(request: Request, exc: Exception, log: logging.Logger = logger,
         # Debug, not info: in a surge refusals come by the hundred per second, the access log already has each
         # one's status, and festival_answers_total counts them by code.
         log.debug("request %s: %d %s", request_id, status, code)
+    elif isinstance(exc, ClientDisconnect):  # the client left while its body was arriving: its doing, not ours
+        status, code, message = CLIENT_CLOSED_STATUS, "client_closed", "the client closed the connection"
+        log.debug("request %s: client closed the connection", request_id)
+    elif isinstance(exc, DecoderBusy):  # pixels are admitted as well as frames: too many decoding now
+        status, code, message, retry_after_s = 503, "overloaded", str(exc), exc.retry_after_s
+        log.debug("request %s: 503 decoder busy", request_id)
+    elif isinstance(exc, DecodeTimedOut):
+        status, code, message = 408, "decode_timeout", str(exc)
+        log.info("request %s: 408 decode_timeout", request_id)
     elif isinstance(exc, (ApiError, InvalidImage)):
         status, code, message = ((exc.status, exc.code, exc.message) if isinstance(exc, ApiError)
                                  else (400, "invalid_image", str(exc)))  # what is wrong with the image, never a path

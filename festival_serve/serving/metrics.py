@@ -36,7 +36,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 from festival_serve.pipeline.stages import STAGE_NAMES, Stage
 
-Outcome = Literal["ok", "degraded", "shed", "rejected", "error"]
+Outcome = Literal["ok", "degraded", "shed", "rejected", "client_closed", "error"]
 
 #: The steps of an answer's ``timings_ms`` that are recorded as stages: decoding, then the model stages.
 #: (``total`` is the whole answer: its own histogram, so that summing over stages never counts it twice.)
@@ -71,9 +71,13 @@ def answer_outcome(answer: Mapping[str, Any]) -> Outcome:
 
 def refusal_outcome(status: int, code: str) -> Outcome:
     """A refusal by status and error code: ``shed`` when the flow turned it away for load (code ``overloaded``,
-    from admission control or a full queue), ``rejected`` for any other client error, else ``error``."""
+    from admission control or a full queue), ``client_closed`` when the client left before its answer (not an error
+    of ours: an error-rate alert must not page anyone for clients that hang up), ``rejected`` for any other client
+    error, else ``error``."""
     if code == "overloaded":
         return "shed"
+    if code == "client_closed":
+        return "client_closed"
     return "rejected" if 400 <= status < 500 else "error"
 
 
@@ -102,7 +106,7 @@ def _metrics() -> _Metrics:
         answer_latency=seconds("festival_answer_latency_seconds", "Time from a request reaching the ingress's "
                                "handler to its 200 answer being built, by outcome (ok or degraded).", "outcome"),
         answers=Counter("festival_answers_total", "/v1/analyze requests answered, by outcome (ok, degraded, shed, "
-                        "rejected, error) and, for refusals, error code.", tag_keys=("outcome", "code")),
+                        "rejected, client_closed, error) and, for refusals, error code.", tag_keys=("outcome", "code")),
         degraded=Counter("festival_degraded_stages_total", "Entries of answers' degraded lists: a stage that did "
                          "not deliver, by stage and code.", tag_keys=("stage", "code")),
         queue_wait=seconds("festival_queue_wait_seconds", "Per item, from the ingress sending it to its batch "

@@ -90,6 +90,8 @@ class StageReadiness(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     stages: dict[str, StageReadiness]
+    age_s: float | None = Field(None, description="Seconds since the stages were last asked: the ingress asks them "
+                                "in the background every ingress.probe_refresh_s, never per probe.")
 
 
 class ErrorDetail(TypedDict):
@@ -120,10 +122,15 @@ ERRORS: tuple[ErrorCase, ...] = (
     ErrorCase(401, "unauthorized", "no valid `Authorization: Bearer <key>` where API keys are on"),
     ErrorCase(404, "not_found", "an unknown route"),
     ErrorCase(405, "method_not_allowed", "a method the route does not take"),
+    ErrorCase(408, "body_timeout", "the body did not arrive within the budget or `ingress.body_read_max_s`"),
+    ErrorCase(408, "decode_timeout", "the image could not be decoded within the request's budget"),
     ErrorCase(413, "payload_too_large", "a body over `ingress.max_body_bytes` (multipart is cut off while it streams)"),
     ErrorCase(415, "unsupported_media_type", "any content type but the image types and multipart/form-data"),
     ErrorCase(500, "internal", "a bug: the message says only that; the server log has the details"),
-    ErrorCase(503, "overloaded", "the safety stages' queues cannot answer within the budget, or one of them is full"),
+    ErrorCase(429, "rate_limited", "`/healthz`, `/readyz` and `/v1/models` polled faster than "
+                                   "`ingress.probe_rate_per_s`"),
+    ErrorCase(503, "overloaded", "the safety stages' queues cannot answer within the budget, or one of them is full, "
+                                 "or too many bodies are arriving or pixels decoding at once"),
     ErrorCase(503, "safety_stages_unavailable", "neither the sign detector nor the hazard cells could analyse "
                                                 "the frame"),
 )
@@ -142,16 +149,17 @@ def openapi_document(*, budget_header: str, open_paths: Iterable[str]) -> dict[s
         "/v1/models": {"get": {
             "summary": "The models behind each stage: backend, device, precision, weights, batch settings.",
             "operationId": "listModels",
-            "responses": {"200": _json("Every stage's model.", "Models"), **_errors(401, 500)},
+            "responses": {"200": _json("Every stage's model.", "Models"), **_errors(401, 429, 500)},
         }},
         "/healthz": {"get": {
             "summary": "The server process is alive.", "operationId": "healthz",
-            "responses": {"200": _json("Alive.", "Health")},
+            "responses": {"200": _json("Alive.", "Health"), **_errors(429)},
         }},
         "/readyz": {"get": {
             "summary": "Every stage in ingress.required_stages has its model loaded.", "operationId": "readyz",
             "responses": {"200": _json("Ready.", "Readiness"),
-                          "503": _json("Not ready: `stages` says which stage is not, and why.", "Readiness")},
+                          "503": _json("Not ready: `stages` says which stage is not, and why.", "Readiness"),
+                          "429": _errors(429)["429"]},
         }},
         "/openapi.json": {"get": {
             "summary": "This document.", "operationId": "openapi",
@@ -205,14 +213,15 @@ def _analyze(budget_header: str) -> dict:
                             "ingress.default_budget_s. Stages that would not answer within it are cut off or "
                             "skipped, and `degraded` says so."},
             {"name": "x-request-id", "in": "header", "schema": {"type": "string"},
-             "description": "The request's id, answered as request_id (else a new one)."},
+             "description": "The request's id, answered as request_id: at most 128 of A-Z a-z 0-9 . _ : - (else, "
+                            "or when it has other characters, a new one)."},
         ],
         "requestBody": {"required": True, "content": body,
                         "description": "One frame: the image's bytes, or a multipart form with a file field `image`."},
         "responses": {
             "200": {**_json("The analysis; `degraded` lists the stages that did not fully contribute.", "Analysis"),
                     "headers": {"x-request-id": {"schema": {"type": "string"}, "description": "= request_id"}}},
-            **_errors(400, 401, 405, 413, 415, 500, 503),
+            **_errors(400, 401, 405, 408, 413, 415, 500, 503),
         },
     }
 
@@ -223,8 +232,9 @@ def _errors(*statuses: int) -> dict:
         response = _json(_describe(case for case in ERRORS if case.status == status), "Error")
         if status == 401:
             response["headers"] = {"WWW-Authenticate": _CHALLENGE}
-        if status == 503:
+        if status in (429, 503):
             response["headers"] = {"Retry-After": _RETRY_AFTER}
+        if status == 503:
             response["description"] += (" Ray Serve answers 503 with Retry-After too (not this JSON) when every "
                                         "ingress replica's queue is full.")
         responses[str(status)] = response

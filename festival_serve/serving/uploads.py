@@ -7,6 +7,8 @@ body is an ``ApiError`` (413, 415 or 400; ``festival_serve.serving.errors``); de
 
 from __future__ import annotations
 
+import asyncio
+
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
@@ -15,8 +17,20 @@ from festival_serve.serving.errors import ApiError
 from festival_serve.serving.imaging import IMAGE_CONTENT_TYPES
 
 
-async def read_image_bytes(request: Request, limit: int) -> bytes:
-    """The image's bytes, from a raw body or a multipart form; ``limit``: the most bytes the body may have."""
+async def read_image_bytes(request: Request, limit: int, *, within_s: float | None = None) -> bytes:
+    """The image's bytes, from a raw body or a multipart form; ``limit``: the most bytes the body may have,
+    ``within_s``: the most seconds it may take to arrive (None: no limit). A body still arriving then is a 408:
+    a client trickling its upload holds a connection, never the service."""
+    if within_s is None:
+        return await _read_image_bytes(request, limit)
+    try:
+        return await asyncio.wait_for(_read_image_bytes(request, limit), timeout=max(0.0, within_s))
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", f"the request body did not arrive within {within_s:.1f} s; "
+                       "send the image at once, or with a larger x-request-timeout-seconds") from None
+
+
+async def _read_image_bytes(request: Request, limit: int) -> bytes:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
