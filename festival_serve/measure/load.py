@@ -6,6 +6,7 @@ ran meanwhile.
     festival-serve load --profile surge --capacity 20 --duration 120 --out /tmp/load
     festival-serve load --profile surge --kill-node-at 50 --kill-replica-at 90     # on `cluster local up`
     festival-serve load --profile festival --update-user-config-at 120 --update-args-at 200
+    festival-serve load --hostile                   # hostile clients beside a normal one (festival_serve.measure.hostile)
 
 Open-loop Poisson arrivals follow the profile's rate (a multiple of ``--capacity``; without it, a 10 s
 closed-loop probe at 16 clients measures it first); every request carries ``--budget`` seconds in
@@ -18,6 +19,10 @@ On a local cluster (``festival-serve cluster local up``) it also disrupts the ru
 (``festival_serve.measure.faults``): kills a worker node or a replica (SIGKILL), or redeploys the cluster's
 config with a ``user_config`` or an ``args`` value changed (a rolling update), and reports every answer by
 outcome from then until goodput recovered (``fault_report``).
+
+``--hostile`` runs something else: a normal client's goodput and p95 through a quiet phase, one attack after another
+(slow bodies, slow headers, idle connections, JPEG scan bombs, 40 MP PNGs) and quiet again, against targets
+(``festival_serve.measure.hostile``); it writes ``<out>/hostile.json``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from festival_serve.measure import loadgen
+from festival_serve.measure import hostile, loadgen
 from festival_serve.measure.faults import KILLS, UPDATES, Fault, FaultInjector
 from festival_serve.measure.load_profiles import BUILT_IN, Profile, load_profile
 
@@ -252,10 +257,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "both runs' replicas per deployment as <out>/<profile>-replicas-by-autoscaling.png")
     parser.add_argument("--out", type=Path, default=Path("docs/load"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hostile", action="store_true",
+                        help="instead of a profile: what slow, idle and bomb-sending clients do to a normal client's "
+                             "goodput, phase by phase, and how soon it recovers (writes <out>/hostile.json)")
+    hostile.add_arguments(parser.add_argument_group("--hostile", "(--url, --budget, --scenes and --out apply too)"))
     return parser
 
 
 def cmd_load(args: argparse.Namespace) -> int:
+    if args.hostile:
+        return hostile.cmd_hostile(args)
     from festival_serve.serving.imaging import encode_jpeg
     from festival_serve.world.synth import generate_scene, scene_seeds
 
