@@ -96,8 +96,11 @@ class PipelineIngress:
         if self.bodies.full:
             raise Rejected(503, "overloaded", "too many uploads are arriving at once", self.settings.retry_after_s)
         with self.bodies:
+            # At least the answer margin: a frame whose tiny budget is already spent still gets its body read
+            # (it is there in microseconds) and an honest answer from admission, not a 408 for a body that came.
             data = await read_image_bytes(request, self.settings.max_body_bytes, within_s=min(
-                self.settings.body_read_max_s, budget.remaining() - self.settings.answer_margin_s))
+                self.settings.body_read_max_s,
+                max(budget.remaining() - self.settings.answer_margin_s, self.settings.answer_margin_s)))
         self.arrivals.mark()  # a request that got this far is load, refused or not; a malformed one was not
         with cancelled_on_disconnect(request):
             # Shed in milliseconds, before decoding; an admitted frame counts as waiting until it is sent.

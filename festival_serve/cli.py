@@ -56,10 +56,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     for change in changes:
         print(f"  {change}")
     up.prepare_models(config, has_gpu=has_gpu)
+    try:
+        metrics_host = up.metrics_host_for(args.host, args.metrics_host)
+    except ValueError as e:
+        print(f"festival-serve: {e}", file=sys.stderr)
+        return 2
     up.start(config, offline=not args.allow_network, dashboard=not args.no_dashboard,
-                metrics_port=args.metrics_port or None)
-    print(f"festival-serve: Prometheus metrics at http://127.0.0.1:{up.metrics_port()}/metrics (on every "
-          "interface; scrape config: cluster/prometheus.yml, dashboard: cluster/grafana-dashboard.json)")
+             metrics_port=args.metrics_port or None, metrics_host=metrics_host)
+    where = "loopback only, with every Ray port" if up.is_loopback(metrics_host) else \
+        "every interface, and Ray's ports on this machine's address"
+    print(f"festival-serve: Prometheus metrics at http://127.0.0.1:{up.metrics_port()}/metrics ({where}; "
+          "scrape config: cluster/prometheus.yml, dashboard: cluster/grafana-dashboard.json)")
     stopping = False
 
     def stop(*_):
@@ -229,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--metrics-port", type=int, default=8080,
                     help="port of this node's Prometheus /metrics (Ray's, Serve's and the pipeline's; on every "
                          "interface; 0: any free port); default: %(default)s")
+    up.add_argument("--metrics-host", default=None,
+                    help="where the node's Prometheus metrics (and with them every Ray port) listen: 127.0.0.1 or "
+                         "0.0.0.0 (default: loopback when --host is loopback, else every interface)")
     up.add_argument("--api-keys-file", help="require an API key on /v1: the file of key digests "
                                             "(`festival-serve keys new`); default: the config's, else /v1 is open")
     up.set_defaults(func=cmd_up)

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from festival_serve.pipeline.settings import IngressSettings
-from festival_serve.pipeline.types import HazardCell, HazardLabel, SignDetection
+from festival_serve.pipeline.types import HazardCell, HazardLabel, SignDetection, SignText, TextLine
 from festival_serve.serving import auth, flow
 from festival_serve.serving.admission import TokenBucket
 from festival_serve.serving.http import ApiHandlers, build_http_app
@@ -274,6 +274,8 @@ def detection(box, score=0.9) -> SignDetection:
     ([detection((30.0, 2.0, 1.0, 40.0))], True),  # x2 < x1
     ([HazardCell(cell=3, box=(0.0, 0.0, 10.0, 10.0), labels=(HazardLabel("Vehicle", float("nan")),))], True),
     ("a calm street", False),
+    ([SignText("BẾN XE", 0.9, (TextLine("BẾN XE", 0.9, [[1.0, 2.0], [9.0, 2.0], [9.0, 8.0], [1.0, 8.0]]),))], False),
+    ([SignText("BẾN XE", 0.9, (TextLine("BẾN XE", 0.9, [[1.0, 2.0], [math.nan, 2.0], [9.0, 8.0], [1.0, 8.0]]),))], True),
 ])
 def test_malformed_finds_non_finite_numbers_and_impossible_boxes(result, bad):
     assert flow.malformed(result) is bad

@@ -590,3 +590,139 @@ def test_the_shipped_prometheus_config_scrapes_the_graph_and_answers_the_dashboa
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+# -- the hostile edge (issue 29), through real Ray Serve ----------------------------------------------------------
+
+
+def _raw_request(server: str, path: str, headers: dict[str, str], body: bytes = b""):
+    """A raw connection that has sent a request's head (and ``body``, maybe only part of what it declared)."""
+    import socket
+    from urllib.parse import urlparse
+
+    address = urlparse(server)
+    sock = socket.create_connection((address.hostname, address.port), timeout=60)
+    head = f"POST {path} HTTP/1.1\r\nhost: {address.hostname}\r\n" + "".join(
+        f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def _status_and_body(sock) -> tuple[int, dict, float]:
+    """The status line, the JSON body and when the head arrived (monotonic) of the answer on ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"closed without an answer: {data!r}")
+        data += chunk
+    arrived = time.monotonic()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return int(head.split()[1]), json.loads(rest[:length]), arrived
+
+
+def test_trickled_bodies_get_a_json_408_within_their_budget_while_a_normal_client_is_served(server):
+    frame = SAMPLE_SCENE.read_bytes()
+    started = time.monotonic()
+    # A budget of 2 s, and one that asks for 10^6 s (clamped by the ingress; the proxy's own timer would be off).
+    tricklers = [_raw_request(server, "/v1/analyze?describe=false",
+                              {"content-type": "image/jpeg", "content-length": str(len(frame)),
+                               "x-request-timeout-seconds": budget}, frame[:2])
+                 for budget in ["2"] * 7 + ["1000000"]]
+    try:
+        normal = [_post(server, frame, describe="false", headers={"x-request-timeout-seconds": "10"})
+                  for _ in range(3)]
+        assert [r.status_code for r in normal] == [200, 200, 200], [r.text for r in normal]
+        answers = [_status_and_body(sock) for sock in tricklers]
+    finally:
+        for sock in tricklers:
+            sock.close()
+    for (status, body, arrived), budget in zip(answers, ["2"] * 7 + ["1000000"]):
+        assert status == 408 and body["error"]["code"] == "body_timeout", body
+        limit = 2 if budget == "2" else 5  # ingress.body_read_max_s (default 5 s) caps the clamped budget's read
+        assert arrived - started < limit + 3, (budget, arrived - started)
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_within_its_budget_and_the_graph_serves_on(server):
+    from festival_serve.measure.hostile import scan_bomb
+
+    bomb = scan_bomb()
+    started = time.monotonic()
+    replies = [_post(server, bomb, describe="false", headers={"x-request-timeout-seconds": "2"}) for _ in range(2)]
+    assert all(r.status_code == 400 and r.json()["error"]["code"] == "invalid_image" for r in replies), \
+        [r.text for r in replies]
+    assert "scans" in replies[0].json()["error"]["message"]
+    assert time.monotonic() - started < 4
+    after = time.monotonic()
+    assert _post(server, SAMPLE_SCENE.read_bytes(), describe="false").status_code == 200
+    assert time.monotonic() - after < 5
+
+
+def test_a_readyz_flood_is_answered_from_background_state_at_a_limited_rate(server):
+    def poll(_):
+        reply = httpx.get(f"{server}/readyz", timeout=30)
+        return reply.status_code, reply.json()
+
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(poll, range(200)))
+    elapsed = time.monotonic() - started
+    statuses = [status for status, _ in answers]
+    assert set(statuses) <= {200, 429} and statuses.count(200) >= 40, statuses
+    assert all(body["age_s"] is not None and body["age_s"] < 10 for status, body in answers if status == 200)
+    assert all(body["error"]["code"] == "rate_limited" for status, body in answers if status == 429)
+    assert elapsed < 30, elapsed
+    assert _post(server, SAMPLE_SCENE.read_bytes(), describe="false").status_code == 200
+
+
+def test_clients_that_leave_are_counted_as_client_closed_and_their_work_is_cancelled(server, metrics_port):
+    frame = SAMPLE_SCENE.read_bytes()
+    before = _settled(metrics_port)
+    # One leaves while its body is arriving; one asks Serve not to cancel on disconnect (``?1``) and leaves at once
+    # after sending a whole describe=true frame: the ingress watches for it and cancels the work itself.
+    leaving = _raw_request(server, "/v1/analyze?describe=false",
+                           {"content-type": "image/jpeg", "content-length": str(len(frame))}, frame[:1000])
+    time.sleep(0.5)
+    leaving.close()
+    abandoned = _raw_request(server, "/v1/analyze?describe=true",
+                             {"content-type": "image/jpeg", "content-length": str(len(frame)),
+                              "x-request-disconnect-disabled": "?1"}, frame)
+    abandoned.close()
+
+    def both_counted():
+        counts = _delta(_watched(metrics_port), before)["ray_festival_answers_total"]
+        assert counts.get((FULL_APP, "client_closed", "client_closed")) == 2, counts
+        assert not any(outcome == "error" for _, outcome, _ in counts), counts
+
+    _eventually(both_counted, timeout_s=60)
+
+
+def test_a_key_removed_from_the_keys_file_stops_working_within_seconds(server, bare_keys):
+    key, keys_file = bare_keys
+    original = keys_file.read_text()
+    extra = auth.new_key()
+    url, headers = f"{server}/bare/v1/models", {"authorization": f"Bearer {extra}"}
+    try:
+        keys_file.write_text(original + auth.digest(extra) + "\n")
+        _eventually(lambda: httpx.get(url, headers=headers, timeout=30).raise_for_status(), timeout_s=15, every_s=0.5)
+        keys_file.write_text(original)
+        removed = time.monotonic()
+        _eventually(lambda: _assert_status(httpx.get(url, headers=headers, timeout=30), 401), timeout_s=15,
+                    every_s=0.25)
+        assert time.monotonic() - removed < 5  # ingress.keys_reload_s is 2 s
+        assert httpx.get(url, headers={"authorization": f"Bearer {key}"}, timeout=30).status_code == 200
+    finally:
+        keys_file.write_text(original)
+
+
+def _assert_status(reply, status: int) -> None:
+    assert reply.status_code == status, reply.status_code
+
+
+def test_an_outsized_request_id_is_replaced_not_echoed_into_the_answer(server):
+    reply = _post(server, SAMPLE_SCENE.read_bytes(), describe="false", headers={"x-request-id": "r" * 4000})
+    assert reply.status_code == 200
+    assert re.fullmatch(r"[0-9a-f]{32}", reply.json()["request_id"])

@@ -8,9 +8,13 @@ Ray places every replica by its GPU share exactly as on a GPU cluster, while the
 machine's CPU. The head advertises no GPU (as a KubeRay head pod), and Serve's HTTP proxy runs on the
 head only (every node shares this host's port).
 
+Every node is on 127.0.0.1: every Ray port of the cluster listens on loopback only (``up.LOCAL_RAY_ENV``); only
+Serve's HTTP proxy listens on ``--host``.
+
 ``status`` reads placements from Ray's state API: each replica's node and resource share, and each
 node's GPU total against what its replicas hold. ``down`` signals the ``up`` process, then kills any
-process of the nodes still alive (their pids are in the state file ``up`` writes).
+process of the nodes still alive (their pids and start times are in the state file ``up`` writes, owner-only;
+a pid that is no longer the process recorded is left alone).
 """
 
 from __future__ import annotations
@@ -34,6 +38,12 @@ DEFAULT_STATE_FILE = Path("~/.cache/festival-serve/local-cluster.json")
 REPLICA_PREFIX = "ServeReplica:"
 #: Tolerance when adding up fractional GPU shares (0.2 + 0.1 + ... in floating point).
 SHARE_EPSILON = 1e-6
+#: The address of every node: one machine, so Ray's own traffic never needs to leave loopback.
+NODE_ADDRESS = "127.0.0.1"
+#: How far a recorded start time may be from the one read later for the same process: psutil adds the start (clock
+#: ticks since boot, /proc/<pid>/stat) to the boot time each process reads from /proc/stat, which the clock's
+#: adjustments can move by up to a second. A reused pid started well after: its process had to exit first.
+START_TIME_SLACK_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -52,19 +62,24 @@ class ClusterShape:
 
 
 def start_nodes(shape: ClusterShape):
-    """Start the head and the worker nodes (each a raylet with its own object store); returns the Cluster.
-    The local Ray settings (``up.LOCAL_RAY_ENV``) are set in this process first, so every node's processes
-    inherit them, and before Ray is imported: its workers then run this interpreter, not a `uv run` of their own."""
+    """Start the head and the worker nodes (each a raylet with its own object store) on loopback; returns the
+    Cluster. The local Ray settings (``up.LOCAL_RAY_ENV``) are set in this process first, so every node's processes
+    inherit them, and before Ray is imported: its workers then run this interpreter, not a `uv run` of their own,
+    and a driver of this process reaches the nodes on 127.0.0.1 (not this machine's address, where nothing listens)."""
     from festival_serve.ops import up
 
     up.apply_local_ray_env()
     from ray.cluster_utils import Cluster
 
+    up.node_address(NODE_ADDRESS)  # refuses when Ray is not in its local-only mode
     store = shape.object_store_mb * 1024 * 1024
+    # Cluster hands these to each node's RayParams as they are (ray.init and `ray start` would turn 127.0.0.1 into
+    # this machine's address).
+    node = {"node_ip_address": NODE_ADDRESS, "object_store_memory": store}
     cluster = Cluster(initialize_head=True, shutdown_at_exit=True,
-                      head_node_args={"num_cpus": shape.head_cpus, "num_gpus": 0, "object_store_memory": store})
+                      head_node_args={"num_cpus": shape.head_cpus, "num_gpus": 0, **node})
     for _ in range(shape.workers):
-        cluster.add_node(num_cpus=shape.cpus_per_node, num_gpus=shape.gpus_per_node, object_store_memory=store)
+        cluster.add_node(num_cpus=shape.cpus_per_node, num_gpus=shape.gpus_per_node, **node)
     cluster.wait_for_nodes()
     return cluster
 
@@ -204,6 +219,39 @@ def _state_path(args: argparse.Namespace) -> Path:
     return Path(args.state_file).expanduser()
 
 
+def write_state(path: Path, state: dict) -> None:
+    """Write the state file owner-only (0600; its folder 0700 when made here): it names the cluster's address and
+    the pids ``down`` kills."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # a file that was there keeps its mode through O_CREAT
+        f.write(json.dumps(state, indent=2))
+
+
+def recorded(pids: list[int]) -> dict[str, float]:
+    """``pids`` with their start times (seconds since the epoch, from /proc/<pid>/stat), keyed by pid as JSON writes
+    it; gone ones left out. A pid and its start time name one process: the kernel reuses pids, never both."""
+    out = {}
+    for pid in pids:
+        try:
+            out[str(pid)] = psutil.Process(pid).create_time()
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def recorded_process(state: dict, pid: int) -> psutil.Process | None:
+    """Process ``pid`` if it is still the one the state file recorded (same start time), else None. A pid recorded
+    without its start time (a state file from before they were kept) cannot be told from a reused one: None. Signal
+    the returned object: psutil checks again, before each signal, that its pid was not reused meanwhile."""
+    then = state.get("started", {}).get(str(pid))
+    try:
+        process = psutil.Process(pid)
+        return process if then is not None and abs(process.create_time() - then) < START_TIME_SLACK_S else None
+    except psutil.NoSuchProcess:
+        return None
+
+
 def _read_state(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -246,7 +294,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     state_path = _state_path(args)
     if state_path.exists():
         old = json.loads(state_path.read_text())
-        if psutil.pid_exists(old.get("up_pid", -1)):
+        if recorded_process(old, old.get("up_pid", -1)):
             print(f"festival-serve cluster: a local cluster is already up (pid {old['up_pid']}); "
                   "`festival-serve cluster local down` stops it", file=sys.stderr)
             return 2
@@ -265,10 +313,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     up.prepare_models(config, has_gpu=has_gpu)
     started = time.monotonic()
     cluster = start_nodes(shape)
+    nodes = node_pids(cluster)
     state = {"address": cluster.address, "up_pid": os.getpid(), "head": cluster.head_node.node_id,
-             "nodes": node_pids(cluster), "profile": profile, "deployed": config}
-    state_path.parent.mkdir(parents=True, exist_ok=True)
-    state_path.write_text(json.dumps(state, indent=2))
+             "nodes": nodes, "started": recorded([os.getpid(), *(pid for pids in nodes.values() for pid in pids)]),
+             "profile": profile, "deployed": config}
+    write_state(state_path, state)
     print(f"festival-serve cluster: {len(state['nodes'])} nodes up in {time.monotonic() - started:.0f} s at "
           f"{cluster.address} (state: {state_path})")
     stopping = False
@@ -339,34 +388,48 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         time.sleep(1.0)  # the controller marks the application DEPLOYING before the first poll
         up.wait_until_running(args.timeout)
         state["deployed"] = config
-        path.write_text(json.dumps(state, indent=2))
+        write_state(path, state)
         print(f"festival-serve cluster: {args.config} deployed in {time.monotonic() - started:.0f} s")
     finally:
         ray.shutdown()
     return 0
 
 
+def _skip_line(pid: int, what: str) -> str:
+    return (f"festival-serve cluster: pid {pid} ({what}) is not the process the state file recorded (it exited and "
+            "the pid was reused, or the file predates start times); left alone")
+
+
 def cmd_down(args: argparse.Namespace) -> int:
+    """Stop the ``up`` process, then kill what is left of its nodes: only pids that are still the processes
+    recorded (``recorded_process``), never whatever took a pid over since."""
     path = _state_path(args)
     state = _read_state(path)
     up_pid = state.get("up_pid")
     if up_pid and psutil.pid_exists(up_pid):
-        os.kill(up_pid, signal.SIGINT)
+        if (process := recorded_process(state, up_pid)) is None:
+            print(_skip_line(up_pid, "the up process"), file=sys.stderr)
+        else:
+            try:
+                process.send_signal(signal.SIGINT)
+                process.wait(args.grace)
+            except psutil.TimeoutExpired:
+                print(f"festival-serve cluster: the up process ({up_pid}) did not stop in {args.grace:g} s; killing "
+                      "its nodes", file=sys.stderr)
+            except psutil.NoSuchProcess:
+                pass
+    killed = 0
+    for pid in sorted({pid for pids in state.get("nodes", {}).values() for pid in pids if psutil.pid_exists(pid)}):
+        if (process := recorded_process(state, pid)) is None:
+            print(_skip_line(pid, "a node process"), file=sys.stderr)
+            continue
         try:
-            psutil.Process(up_pid).wait(args.grace)
-        except psutil.TimeoutExpired:
-            print(f"festival-serve cluster: the up process ({up_pid}) did not stop in {args.grace:g} s; killing "
-                  "its nodes", file=sys.stderr)
-        except psutil.NoSuchProcess:
-            pass
-    left = [pid for pids in state.get("nodes", {}).values() for pid in pids if psutil.pid_exists(pid)]
-    for pid in left:
-        try:
-            psutil.Process(pid).kill()
+            process.kill()
+            killed += 1
         except psutil.NoSuchProcess:
             pass
     path.unlink(missing_ok=True)
-    print(f"festival-serve cluster: down ({len(left)} leftover node process(es) killed)")
+    print(f"festival-serve cluster: down ({killed} leftover node process(es) killed)")
     return 0
 
 

@@ -8,8 +8,10 @@ It goes through the same path as Ray's own ``serve run <config>`` (the config is
 from __future__ import annotations
 
 import copy
+import ipaddress
 import logging
 import os
+import secrets
 import socket
 import time
 from pathlib import Path
@@ -161,24 +163,109 @@ LOCAL_RAY_ENV = {
     # the graph's idle CPU). Every 0.5 s it takes 0.026; 16 clients got 17.4 req/s against 15.1 (medians, 2 cores).
     # Autoscaling still decides on its own delays (serve_config.yaml's upscale/downscale_delay_s).
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    # Ray's "local Ray only" mode (ray._private.ray_constants.ENABLE_RAY_CLUSTER, read once, at import; the default
+    # on macOS and Windows): a new node takes 127.0.0.1 as its address, and every process of the node then listens on
+    # loopback only: the GCS, raylet, object manager and every worker's gRPC (they bind 127.0.0.1 when the node's
+    # address is loopback, 0.0.0.0 otherwise), the dashboard, its agents and the metrics exporter
+    # (dashboard/agent.py, dashboard/modules/reporter/reporter_agent.py), the runtime-env agent (it binds the node's
+    # address). On Linux Ray otherwise gives the node this machine's address, and it turns an explicit 127.0.0.1
+    # (`ray.init(_node_ip_address=)`, `ray start --node-ip-address`) back into that address
+    # (services.resolve_ip_for_localhost). A node meant to be reachable is given its address (``node_address``).
+    # Every process that connects to such a node needs it too: Ray would dial this machine's address instead.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
 
 
 def apply_local_ray_env() -> None:
     """Set ``LOCAL_RAY_ENV`` in this process where the environment does not already say otherwise, so every process
-    Ray starts from here inherits it. Call it before Ray is imported: Ray reads its uv switch once, at import."""
+    Ray starts from here inherits it. Call it before Ray is imported: Ray reads its uv and local-only switches once,
+    at import."""
     for key, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(key, value)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address, or ``localhost``) reaches this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+#: ``--metrics-host`` values that mean every interface. Ray 2.60 serves its metrics on loopback when its node's address
+#: is loopback and on every interface otherwise (reporter_agent.py: ``address=get_localhost_ip() if
+#: is_localhost(self._ip) else ""``): no other address can be asked for.
+EVERY_INTERFACE = ("0.0.0.0", "::")
+
+
+def metrics_host_for(http_host: str, requested: str | None = None) -> str:
+    """Where this node's Prometheus metrics listen: ``requested``, else loopback when the HTTP host (``--host``) is
+    loopback and every interface otherwise. Ray binds its metrics exporter with its node: loopback metrics put every
+    Ray port on loopback, metrics on every interface put every Ray port on this machine's address (``node_address``)."""
+    host = requested or ("127.0.0.1" if is_loopback(http_host) else EVERY_INTERFACE[0])
+    if not is_loopback(host) and host not in EVERY_INTERFACE:
+        raise ValueError(f"metrics host {host}: Ray serves its metrics on loopback or on every interface only "
+                         f"(127.0.0.1 or {EVERY_INTERFACE[0]})")
+    return host
+
+
+def node_address(metrics_host: str) -> str | None:
+    """The address a new Ray node is given for metrics on ``metrics_host`` (``metrics_host_for``): none for loopback (in
+    ``LOCAL_RAY_ENV``'s local-only mode Ray takes 127.0.0.1 itself, and refuses it when asked), else this machine's
+    address as Ray would pick it (the one its default route leaves by). Call it with Ray imported, after
+    ``apply_local_ray_env``."""
+    import ray
+    from ray._common.network_utils import node_ip_address_from_perspective
+
+    if not is_loopback(metrics_host):
+        return node_ip_address_from_perspective(None)
+    if not is_loopback(ray.util.get_node_ip_address()):  # before ray.init: the address Ray would give a new node
+        raise RuntimeError("Ray would put its node on this machine's address, every Ray port on every interface: "
+                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is set to 1, or Ray was imported before "
+                           "apply_local_ray_env(). Unset it, or ask for metrics on every interface (--metrics-host "
+                           f"{EVERY_INTERFACE[0]}) to expose the node on purpose")
+    return None
+
+
+def ray_token_path() -> Path | None:
+    """The file Ray's token authentication reads, or None when it reads none (``RAY_AUTH_MODE`` other than token,
+    or the token given in ``RAY_AUTH_TOKEN``). Ray's own order: ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``,
+    ``~/.ray/auth_token`` (ray/_private/authentication/authentication_token_setup.py)."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+
+
+def private_ray_token(*, create: bool) -> Path | None:
+    """Make Ray's token file owner-only (0600, in a 0700 folder when this makes it) and return its path. Ray writes
+    a missing token with the default umask (0644 here: any local user could read it and run code on the node):
+    ``create`` writes it first, as Ray would (256 random bits, hex), so Ray finds it and keeps it. One that is
+    there already is tightened in place; with ``create`` false a missing one stays missing (joining a cluster:
+    its token comes from whoever started it)."""
+    path = ray_token_path()
+    if path is None:
+        return None
+    if path.exists():
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    elif create:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(secrets.token_hex(32))
+    return path
+
+
 def start(config: dict, *, offline: bool, dashboard: bool = False, num_cpus: int | None = None,
-          metrics_port: int | None = None, address: str | None = None) -> None:
+          metrics_port: int | None = None, metrics_host: str | None = None, address: str | None = None) -> None:
     """Start Ray and Serve on this machine and submit ``config`` (non-blocking).
 
     ``num_cpus`` overrides the CPU count Ray schedules with (default: the machine's cores). ``metrics_port``:
     where this node's Prometheus metrics are served (``/metrics``: Ray's, Serve's and ``festival_serve.serving.metrics``,
-    every process of the node; on all interfaces), default a free port Ray picks. ``address``: join that running
-    cluster instead (its nodes were started with their own settings; the three above do not apply)."""
+    every process of the node), default a free port Ray picks; ``metrics_host``: on which host (``metrics_host_for``: by
+    default loopback when ``http_options.host`` is, and with it every Ray port). ``address``: join that running
+    cluster instead (its nodes were started with their own settings; the four above do not apply)."""
     apply_local_ray_env()
     import ray
     from ray.serve._private import api as serve_api
@@ -194,8 +281,12 @@ def start(config: dict, *, offline: bool, dashboard: bool = False, num_cpus: int
         apply_offline_env()
         runtime_env = {"env_vars": dict(OFFLINE_ENV),
                        "worker_process_setup_hook": "festival_serve.runtime.offline.install_network_guard"}
-    node_options = {} if address else {"include_dashboard": dashboard, "num_cpus": num_cpus,
-                                       "_metrics_export_port": metrics_port}
+    node_options = {}
+    if not address:
+        metrics_host = metrics_host_for(config["http_options"]["host"], metrics_host)
+        node_options = {"include_dashboard": dashboard, "num_cpus": num_cpus, "_metrics_export_port": metrics_port,
+                        "_node_ip_address": node_address(metrics_host)}
+    private_ray_token(create=not address)
     ray.init(address=address, namespace=SERVE_NAMESPACE, runtime_env=runtime_env, log_to_driver=True,
              logging_level=logging.WARNING, **node_options)
     client = serve_api.serve_start(
@@ -207,8 +298,9 @@ def start(config: dict, *, offline: bool, dashboard: bool = False, num_cpus: int
 
 
 def port_in_use(port: int) -> bool:
-    """Whether ``port`` is taken on this machine. Ray's metrics agent binds its port on every interface; when
-    it cannot, the node fails to start ~30 s later with a timeout that does not name the port."""
+    """Whether ``port`` is taken on any interface of this machine. When Ray's metrics agent cannot bind its port
+    (on loopback or every interface, with its node), the node fails to start ~30 s later with a timeout that does
+    not name the port."""
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

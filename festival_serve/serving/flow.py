@@ -207,8 +207,8 @@ _MAX_RESULT_DEPTH = 6
 
 
 def malformed(value: Any, depth: int = 0) -> bool:
-    """Whether a stage's result holds a number that is not finite, a ``box`` that is not four numbers with
-    x1 <= x2 and y1 <= y2, or nesting deeper than any stage answers with."""
+    """Whether a stage's result holds a number that is not finite, a ``box`` of four numbers without x1 <= x2 and
+    y1 <= y2, or nesting deeper than any stage answers with."""
     if depth > _MAX_RESULT_DEPTH:
         return True
     if isinstance(value, float | np.floating):
@@ -220,11 +220,15 @@ def malformed(value: Any, depth: int = 0) -> bool:
     if isinstance(value, dict):
         return any(malformed(item, depth + 1) for item in value.values())
     if hasattr(value, "__dataclass_fields__"):
-        box = getattr(value, "box", None)
-        if box is not None and not _well_formed_box(box):
+        box = getattr(value, "box", None)  # (x1, y1, x2, y2); a text line's box is a polygon: finiteness only
+        if _flat_box(box) and not _well_formed_box(box):
             return True
         return any(malformed(getattr(value, name), depth + 1) for name in value.__dataclass_fields__)
     return False
+
+
+def _flat_box(box: Any) -> bool:
+    return isinstance(box, list | tuple) and len(box) == 4 and not any(isinstance(v, list | tuple) for v in box)
 
 
 def _well_formed_box(box: Any) -> bool:
