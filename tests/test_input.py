@@ -29,8 +29,7 @@ from festival_serve.serving.errors import ApiError, error_response
 from festival_serve.serving.uploads import read_image_bytes
 from festival_serve.measure.baseline import build_app
 from festival_serve.serving.imaging import Decoder, InvalidImage, decode_image, encode_jpeg
-from festival_serve.pipeline.settings import IngressSettings
-from festival_serve.pipeline.settings import PipelineArgs
+from festival_serve.pipeline.settings import IngressSettings, PipelineArgs
 
 LIMIT = 64 * 1024  # bytes: the body limit every app here runs with
 CHUNK = 16 * 1024  # bytes per chunk of a streamed upload
@@ -146,66 +145,247 @@ def test_frames_decode_on_the_decoders_own_threads_at_most_threads_at_a_time(mon
     assert most == 2 and all(name.startswith("decode") for name in threads)
 
 
-def _scan_bomb(target_bytes: int = 140_000) -> bytes:
+def _scan_bomb(size: tuple[int, int] = (848, 480)) -> bytes:
+    """A 140 KB progressive JPEG whose empty refinement scan repeats thousands of times
+    (``festival_serve.measure.hostile``): at 848x480 (~11,000 scans) Pillow takes 3-7 s to decode it whole here,
+    at 4032x3024 (~2,600 scans, ~10 ms each) 20-40 s."""
     from festival_serve.measure.hostile import scan_bomb
 
-    return scan_bomb(target_bytes)
+    return scan_bomb(140_000, size=size)
 
 
-def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding_and_fast():
+def quadrants(width: int, height: int) -> np.ndarray:
+    """A ``width`` x ``height`` frame of four colours: RED top left, BLUE top right, GREEN and WHITE below."""
+    image = np.zeros((height, width, 3), np.uint8)
+    h, w = height // 2, width // 2
+    image[:h, :w], image[:h, w:], image[h:, :w], image[h:, w:] = RED, BLUE, GREEN, WHITE
+    return image
+
+
+def assert_colours(pixels: np.ndarray, expected: dict, tolerance: int = 16) -> None:
+    for (y, x), colour in expected.items():
+        assert np.abs(pixels[y, x].astype(int) - colour).max() < tolerance, (y, x, pixels[y, x])
+
+
+def test_the_scan_walk_finds_every_scan_and_no_marker_inside_data():
+    from festival_serve.measure.hostile import jpeg_segments  # an independent walker
+
+    noise = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)  # ~1 byte in 256 stuffed
+    progressive = encode(Image.fromarray(noise), "JPEG", progressive=True, restart_marker_blocks=2)
+    assert progressive.count(b"\xff\x00") and any(progressive.count(bytes([0xFF, rst])) for rst in range(0xD0, 0xD8))
+    sos = [start for marker, start, _ in jpeg_segments(progressive) if marker == 0xDA]
+
+    assert imaging.jpeg_scan_starts(progressive) == sos and 2 < len(sos) <= 64
+    assert imaging.jpeg_scan_starts(progressive, stop_after=2) == sos[:3]  # stops one over the limit
+    # A comment that quotes an SOS marker is skipped by its length, as libjpeg skips it.
+    comment = b"\xff\xfe" + struct.pack(">H", 2 + 4) + b"\xff\xda\x00\x08"
+    assert len(imaging.jpeg_scan_starts(progressive[:2] + comment + progressive[2:])) == len(sos)
+    assert imaging.jpeg_scan_starts(encode(Image.fromarray(noise), "PNG")) == []
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding_and_fast(monkeypatch):
     bomb = _scan_bomb()
-    started = time.perf_counter()
-    with pytest.raises(InvalidImage, match="scans"):
-        imaging.probe_image(bomb, max_pixels=40_000_000, max_jpeg_scans=64)
-    assert time.perf_counter() - started < 0.2
 
+    def no_decoding(self):
+        raise AssertionError("pixels were decoded")
 
-def test_a_normal_progressive_jpeg_is_accepted():
-    buf = io.BytesIO()
-    Image.new("RGB", (640, 480), (10, 120, 200)).save(buf, "JPEG", progressive=True)
-    frame = imaging.decode_frame(buf.getvalue(), max_pixels=40_000_000, max_jpeg_scans=64)
-    assert frame.pixels.shape == (480, 640, 3) and frame.original_size == (640, 480)
-
-
-def test_a_huge_frame_is_decoded_smaller_and_remembers_the_clients_size():
-    for fmt in ("JPEG", "PNG"):
-        buf = io.BytesIO()
-        Image.new("RGB", (6000, 4000), (200, 30, 30)).save(buf, fmt)
-        frame = imaging.decode_frame(buf.getvalue(), max_pixels=40_000_000, max_side=2048)
-        assert max(frame.pixels.shape[:2]) <= 2048 and frame.original_size == (6000, 4000), fmt
-        assert frame.scale == pytest.approx(6000 / frame.pixels.shape[1])
-
-
-def test_a_decode_past_its_deadline_stops_and_says_so():
-    bomb = _scan_bomb()
-    decoder = Decoder(IngressSettings(max_jpeg_scans=100_000))
-
-    async def decode():
-        return await decoder.decode(bomb, deadline=time.monotonic() + 0.2)
-
-    started = time.monotonic()
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    decoder = Decoder(IngressSettings())  # max_jpeg_scans: 64
     try:
-        with pytest.raises(imaging.DecodeTimedOut):
-            asyncio.run(decode())
-    finally:
-        decoder.close()
-    assert time.monotonic() - started < 1.5
-
-
-def test_pixels_over_max_decoding_pixels_are_refused_at_once_and_released_after():
-    decoder = Decoder(IngressSettings(max_decoding_pixels=1000, large_image_pixels=500))
-    cancel = threading.Event()
-    decoder._reserve(900, cancel)  # a large frame decoding now
-    small = encode_jpeg(np.zeros((10, 20, 3), np.uint8))  # 200 px
-    try:
-        with pytest.raises(imaging.DecoderBusy) as busy:
-            asyncio.run(decoder.decode(small))
-        assert busy.value.retry_after_s >= 0
-        decoder._release(900, cancel)
-        assert asyncio.run(decoder.decode(small)).pixels.shape == (10, 20, 3)
+        started = time.perf_counter()
+        with pytest.raises(InvalidImage, match="at least 65 scans, over the limit of 64"):
+            asyncio.run(decoder.decode(bomb))
+        with pytest.raises(InvalidImage, match="at least 65 scans, over the limit of 64"):
+            imaging.decode_frame(bomb, max_pixels=40_000_000, max_jpeg_scans=64)
+        assert time.perf_counter() - started < 0.2
         assert decoder.reserved_pixels == 0
     finally:
         decoder.close()
+
+
+def test_a_normal_progressive_jpeg_is_accepted():
+    data = encode(Image.fromarray(quadrants(640, 480)), "JPEG", progressive=True)
+    assert 2 < len(imaging.jpeg_scan_starts(data)) <= 64
+
+    frame = imaging.decode_frame(data, max_pixels=40_000_000, max_jpeg_scans=64, max_side=2048)
+
+    assert frame.pixels.shape == (480, 640, 3) and frame.original_size == (640, 480) and frame.scale == 1.0
+    assert_colours(frame.pixels, {(100, 100): RED, (100, 500): BLUE, (400, 100): GREEN, (400, 500): WHITE})
+
+
+@pytest.mark.parametrize("size, decoded_at, shape", [
+    ((6000, 4000), (3000, 2000), (1365, 2048, 3)),  # libjpeg at 1/2, then resized to the longer side 2048
+    ((4032, 3024), (2016, 1512), (1512, 2016, 3)),  # at 1/2 already near 2048 (within 10%): not resized
+])
+def test_a_huge_jpeg_is_decoded_by_libjpeg_at_a_smaller_scale(monkeypatch, size, decoded_at, shape):
+    from PIL import JpegImagePlugin
+
+    loaded_at = []
+    real_load = JpegImagePlugin.JpegImageFile.load
+
+    def spy(self):
+        loaded_at.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", spy)
+    width, height = size
+
+    frame = imaging.decode_frame(encode(Image.fromarray(quadrants(width, height)), "JPEG"), max_pixels=40_000_000,
+                                 max_side=2048)
+
+    assert loaded_at[0] == decoded_at  # libjpeg decoded the smaller frame
+    assert frame.pixels.shape == shape and frame.original_size == size
+    assert frame.scale == pytest.approx(width / shape[1])
+    h, w = shape[:2]
+    assert_colours(frame.pixels, {(h // 4, w // 4): RED, (h // 4, 3 * w // 4): BLUE, (3 * h // 4, w // 4): GREEN,
+                                  (3 * h // 4, 3 * w // 4): WHITE})
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
+def test_a_big_png_is_downscaled(mode):
+    image = Image.fromarray(quadrants(3000, 2000)).convert(mode)
+
+    frame = imaging.decode_frame(encode(image, "PNG"), max_pixels=40_000_000, max_side=1000)
+
+    assert frame.pixels.shape == (667, 1000, 3) and frame.pixels.dtype == np.uint8
+    assert frame.original_size == (3000, 2000) and frame.scale == pytest.approx(3.0)
+    expected = np.asarray(image.convert("RGB"))[[500, 500, 1500, 1500], [750, 2250, 750, 2250]]
+    assert_colours(frame.pixels, dict(zip([(167, 250), (167, 750), (500, 250), (500, 750)], expected.tolist())), 2)
+
+
+def test_decode_image_downscales_only_when_asked():
+    data = encode(Image.fromarray(quadrants(3000, 2000)), "PNG")
+    assert decode_image(data, max_pixels=40_000_000).shape == (2000, 3000, 3)
+    assert decode_image(data, max_pixels=40_000_000, max_side=1000).shape == (667, 1000, 3)
+
+
+def test_an_exif_rotated_big_jpeg_comes_out_upright_with_its_upright_size():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the viewer turns the stored image 90 degrees clockwise
+    stored = quadrants(1600, 800)  # as the sensor wrote it: 1600 wide, 800 tall
+
+    frame = imaging.decode_frame(encode(Image.fromarray(stored), "JPEG", quality=95, exif=exif),
+                                 max_pixels=40_000_000, max_side=320)
+
+    assert frame.pixels.shape == (320, 160, 3)  # drafted at 1/4 (400x200), resized to 320x160, then turned
+    assert frame.original_size == (800, 1600) and frame.scale == pytest.approx(5.0)
+    # Turned clockwise: the stored left half is now the top, the stored top row the right-hand column.
+    assert_colours(frame.pixels, {(40, 120): RED, (40, 40): GREEN, (280, 120): BLUE, (280, 40): WHITE})
+
+
+def test_a_decode_stops_within_a_read_once_cancelled_or_past_its_deadline():
+    bomb = _scan_bomb()  # 3-7 s whole
+    cancel = threading.Event()
+    threading.Timer(0.2, cancel.set).start()
+    started = time.monotonic()
+    with pytest.raises(imaging.DecodeCancelled, match="cancelled"):
+        imaging.decode_frame(bomb, max_pixels=40_000_000, cancel=cancel)
+    assert time.monotonic() - started < 1.5
+
+    bomb = _scan_bomb((4032, 3024))  # 12 MP: each scan is ~10 ms of work over the whole frame
+    started = time.monotonic()
+    with pytest.raises(imaging.DecodeCancelled, match="deadline"):
+        imaging.decode_frame(bomb, max_pixels=40_000_000, deadline=started + 0.2)
+    assert time.monotonic() - started < 1.5
+
+
+def test_the_decoders_reads_end_at_each_scan_and_check_for_a_cancel_first():
+    # A 4 KiB read of a bomb holds ~100 of its scans (1.4-1.9 s of work at 12 MP, measured): read by read, libjpeg
+    # gets one scan at most before the next check.
+    feed = imaging._DecoderFeed(bytes(10_000))
+    feed.scan_starts, feed.armed, feed.cancel = (100, 5000), True, threading.Event()
+
+    assert [len(feed.read(4096)) for _ in range(5)] == [100, 4096, 804, 4096, 904]
+    feed.seek(0)
+    feed.cancel.set()
+    with pytest.raises(imaging.DecodeCancelled):
+        feed.read(4096)
+
+
+def wait_until(condition, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_decode_past_its_deadline_is_stopped_and_says_so():
+    decoder = Decoder(IngressSettings(max_jpeg_scans=100_000))
+    started = time.monotonic()
+    try:
+        with pytest.raises(imaging.DecodeTimedOut, match="did not decode within"):
+            asyncio.run(decoder.decode(_scan_bomb(), deadline=started + 0.2))
+        assert time.monotonic() - started < 1.5
+        assert wait_until(lambda: decoder.reserved_pixels == 0, 1.5)  # the thread stopped too: its pixels are free
+    finally:
+        decoder.close()
+
+
+def test_a_cancelled_caller_stops_its_decode_and_frees_its_pixels():
+    decoder = Decoder(IngressSettings(max_jpeg_scans=100_000))
+
+    async def cancelled_midway():
+        task = asyncio.create_task(decoder.decode(_scan_bomb()))
+        await asyncio.sleep(0.3)
+        assert decoder.reserved_pixels == 848 * 480  # decoding
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(cancelled_midway())
+        assert wait_until(lambda: decoder.reserved_pixels == 0, 1.5)  # stopped at its next read, seconds early
+    finally:
+        decoder.close()
+
+
+def test_large_frames_decode_on_their_own_lane_and_pixels_are_admitted(monkeypatch):
+    large, other_large = png_header_only(4000, 3000), png_header_only(4000, 2500)  # 12 and 10 MP, headers only
+    small = encode(Image.fromarray(quadrants(64, 48)), "PNG")
+    real_decode_frame = imaging.decode_frame
+    large_started, release = threading.Event(), threading.Event()
+    threads = {}
+
+    def decode_frame(data, **limits):
+        threads[data] = threading.current_thread().name
+        if data == large:  # decodes until the test lets it finish
+            large_started.set()
+            assert release.wait(10)
+            return imaging.DecodedFrame(np.zeros((1, 1, 3), np.uint8), (4000, 3000))
+        return real_decode_frame(data, **limits)
+
+    monkeypatch.setattr(imaging, "decode_frame", decode_frame)
+    decoder = Decoder(IngressSettings(large_image_pixels=8_000_000, max_decoding_pixels=20_000_000))
+
+    async def scenario():
+        first = asyncio.create_task(decoder.decode(large))
+        assert await asyncio.to_thread(large_started.wait, 10)
+        assert decoder.reserved_pixels == 12_000_000
+
+        started = time.monotonic()
+        with pytest.raises(imaging.DecoderBusy) as busy:  # 12 + 10 MP over 20: refused without waiting
+            await decoder.decode(other_large)
+        assert time.monotonic() - started < 0.5 and busy.value.retry_after_s > 0
+        assert other_large not in threads
+
+        frame = await asyncio.wait_for(decoder.decode(small), 5)  # not behind the large frame
+        assert frame.pixels.shape == (48, 64, 3)
+        with pytest.raises(InvalidImage):  # a header with no pixels behind it: fails in the decode
+            await decoder.decode(png_header_only(100, 100))
+        assert decoder.reserved_pixels == 12_000_000  # the small frames' pixels came back, error or not
+
+        release.set()
+        assert (await first).original_size == (4000, 3000)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        release.set()
+        decoder.close()
+    assert decoder.reserved_pixels == 0
+    assert threads[large].startswith("decode-large") and threads[small].startswith("decode_")
 
 
 # -- how a multipart upload is read ------------------------------------------------------------------------

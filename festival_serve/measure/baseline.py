@@ -83,7 +83,8 @@ class SequentialPipeline:
         """One request at a time, as the seed served: no admission control, but the same budget on every wait."""
         async with self.one_at_a_time:
             started = time.perf_counter()
-            decoded = await self.decoder.decode(data)
+            decoded = await self.decoder.decode(data, deadline=budget.started + budget.seconds
+                                                - self.args.ingress.answer_margin_s)  # as the ingress does
             timings = {"decode": ms_since(started)}
             result = await analyze_frame(decoded.pixels, decoded.pixels, describe, self.stages, self.args.ingress,
                                          timings, budget=budget, request_id=request_id,
