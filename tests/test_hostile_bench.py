@@ -98,7 +98,7 @@ def test_judge_sets_ratios_to_quiet_and_the_targets():
 def test_attackers_are_described_by_how_the_server_answered_them():
     raw = {"connections": 70, "attackers": 64, "open_at_end": 60, "connect_failed": {},
            "ended_by_server": {"408": {"count": 10, "after_s_median": 5.0, "after_s_max": 5.1}}}
-    assert describe_attackers(raw) == "ended by server: 408 x10 after 5 s (median); open at end 60/64"
+    assert describe_attackers(raw) == "ended by server: 408 x10 after 5.0 s (median); open at end 60/64"
     senders = {"statuses": {"400 too_many_scans": 30}, "latency_s": {"p50": 0.01, "p95": 0.02, "max": 0.05},
                "in_flight_at_end": 2}
     assert describe_attackers(senders).startswith("400 too_many_scans x30; p50 0.01 s")

@@ -26,6 +26,7 @@ import bisect
 import collections
 import io
 import json
+import logging
 import multiprocessing
 import queue
 import resource
@@ -56,9 +57,13 @@ RECONNECT_PAUSE_S = 0.1
 CONNECT_TIMEOUT_S = 10.0
 #: Seconds the normal client waits for an answer past its budget before it counts the request as a timeout.
 NORMAL_CLIENT_GRACE_S = 5.0
+#: Seconds the normal client's process may take to start and get its first answer.
+NORMAL_CLIENT_START_S = 60.0
+#: Seconds to wait for the server's /readyz to say 200 before measuring anyway.
+READY_WAIT_S = 120.0
 #: Seconds a scan-bomb or PNG sender waits for an answer.
 SENDER_TIMEOUT_S = 60.0
-#: Wait-free outcome of a raw connection still open when its phase ended.
+#: How a raw connection ended that was still open when its phase ended.
 OPEN_AT_END = "open_at_end"
 
 #: The attack phases, in the order they run (``--attacks`` picks some, in this order).
@@ -234,6 +239,13 @@ class NormalClient:
     def start(self) -> "NormalClient":
         self._process.start()
         return self
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Whether the first answer (of any status) came back within ``timeout_s``: the process is up and posting."""
+        deadline = time.monotonic() + timeout_s
+        while not self.drain() and time.monotonic() < deadline and self._process.is_alive():
+            time.sleep(0.1)
+        return bool(self.samples)
 
     def drain(self) -> list[Sample]:
         while True:
@@ -488,7 +500,7 @@ def make_attack(name: str, options: HostileOptions, target: Target, payloads: Pa
                           "image/jpeg")
     if name == "big_png":
         width, height = payloads.png_size
-        return HttpAttack(f"{options.png_senders} {width * height / 1e6:.0f} MP PNG senders", options.png_senders,
+        return HttpAttack(f"{options.png_senders} senders of {width * height / 1e6:.1f} MP PNGs", options.png_senders,
                           target, [payloads.png], "image/png")
     raise ValueError(f"unknown attack {name!r}; the attacks are: {', '.join(ATTACKS)}")
 
@@ -571,6 +583,10 @@ async def run(target: Target, bodies: list[bytes], payloads: Payloads, options: 
     watcher = asyncio.create_task(lag.watch())
     windows: list[dict] = []
     try:
+        # A spawned interpreter takes seconds to import its way to the first request: the quiet phase waits for it.
+        if not await asyncio.to_thread(normal.wait_ready, NORMAL_CLIENT_START_S):
+            log(f"the normal client got no answer within {NORMAL_CLIENT_START_S:g} s of starting; stopping")
+            return {"phases": [], "recovery_s": None, "complete": False}
         for name in ("quiet", *options.attacks):
             attack = make_attack(name, options, target, payloads).start() if name != "quiet" else None
             label = attack.label if attack else "none"
@@ -712,7 +728,8 @@ def cmd_hostile(args: argparse.Namespace) -> int:
         log(f"the open-file limit is {limit} and the attacks need ~{needed}: some connects will fail (ulimit -n)")
     target = Target.of(args.url)
     bodies = [encode_jpeg(generate_scene(seed).image) for seed in scene_seeds("test", args.scenes)]
-    if (problem := _reachable(target, bodies[0], options.budget_s)) is not None:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per attacker request otherwise
+    if (problem := _reachable(target, bodies[0], options.budget_s, log)) is not None:
         print(f"festival-serve load: {target.url} {problem}; is the server running?", file=sys.stderr)
         return 1
     payloads = build_payloads(bodies[0], options, log)
@@ -720,7 +737,7 @@ def cmd_hostile(args: argparse.Namespace) -> int:
         f"{', '.join(options.attacks)}, recovery")
     report = asyncio.run(run(target, bodies, payloads, options, log))
     verdict = judge(report["phases"], report["recovery_s"]) if report["complete"] else {
-        "met": False, "missed": ["no baseline: the quiet phase got no good answer"]}
+        "met": False, "missed": ["the run stopped early (no baseline; its stderr says why)"]}
     full = {"url": args.url, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "settings": {f.name: getattr(options, f.name) for f in fields(options)},
             "payloads": payloads.summary(), **verdict, "phases": report["phases"]}
@@ -744,11 +761,20 @@ def build_payloads(frame: bytes, options: HostileOptions, log: Callable[[str], N
     return payloads
 
 
-def _reachable(target: Target, frame: bytes, budget_s: float) -> str | None:
-    """None if one POST of ``frame`` got any HTTP answer, else what went wrong."""
+def _reachable(target: Target, frame: bytes, budget_s: float, log: Callable[[str], None]) -> str | None:
+    """None once the server is ready (``/readyz`` 200, or a server without one) and one POST of ``frame`` got an
+    HTTP answer, else what went wrong. A graph still loading a replica steals the CPU its quiet phase measures."""
     import httpx
 
+    readyz = f"{'https' if target.tls else 'http'}://{target.host}:{target.port}" \
+        f"{target.path.removesuffix('/v1/analyze')}/readyz"
+    deadline = time.monotonic() + READY_WAIT_S
     try:
+        while (status := httpx.get(readyz, timeout=10, verify=False).status_code) not in (200, 404, 405):
+            if time.monotonic() > deadline:
+                log(f"{readyz} still answers {status} after {READY_WAIT_S:g} s; measuring anyway")
+                break
+            time.sleep(1.0)
         httpx.post(target.url, content=frame, params={"describe": "false"}, timeout=budget_s + 30, verify=False,
                    headers={"content-type": "image/jpeg"})
     except httpx.HTTPError as e:
@@ -792,7 +818,7 @@ def describe_attackers(summary: dict | None) -> str:
         return "-"
     if "connections" in summary:  # raw connections
         ended = summary["ended_by_server"]
-        parts = [f"{how} x{e['count']} after {e['after_s_median']:g} s (median)" for how, e in ended.items()]
+        parts = [f"{how} x{e['count']} after {e['after_s_median']:.1f} s (median)" for how, e in ended.items()]
         text = (f"ended by server: {', '.join(parts)}; " if parts else "none ended by the server; ")
         text += f"open at end {summary['open_at_end']}/{summary['attackers']}"
         if summary["connect_failed"]:
@@ -800,7 +826,7 @@ def describe_attackers(summary: dict | None) -> str:
         return text
     statuses = ", ".join(f"{status} x{n}" for status, n in summary["statuses"].items()) or "no answer"
     latency = summary["latency_s"]
-    return (f"{statuses}; p50 {_fmt(latency['p50'])} s, max {_fmt(latency['max'])} s; "
+    return (f"{statuses}; p50 {_fmt(latency['p50'], '.2f')} s, max {_fmt(latency['max'], '.2f')} s; "
             f"in flight at end {summary['in_flight_at_end']}")
 
 
@@ -816,5 +842,5 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:g}"
+def _fmt(value: float | None, spec: str = "g") -> str:
+    return "-" if value is None else format(value, spec)
