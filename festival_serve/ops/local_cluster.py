@@ -72,6 +72,7 @@ def start_nodes(shape: ClusterShape):
     from ray.cluster_utils import Cluster
 
     up.node_address(NODE_ADDRESS)  # refuses when Ray is not in its local-only mode
+    up.private_ray_token(create=True)  # before the GCS starts: in token mode it reads the token once
     store = shape.object_store_mb * 1024 * 1024
     # Cluster hands these to each node's RayParams as they are (ray.init and `ray start` would turn 127.0.0.1 into
     # this machine's address).

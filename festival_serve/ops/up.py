@@ -173,6 +173,11 @@ LOCAL_RAY_ENV = {
     # (services.resolve_ip_for_localhost). A node meant to be reachable is given its address (``node_address``).
     # Every process that connects to such a node needs it too: Ray would dial this machine's address instead.
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # Ray's token auth for every node started from here, not only those `ray.init` starts (it turns it on itself):
+    # `cluster local`'s nodes (ray.cluster_utils) would run without it. It matters beyond loopback: each Serve
+    # replica listens on every interface whatever the node's address (README "What listens where"), and checks the
+    # token only in this mode. Ray reads it once, at import; the token file is ``private_ray_token``'s.
+    "RAY_AUTH_MODE": "token",
 }
 
 
