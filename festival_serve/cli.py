@@ -29,8 +29,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     from festival_serve.pipeline.serve_config import check_serve_config
 
     has_gpu = cuda_available() and not args.cpu
+    # --public: HAProxy takes --host:--port, and Serve's proxy (with it every Ray port) stays on loopback behind it.
+    host = args.host or ("0.0.0.0" if args.public else "127.0.0.1")
+    serve_host, serve_port = ("127.0.0.1", args.internal_port or args.port + 1) if args.public else (host, args.port)
     config, changes = up.local_profile(
-        up.load_config(args.config), host=args.host, port=args.port, model_store=args.model_store,
+        up.load_config(args.config), host=serve_host, port=serve_port, model_store=args.model_store,
         has_gpu=has_gpu, base_dir=Path.cwd(), api_keys_file=args.api_keys_file,
     )
     try:  # before Ray starts: a deployment without its batch settings would otherwise fail (or batch) silently
@@ -52,12 +55,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"festival-serve: --metrics-port {args.metrics_port} is in use; pass a free port (0: any free one)",
               file=sys.stderr)
         return 2
+    front = None
+    if args.public:
+        front = _start_front_proxy(host, args.port, serve_host, serve_port, up.pipeline_args(config).ingress)
+        if front is None:
+            return 2
     print(f"festival-serve: deploying {args.config} locally")
     for change in changes:
         print(f"  {change}")
     up.prepare_models(config, has_gpu=has_gpu)
     try:
-        metrics_host = up.metrics_host_for(args.host, args.metrics_host)
+        metrics_host = up.metrics_host_for(serve_host, args.metrics_host)
     except ValueError as e:
         print(f"festival-serve: {e}", file=sys.stderr)
         return 2
@@ -73,7 +81,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         nonlocal stopping
         if not stopping:
             stopping = True
-            print("\nfestival-serve: stopping Serve and Ray …")
+            print("\nfestival-serve: stopping " + ("the front proxy, " if front else "") + "Serve and Ray …")
+            if front:
+                front.stop()
             up.stop()
         sys.exit(0)
 
@@ -83,17 +93,53 @@ def cmd_up(args: argparse.Namespace) -> int:
         up.wait_until_running(args.timeout)
     except (RuntimeError, TimeoutError) as e:
         print(f"festival-serve: {e}", file=sys.stderr)
+        if front:
+            front.stop()
         up.stop()
         return 1
-    url = f"http://{args.host}:{args.port}"
+    url = f"http://{host}:{args.port}"
     print(f"festival-serve: serving {url}  (POST {url}/v1/analyze, GET {url}/v1/models; Ctrl-C stops)")
     if not all(keys_files):
-        print(f"festival-serve: no API keys file: /v1 is open to anyone who can reach {args.host}:{args.port} "
+        print(f"festival-serve: no API keys file: /v1 is open to anyone who can reach {host}:{args.port} "
               "(make a key with `festival-serve keys new --file PATH`, then pass --api-keys-file PATH)")
     if not args.no_dashboard:
         print("festival-serve: inspect with `RAY_AUTH_MODE=token serve status` (Ray token auth is on)")
     while True:
         time.sleep(3600)
+
+
+def _start_front_proxy(host: str, port: int, serve_host: str, serve_port: int, ingress):
+    """``up --public``'s HAProxy on ``host:port`` in front of Serve's proxy at ``serve_host:serve_port``, started
+    before Ray (a missing haproxy or a taken port fails in a second), stopped at exit; None after saying why not."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from festival_serve.ops import front_proxy, up
+
+    if up.port_in_use(serve_port):
+        print(f"festival-serve: --internal-port {serve_port} (Serve's own port behind the front proxy) is in use; "
+              "pass a free one", file=sys.stderr)
+        return None
+    settings = front_proxy.FrontProxySettings.for_ingress(ingress, listen_host=host, listen_port=port,
+                                                          backend_host=serve_host, backend_port=serve_port)
+    directory = Path(tempfile.mkdtemp(prefix="festival-front-proxy-"))
+    atexit.register(shutil.rmtree, directory, True)  # runs after the stop below (last registered, first run)
+    try:
+        front = front_proxy.start(settings, directory)
+    except front_proxy.FrontProxyError as e:
+        print(f"festival-serve: --public: {e}", file=sys.stderr)
+        return None
+    atexit.register(front.stop)
+    print(f"festival-serve: front proxy: HAProxy on {host}:{port} -> Serve's proxy on {serve_host}:{serve_port} "
+          f"(loopback only; config {front.config_path})")
+    print("  in HAProxy:")
+    for line in front_proxy.protections(settings):
+        print(f"    {line}")
+    print("  in the ingress:")
+    for line in front_proxy.ingress_protections(ingress):
+        print(f"    {line}")
+    return front
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -223,8 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start a local Ray and deploy the whole graph (Ctrl-C stops it)")
     up.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config file (default: %(default)s)")
-    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--host", default=None, help="where clients connect (default 127.0.0.1; with --public 0.0.0.0)")
     up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--public", action="store_true",
+                    help="face the public: HAProxy (Debian's haproxy package) on --host:--port, with its header "
+                         "deadline, size limits and connection caps, in front of Serve, whose proxy then listens on "
+                         "127.0.0.1:--internal-port only")
+    up.add_argument("--internal-port", type=int,
+                    help="with --public: Serve's own HTTP port, on 127.0.0.1 (default: --port + 1)")
     up.add_argument("--model-store", help="override args.model_store")
     up.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is visible")
     up.add_argument("--allow-network", action="store_true", help="do not block connections to other machines")

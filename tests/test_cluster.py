@@ -1,6 +1,7 @@
 """The cluster configs stay true to serve_config.yaml: the KubeRay RayService embeds it unchanged
-but for the model store, the committed manifest never drifts from a fresh render, the four models
-fit on one GPU, and the cluster launcher config passes Ray's own validation. Offline and fast."""
+but for the model store and where Serve's proxy listens (behind the HAProxy sidecar), the committed manifest
+never drifts from a fresh render, the four models fit on one GPU, and the cluster launcher config passes Ray's
+own validation. Offline and fast."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from festival_serve.ops import manifests
+from festival_serve.ops import front_proxy, manifests
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = ROOT / "serve_config.yaml"
@@ -17,6 +18,7 @@ RAYSERVICE = ROOT / "cluster" / "rayservice.yaml"
 LAUNCHER = ROOT / "cluster" / "ray-cluster.yaml"
 REGENERATE = (f"python -m festival_serve.ops.manifests render --config serve_config.yaml "
               f"--image {manifests.PLACEHOLDER_IMAGE} --out cluster/rayservice.yaml")
+CLUSTER = ROOT / "cluster"
 CLUSTER_README = ROOT / "cluster" / "README.md"
 MODEL_NAMES = {"SignDetector", "HazardCells", "SignReader", "SceneDescriber"}
 
@@ -67,12 +69,16 @@ def test_one_replica_of_every_model_fits_on_one_gpu(serve_config):
 
 # --- the RayService -----------------------------------------------------------------------------
 
-def test_serve_config_v2_is_serve_config_with_only_the_model_store_changed(manifest, serve_config):
+def test_serve_config_v2_is_serve_config_with_only_the_model_store_and_the_proxy_address_changed(manifest, serve_config):
     embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     assert [app["args"]["model_store"] for app in embedded["applications"]] == ["/models"]
-    assert embedded == manifests.with_model_store(serve_config, "/models")
+    # Serve's proxy on the pod's loopback, one port up: only the HAProxy sidecar reaches it.
+    assert embedded["http_options"] == {**serve_config["http_options"], "host": "127.0.0.1",
+                                        "port": front_proxy.CLUSTER_SERVE_PORT}
+    assert embedded == manifests.behind_front_proxy(manifests.with_model_store(serve_config, "/models"))
     for app in embedded["applications"]:
         app["args"]["model_store"] = "models"
+    embedded["http_options"] = serve_config["http_options"]
     assert embedded == serve_config
 
 
@@ -112,8 +118,8 @@ def test_gpu_workers_can_hold_every_deployment_at_max_replicas(manifest, serve_c
 
 def test_every_pod_mounts_the_writable_model_store_and_sets_no_offline_env(manifest):
     for pod in pods(manifest):
-        assert pod["volumes"] == [{"name": "model-store", "persistentVolumeClaim": {"claimName": "festival-models"}}]
-        [container] = pod["containers"]
+        assert pod["volumes"][0] == {"name": "model-store", "persistentVolumeClaim": {"claimName": "festival-models"}}
+        container = pod["containers"][0]  # Ray's: KubeRay takes the first container for it
         assert container["image"] == manifests.PLACEHOLDER_IMAGE
         assert container["volumeMounts"] == [{"name": "model-store", "mountPath": "/models"}]  # no readOnly
         assert "env" not in container  # weights are pre-pulled into the volume; no HF_HUB_OFFLINE & co
@@ -130,8 +136,57 @@ def test_the_committed_manifest_keeps_serve_config_v2_a_literal_block():
     text = RAYSERVICE.read_text()
     assert text.startswith("# GENERATED from serve_config.yaml")
     assert "  serveConfigV2: |\n    proxy_location: EveryNode\n" in text
-    assert yaml.safe_load(text) == manifests.render_rayservice(
-        yaml.safe_load(SERVE_CONFIG.read_text()), image=manifests.PLACEHOLDER_IMAGE, gpu_workers_min=manifests.DEFAULT_GPU_WORKERS_MIN, gpu_workers_max=4)
+    configmap, rayservice = yaml.safe_load_all(text)
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    assert rayservice == manifests.render_rayservice(
+        config, image=manifests.PLACEHOLDER_IMAGE, gpu_workers_min=manifests.DEFAULT_GPU_WORKERS_MIN, gpu_workers_max=4)
+    assert configmap == manifests.front_proxy_configmap(config, name="festival-serve", source="serve_config.yaml")
+
+
+# --- the front proxy sidecar ----------------------------------------------------------------------
+
+def test_every_pod_with_a_serve_proxy_runs_the_haproxy_sidecar_on_the_serve_services_port(manifest, serve_config):
+    assert manifests.proxies_on_workers(serve_config)  # proxy_location EveryNode: the workers' proxies serve too
+    for pod in pods(manifest):
+        ray, sidecar = pod["containers"]
+        assert sidecar["image"] == manifests.FRONT_PROXY_IMAGE == "haproxy:2.6"  # the official image
+        assert sidecar["ports"] == [{"containerPort": front_proxy.CLUSTER_LISTEN_PORT, "name": "http"}]
+        assert not [p for p in ray.get("ports", []) if p["name"] == "serve" or p["name"].startswith("serve-")]
+        [mount] = sidecar["volumeMounts"]
+        assert mount["readOnly"] and sidecar["command"][-1] == f"{mount['mountPath']}/haproxy.cfg"
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        paths = {item["path"] for item in volume["configMap"]["items"]}
+        assert paths == set(front_proxy.cluster_files(serve_config)), "the pod must see the files as cluster/ holds them"
+    # The Service KubeRay makes for Serve points at HAProxy's port; Serve's own (8001, loopback) is in no Service.
+    assert manifest["spec"]["serveService"]["spec"]["ports"] == [
+        {"name": "serve", "port": front_proxy.CLUSTER_LISTEN_PORT, "targetPort": front_proxy.CLUSTER_LISTEN_PORT}]
+
+
+def test_a_changed_front_proxy_config_changes_the_pod_templates(serve_config):
+    """HAProxy reads its config once: a new config must come with new pods (KubeRay rolls out a new cluster)."""
+    def annotations(config):
+        rendered = manifests.render_rayservice(config, image="img", gpu_workers_min=1, gpu_workers_max=2)
+        return [pod_template["metadata"]["annotations"][manifests.FRONT_PROXY_DIGEST_ANNOTATION]
+                for pod_template in [rendered["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]]]
+
+    changed = manifests.with_model_store(serve_config, "/models")
+    changed["applications"][0]["args"]["ingress"] = {**changed["applications"][0]["args"]["ingress"], "max_budget_s": 20}
+    assert annotations(serve_config) != annotations(changed)
+
+
+def test_the_sidecar_is_only_on_the_head_when_serve_runs_a_proxy_there_only(serve_config):
+    head_only = {**serve_config, "proxy_location": "HeadOnly"}
+    rendered = manifests.render_rayservice(head_only, image="img", gpu_workers_min=1, gpu_workers_max=2)
+    head, worker = pods(rendered)
+    assert [c["name"] for c in head["containers"]] == ["ray-head", manifests.FRONT_PROXY_CONTAINER]
+    assert [c["name"] for c in worker["containers"]] == ["ray-worker"]
+
+
+def test_the_committed_front_proxy_files_equal_a_fresh_render(serve_config):
+    committed = {str(p.relative_to(CLUSTER)): p.read_text() for p in
+                 [CLUSTER / front_proxy.CONFIG_NAME, *sorted((CLUSTER / front_proxy.ERRORS_DIR).glob("*"))]}
+    assert committed == front_proxy.cluster_files(serve_config), \
+        f"cluster/haproxy.cfg or cluster/haproxy-errors/ is stale; regenerate: {manifests.FRONT_PROXY_COMMAND}"
 
 
 @pytest.mark.parametrize("options, message", [

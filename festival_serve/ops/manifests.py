@@ -9,6 +9,14 @@ No Ray import; this module only shapes dicts and YAML. Regenerate the committed 
     python -m festival_serve.ops.manifests render --config serve_config.yaml \\
         --image ghcr.io/your-org/festival-serve:0.1.0 --out cluster/rayservice.yaml
 
+Every Ray pod whose node runs a Serve proxy also runs HAProxy as a sidecar (``festival_serve.ops.front_proxy``): it
+takes port 8000 on the pod, Serve's proxy moves to the pod's loopback (``http_options``, the one other change to
+the embedded config), and the Serve Service points at HAProxy. Its config, rendered from the same serve config,
+rides in a ConfigMap in the same file; the operators' copy ``cluster/haproxy.cfg`` (+ ``cluster/haproxy-errors/``)
+is rewritten with::
+
+    python -m festival_serve.ops.manifests front-proxy --config serve_config.yaml --out-dir cluster
+
 The resource numbers quoted in the hand-written ``cluster/ray-cluster.yaml`` and ``cluster/README.md``
 live in generated regions between ``BEGIN GENERATED resources`` / ``END GENERATED resources`` markers;
 rewrite them (or, with ``--check``, only compare them) with::
@@ -20,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 import math
 import re
 import sys
@@ -29,6 +39,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from festival_serve.ops import front_proxy
 from festival_serve.pipeline.serve_config import check_serve_config
 
 #: Stand-in for the image a user builds and pushes (see cluster/README.md); never pullable.
@@ -49,6 +60,17 @@ RAY_CLUSTER_DELETION_DELAY_S = 60
 #: (``resource_demand``; the number is in cluster/README.md's generated table), plus one for imperfect
 #: packing and a rolling update. tests/test_cluster.py fails if it no longer covers the GPUs.
 DEFAULT_GPU_WORKERS_MAX = 4
+#: The front proxy's sidecar: the official HAProxy image from Docker Hub (docker.io/library/haproxy), the same
+#: 2.6 LTS series as Debian's package that tests/test_front_proxy.py runs; pin its digest where images must not
+#: move. It runs as the image's unprivileged user, so it listens on a port above 1024.
+FRONT_PROXY_IMAGE = "haproxy:2.6"
+FRONT_PROXY_CONTAINER = "front-proxy"
+FRONT_PROXY_VOLUME = "front-proxy-config"
+#: Where the official image looks for its config; the error files lie beside it (``default-path config``).
+FRONT_PROXY_CONFIG_DIR = "/usr/local/etc/haproxy"
+#: Pod annotation carrying the config's digest: a changed config changes the pod templates, so KubeRay rolls out
+#: pods that load it (HAProxy reads its config once, at start; an updated ConfigMap alone reaches no process).
+FRONT_PROXY_DIGEST_ANNOTATION = "festival-serve/front-proxy-config-sha256"
 
 
 class GpuDemand(NamedTuple):
@@ -65,6 +87,58 @@ def with_model_store(serve_config: dict, model_store: str) -> dict:
     for app in config["applications"]:
         app.setdefault("args", {})["model_store"] = model_store
     return config
+
+
+def behind_front_proxy(serve_config: dict) -> dict:
+    """A copy of ``serve_config`` whose Serve proxies listen on the pod's loopback, where only the HAProxy sidecar
+    (``front_proxy.CLUSTER_LISTEN_PORT``, every interface) reaches them; the rest of ``http_options`` is kept."""
+    config = copy.deepcopy(serve_config)
+    config["http_options"] = {**(config.get("http_options") or {}), "host": "127.0.0.1",
+                              "port": front_proxy.CLUSTER_SERVE_PORT}
+    return config
+
+
+def proxies_on_workers(serve_config: dict) -> bool:
+    """Whether Serve runs an HTTP proxy on the worker nodes too (``proxy_location``; Serve's default EveryNode)."""
+    return serve_config.get("proxy_location", "EveryNode") == "EveryNode"
+
+
+def front_proxy_configmap(serve_config: dict, *, name: str, source: str) -> dict:
+    """The ConfigMap holding the sidecar's ``haproxy.cfg`` and its error files (its keys are flat; the pods' volume
+    puts the error files back in their directory)."""
+    files = front_proxy.cluster_files(serve_config, source)
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-front-proxy"},
+            "data": {Path(relative).name: text for relative, text in files.items()}}
+
+
+def _front_proxy_volume(configmap: dict) -> dict:
+    items = [{"key": key, "path": key if key == front_proxy.CONFIG_NAME else f"{front_proxy.ERRORS_DIR}/{key}"}
+             for key in configmap["data"]]
+    return {"name": FRONT_PROXY_VOLUME, "configMap": {"name": configmap["metadata"]["name"], "items": items}}
+
+
+def _front_proxy_container() -> dict:
+    port = front_proxy.CLUSTER_LISTEN_PORT
+    requests = {"cpu": "500m", "memory": "256Mi"}  # 4000 connections x two 16 KB buffers: 128 MiB at most
+    return {
+        "name": FRONT_PROXY_CONTAINER,
+        "image": FRONT_PROXY_IMAGE,
+        "command": ["haproxy", "-W", "-db", "-f", f"{FRONT_PROXY_CONFIG_DIR}/{front_proxy.CONFIG_NAME}"],
+        "ports": [{"containerPort": port, "name": "http"}],
+        # Half a core asked for, one allowed: a worker pod still fits an 8-vCPU node beside the Ray container's 6.
+        "resources": {"limits": {"cpu": "1", "memory": requests["memory"]}, "requests": requests},
+        "readinessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 5},
+        "volumeMounts": [{"name": FRONT_PROXY_VOLUME, "mountPath": FRONT_PROXY_CONFIG_DIR, "readOnly": True}],
+    }
+
+
+def _with_front_proxy(pod: dict, configmap: dict) -> dict:
+    """``pod`` with the HAProxy sidecar after the Ray container (KubeRay takes the first container for Ray's)."""
+    digest = hashlib.sha256(json.dumps(configmap["data"], sort_keys=True).encode()).hexdigest()
+    spec = pod["spec"]
+    spec["containers"].append(_front_proxy_container())
+    spec["volumes"].append(_front_proxy_volume(configmap))
+    return {"metadata": {"annotations": {FRONT_PROXY_DIGEST_ANNOTATION: digest}}, "spec": spec}
 
 
 class DeploymentDemand(NamedTuple):
@@ -145,13 +219,15 @@ def render_rayservice(
     name: str = "festival-serve",
     worker_cpus: int = 6,
     worker_memory: str = "24Gi",
+    source: str = "serve_config.yaml",
 ) -> dict:
     """A KubeRay ``RayService`` (``ray.io/v1``) that serves ``serve_config`` on GPU workers.
 
     The head runs Ray's control processes only (``num-cpus: "0"``), every pod mounts the
     ``festival-models`` claim at ``model_store_mount``, and the Ray autoscaler adds GPU workers
     when Serve asks for replicas that do not fit. Worker size defaults suit a node with 8 vCPU,
-    32 GiB and one GPU (e.g. AWS g5.2xlarge), leaving room for the kubelet and daemon sets.
+    32 GiB and one GPU (e.g. AWS g5.2xlarge), leaving room for the kubelet and daemon sets. Every pod with a
+    Serve proxy runs the HAProxy sidecar, whose config is ``front_proxy_configmap`` (applied beside it).
     """
     if not 0 <= gpu_workers_min <= gpu_workers_max or gpu_workers_max < 1:
         raise ValueError(f"need 0 <= gpu_workers_min <= gpu_workers_max and max >= 1, "
@@ -164,15 +240,21 @@ def render_rayservice(
     if not model_store_mount.startswith("/"):
         raise ValueError(f"model_store_mount must be an absolute path, got {model_store_mount!r}")
 
-    serve_config = with_model_store(serve_config, model_store_mount)
-    head = _pod_template("ray-head", image, model_store_mount, cpu=2, memory="8Gi", ports=[
+    configmap = front_proxy_configmap(serve_config, name=name, source=source)
+    workers_proxy = proxies_on_workers(serve_config)
+    serve_config = behind_front_proxy(with_model_store(serve_config, model_store_mount))
+    # No port named "serve" on the Ray container: Serve's proxy is on the pod's loopback. KubeRay's own probes of
+    # it (the operator's of the head, the workers' readiness) then go to port 8000, HAProxy's, which passes
+    # /-/healthz through; the Serve Service is spec.serveService below.
+    head = _with_front_proxy(_pod_template("ray-head", image, model_store_mount, cpu=2, memory="8Gi", ports=[
         {"containerPort": 6379, "name": "gcs-server"},
         {"containerPort": 8265, "name": "dashboard"},
         {"containerPort": 10001, "name": "client"},
-        {"containerPort": 8000, "name": "serve"},
-    ])
+    ]), configmap)
     worker = _pod_template("ray-worker", image, model_store_mount, cpu=worker_cpus, memory=worker_memory,
                            gpus=gpus_per_worker)
+    if workers_proxy:  # proxy_location EveryNode: each worker's proxy takes traffic too, through its own HAProxy
+        worker = _with_front_proxy(worker, configmap)
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -187,6 +269,9 @@ def render_rayservice(
             "upgradeStrategy": {"type": "NewCluster"},
             "rayClusterDeletionDelaySeconds": RAY_CLUSTER_DELETION_DELAY_S,
             "serveConfigV2": yaml.safe_dump(serve_config, sort_keys=False, width=1000),
+            # <name>-serve-svc: the pods with a healthy Serve proxy (KubeRay sets the selector), at HAProxy's port.
+            "serveService": {"spec": {"ports": [{"name": "serve", "port": front_proxy.CLUSTER_LISTEN_PORT,
+                                                 "targetPort": front_proxy.CLUSTER_LISTEN_PORT}]}},
             "rayClusterConfig": {
                 "rayVersion": RAY_VERSION,
                 "enableInTreeAutoscaling": True,
@@ -260,9 +345,11 @@ IMAGE_INSTALL = "uv sync --frozen --extra gpu --extra tensorrt"
 def render_document(serve_config: dict, *, source: str, image: str,
                     gpu_workers_min: int = DEFAULT_GPU_WORKERS_MIN,
                     gpu_workers_max: int = DEFAULT_GPU_WORKERS_MAX, **options: Any) -> str:
-    """The text of ``cluster/rayservice.yaml``: a header saying how it was made, then the manifest."""
+    """The text of ``cluster/rayservice.yaml``: a header saying how it was made, then two documents: the front
+    proxy's ConfigMap and the RayService (``kubectl apply -f`` takes both)."""
     manifest = render_rayservice(serve_config, image=image, gpu_workers_min=gpu_workers_min,
-                                 gpu_workers_max=gpu_workers_max, **options)
+                                 gpu_workers_max=gpu_workers_max, source=source, **options)
+    configmap = front_proxy_configmap(serve_config, name=manifest["metadata"]["name"], source=source)
     header = (
         f"# GENERATED from {source} by festival_serve/ops/manifests.py. Do not edit by hand: change {source}\n"
         f"# (or the options below) and regenerate; tests/test_cluster.py fails while the two differ.\n"
@@ -274,7 +361,15 @@ def render_document(serve_config: dict, *, source: str, image: str,
         header += f"# {PLACEHOLDER_IMAGE} is a placeholder: render again with your image (cluster/README.md).\n"
     if options:
         header += "# Other options: " + ", ".join(f"{k}={v}" for k, v in sorted(options.items())) + "\n"
-    return header + dump_yaml(manifest)
+    listen, serve = front_proxy.CLUSTER_LISTEN_PORT, front_proxy.CLUSTER_SERVE_PORT
+    header += (
+        f"# Front proxy: every pod with a Serve proxy runs a `{FRONT_PROXY_CONTAINER}` sidecar from `{FRONT_PROXY_IMAGE}`,\n"
+        "# the OFFICIAL HAProxy image (Docker Hub, docker.io/library/haproxy; not built by this project; pin its\n"
+        f"# digest where images must not move). It listens on port {listen}, the Serve Service's target; Serve's\n"
+        f"# proxy listens on the pod's loopback (127.0.0.1:{serve}), which no Service exposes. Its config is the\n"
+        "# ConfigMap below, the same as cluster/haproxy.cfg (festival_serve/ops/front_proxy.py; README, \"Security\").\n"
+    )
+    return header + dump_yaml(configmap) + "---\n" + dump_yaml(manifest)
 
 
 # -- resource numbers in the hand-written cluster docs -------------------------------------------------------
@@ -497,6 +592,17 @@ def _cmd_docs(args: argparse.Namespace) -> int:
     return 0
 
 
+FRONT_PROXY_COMMAND = "python -m festival_serve.ops.manifests front-proxy --config serve_config.yaml --out-dir cluster"
+
+
+def _cmd_front_proxy(args: argparse.Namespace) -> int:
+    files = front_proxy.cluster_files(_load(args.config), source=args.config.name)
+    path = front_proxy.write_files(files, args.out_dir)
+    print(f"wrote {path} and {len(files) - 1} error files in {args.out_dir / front_proxy.ERRORS_DIR} "
+          f"(HAProxy in front of Serve, from {args.config})")
+    return 0
+
+
 def _cmd_serve_config(args: argparse.Namespace) -> int:
     if not args.model_store.startswith("/"):
         # Replicas do not run in the directory `serve deploy` was called from.
@@ -532,6 +638,12 @@ def build_parser() -> argparse.ArgumentParser:
     docs.add_argument("--readme", type=Path, default=Path("cluster/README.md"))
     docs.add_argument("--check", action="store_true", help="write nothing; exit 1 naming each stale file")
     docs.set_defaults(func=_cmd_docs)
+
+    proxy = sub.add_parser("front-proxy", help="write the HAProxy front proxy's config and error files that the "
+                                               "RayService's sidecar runs (cluster/haproxy.cfg)")
+    proxy.add_argument("--config", type=Path, default=Path("serve_config.yaml"))
+    proxy.add_argument("--out-dir", type=Path, default=Path("cluster"))
+    proxy.set_defaults(func=_cmd_front_proxy)
 
     serve = sub.add_parser("serve-config", help="write the serve config with an absolute model store, for `serve deploy`")
     serve.add_argument("--config", type=Path, default=Path("serve_config.yaml"))
