@@ -25,7 +25,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from festival_serve.serving.admission import Admission, Budget, Slots, TokenBucket
+from festival_serve.serving.admission import Admission, Budget, TokenBucket, Uploads
 from festival_serve.serving.http import BUDGET_HEADER, DISCONNECT_DISABLED_HEADER, ApiHandlers, build_http_app, \
     ms_since, parse_bool, parse_budget, request_id_of
 from festival_serve.serving.auth import keys_from_file
@@ -63,7 +63,8 @@ class PipelineIngress:
         self.settings = settings
         self.decoder = Decoder(settings)  # off the event loop, bounded in scans, pixels and time
         self.admission = Admission()  # this replica's view of every stage's queue (festival_serve.serving.admission)
-        self.bodies = Slots(settings.max_bodies_in_flight)  # bodies arriving now: read before admission, capped
+        # Bodies arriving now: read before admission, capped in number and in bytes held.
+        self.uploads = Uploads(settings.max_bodies_in_flight, settings.max_body_bytes_buffered)
         # A stage's calls that wait while its requests in flight are at the cap leave together as one Serve
         # request (a request costs milliseconds of CPU whatever it carries); the replica hands them one by one to
         # its batcher.
@@ -93,12 +94,17 @@ class PipelineIngress:
         describe = parse_bool(request.query_params.get("describe", "true"), "describe")
         # The body arrives before admission: a frame still uploading is not work waiting, and a trickled one is cut
         # off at body_read_max_s (or the budget) with a 408, holding a body slot, never an admission slot.
-        if self.bodies.full:
+        if self.uploads.full:
             raise Rejected(503, "overloaded", "too many uploads are arriving at once", self.settings.retry_after_s)
-        with self.bodies:
+        with self.uploads.body() as take:
+            def hold(n: int) -> None:
+                if not take(n):
+                    raise Rejected(503, "overloaded", "too many bytes of uploads are arriving at once",
+                                   self.settings.retry_after_s)
+
             # At least the answer margin: a frame whose tiny budget is already spent still gets its body read
             # (it is there in microseconds) and an honest answer from admission, not a 408 for a body that came.
-            data = await read_image_bytes(request, self.settings.max_body_bytes, within_s=min(
+            data = await read_image_bytes(request, self.settings.max_body_bytes, hold=hold, within_s=min(
                 self.settings.body_read_max_s,
                 max(budget.remaining() - self.settings.answer_margin_s, self.settings.answer_margin_s)))
         self.arrivals.mark()  # a request that got this far is load, refused or not; a malformed one was not

@@ -97,6 +97,24 @@ def test_bodies_beyond_max_bodies_in_flight_are_refused_at_once_with_retry_after
     assert [s for s, _ in slow] == [408, 408]
 
 
+def test_bodies_over_max_body_bytes_buffered_are_refused_while_trickled_ones_hold_almost_nothing():
+    app = ingress_app(IngressSettings(max_bodies_in_flight=100, max_body_bytes_buffered=2048, body_read_max_s=1))
+    kilobyte = b"\xff\xd8" + b"x" * 998
+
+    async def scenario():
+        holding = [asyncio.create_task(asgi_call(app, trickle(kilobyte))) for _ in range(2)]
+        tricklers = [asyncio.create_task(asgi_call(app, trickle())) for _ in range(20)]  # 2 bytes each: 40 in all
+        await asyncio.sleep(0.2)
+        refused = await asgi_call(app, trickle(b"\xff\xd8" + b"x" * 98))  # 100 more would go over 2048
+        return refused, await asyncio.gather(*holding, *tricklers)
+
+    (status, body), ended = asyncio.run(scenario())
+    assert status == 503 and body["error"]["code"] == "overloaded" and "bytes" in body["error"]["message"], body
+    assert {s for s, _ in ended} == {408}  # the 22 that fitted were read until body_read_max_s
+    # Every byte is given back when its body ends: the same 100 bytes now fit, and are cut off at the deadline.
+    assert asyncio.run(asgi_call(app, trickle(b"\xff\xd8" + b"x" * 98)))[0] == 408
+
+
 def test_a_client_that_leaves_mid_body_is_client_closed_counted_not_an_error(caplog):
     heard: list[tuple[int, str]] = []
 

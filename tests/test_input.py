@@ -357,7 +357,7 @@ def test_large_frames_decode_on_their_own_lane_and_pixels_are_admitted(monkeypat
         return real_decode_frame(data, **limits)
 
     monkeypatch.setattr(imaging, "decode_frame", decode_frame)
-    decoder = Decoder(IngressSettings(large_image_pixels=8_000_000, max_decoding_pixels=20_000_000))
+    decoder = Decoder(IngressSettings(large_image_pixels=8_000_000, max_decoding_pixels=14_000_000))
 
     async def scenario():
         first = asyncio.create_task(decoder.decode(large))
@@ -365,9 +365,13 @@ def test_large_frames_decode_on_their_own_lane_and_pixels_are_admitted(monkeypat
         assert decoder.reserved_pixels == 12_000_000
 
         started = time.monotonic()
-        with pytest.raises(imaging.DecoderBusy) as busy:  # 12 + 10 MP over 20: refused without waiting
+        with pytest.raises(imaging.DecoderBusy) as busy:  # the large lane is taken: refused without waiting
             await decoder.decode(other_large)
-        assert time.monotonic() - started < 0.5 and busy.value.retry_after_s > 0
+        assert "one at a time" in busy.value.message and busy.value.retry_after_s > 0
+        with pytest.raises(imaging.DecoderBusy) as busy:  # 12 + 4 MP over 14: refused by pixels
+            await decoder.decode(png_header_only(2000, 2000))
+        assert "would go over" in busy.value.message
+        assert time.monotonic() - started < 0.5
         assert other_large not in threads
 
         frame = await asyncio.wait_for(decoder.decode(small), 5)  # not behind the large frame
@@ -386,6 +390,30 @@ def test_large_frames_decode_on_their_own_lane_and_pixels_are_admitted(monkeypat
         decoder.close()
     assert decoder.reserved_pixels == 0
     assert threads[large].startswith("decode-large") and threads[small].startswith("decode_")
+
+
+def test_the_large_lane_rests_for_its_share_after_each_huge_frame_and_refuses_huge_frames_meanwhile():
+    huge, camera = encode(Image.fromarray(quadrants(640, 480)), "PNG"), encode(Image.fromarray(quadrants(8, 8)), "PNG")
+    decoder = Decoder(IngressSettings(large_image_pixels=1000, large_lane_share=0.2))  # 640x480 counts as huge
+
+    async def scenario():
+        began = time.monotonic()
+        await decoder.decode(huge)
+        spent = time.monotonic() - began
+        rest = decoder.large_free_at - time.monotonic()
+        assert 0 < rest <= spent * 4 + 0.05  # t x (1/0.2 - 1)
+        with pytest.raises(imaging.DecoderBusy) as busy:
+            await decoder.decode(huge)
+        assert busy.value.retry_after_s >= rest - 0.05
+        assert (await decoder.decode(camera)).pixels.shape == (8, 8, 3)  # the cameras' frames are not held
+        await asyncio.sleep(max(0.0, decoder.large_free_at - time.monotonic()) + 0.01)
+        assert (await decoder.decode(huge)).pixels.shape == (480, 640, 3)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        decoder.close()
+    assert decoder.reserved_pixels == 0 and not decoder.large_busy
 
 
 # -- how a multipart upload is read ------------------------------------------------------------------------

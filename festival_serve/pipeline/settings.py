@@ -194,6 +194,13 @@ class IngressSettings(_Section):
         description="Frames over this many pixels decode on a thread of their own (one per ingress replica), so a "
         "sender of huge frames waits behind its own kind, not in front of the cameras' frames.",
     )
+    large_lane_share: float = Field(
+        0.25, gt=0, le=1,
+        description="Most of one core's time the large lane (frames over large_image_pixels) may take, per ingress "
+        "replica: after a huge frame's decode of t seconds the lane rests t x (1/share - 1) s, and a huge frame "
+        "arriving while it decodes or rests is refused at once (503 + Retry-After). A sender of 40 MP frames then "
+        "costs the cameras' frames at most this share of a core, however fast it sends.",
+    )
     max_decoding_pixels: int = Field(
         48_000_000, ge=1,
         description="Pixels (width x height, summed) that may be decoding or waiting to decode at once, per ingress "
@@ -206,9 +213,17 @@ class IngressSettings(_Section):
         "budget): a body still arriving after it is a 408. A frame of the cameras' arrives in milliseconds.",
     )
     max_bodies_in_flight: int = Field(
-        64, ge=1,
+        192, ge=1,
         description="Request bodies one ingress replica reads at once; more are refused at once (503 + "
-        "Retry-After). Bodies are read before admission, so a slow upload never counts as work waiting.",
+        "Retry-After). Bodies are read before admission, so a slow upload never counts as work waiting. Each holds "
+        "one of the replica's max_ongoing_requests (256 in serve_config.yaml): keep it under that, so bodies that "
+        "arrived always find room.",
+    )
+    max_body_bytes_buffered: int = Field(
+        256 * 1024 * 1024, ge=1024,
+        description="Bytes of request bodies one ingress replica holds while they arrive, summed over every body "
+        "being read; a body whose next bytes would go over is refused (503 + Retry-After). Bounds the memory of "
+        "max_bodies_in_flight x max_body_bytes, which a trickled body does not need.",
     )
     probe_refresh_s: float = Field(
         1.0, gt=0,

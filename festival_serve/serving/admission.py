@@ -18,6 +18,7 @@ only those would miss it. No Ray import: the baseline server uses it too.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -144,20 +145,38 @@ class TokenBucket:
         return max(0.0, (1 - self.tokens) / self.rate)
 
 
-class Slots:
-    """A cap on something held across awaits (bodies being read): ``hold()`` or ``Rejected``-style refusal by the
-    caller when ``full``."""
+class Uploads:
+    """The request bodies one replica is reading now, capped twice: at most ``count`` at once, and at most
+    ``max_bytes`` of them held in memory (what has arrived so far, summed). A body trickling in holds a slot and
+    almost no memory, so the count can be high (each slot is a waiting coroutine and an ongoing request of Serve's);
+    the bytes bound the memory however large the bodies are. The caller refuses when ``full`` or when ``take``
+    says no."""
 
-    def __init__(self, size: int) -> None:
-        self.size, self.held = size, 0
+    def __init__(self, count: int, max_bytes: int) -> None:
+        self.count, self.max_bytes = count, max_bytes
+        self.reading, self.held_bytes = 0, 0
 
     @property
     def full(self) -> bool:
-        return self.held >= self.size
+        return self.reading >= self.count
 
-    def __enter__(self) -> "Slots":
-        self.held += 1
-        return self
+    @contextlib.contextmanager
+    def body(self):
+        """One body being read: yields its ``take(n) -> bool`` (hold n more bytes, if they fit); all it took is
+        given back when it ends (the bytes then belong to the request, which admission and decoding bound)."""
+        taken = 0
 
-    def __exit__(self, *exc) -> None:
-        self.held -= 1
+        def take(n: int) -> bool:
+            nonlocal taken
+            if self.held_bytes + n > self.max_bytes:
+                return False
+            self.held_bytes += n
+            taken += n
+            return True
+
+        self.reading += 1
+        try:
+            yield take
+        finally:
+            self.reading -= 1
+            self.held_bytes -= taken

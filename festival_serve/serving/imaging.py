@@ -313,6 +313,8 @@ class Decoder:
         self._lock = threading.Lock()  # the reservations are released from the decode threads
         self.reserved_pixels = 0  # of the frames decoding or waiting to decode
         self._cancels: set[threading.Event] = set()  # one per frame decoding or waiting
+        self.large_busy = False  # a huge frame holds the large lane (decoding, or waiting for its thread)
+        self.large_free_at = 0.0  # time.monotonic() when the large lane's rest after its last decode ends
 
     async def decode(self, data: bytes, *, deadline: float | None = None) -> DecodedFrame:
         """The frame, decoded on the right lane; ``InvalidImage`` (before decoding when its header is over a
@@ -325,18 +327,21 @@ class Decoder:
         # it tells the lane and the pixels to reserve before a thread is taken.
         header = probe_image(data, max_pixels=settings.max_image_pixels, max_jpeg_scans=settings.max_jpeg_scans)
         pixels = min(header.pixels, settings.max_decoding_pixels)  # a frame alone always fits
+        large = header.pixels > settings.large_image_pixels
+        if large:
+            self._take_large_lane(header)
         cancel = threading.Event()
-        self._reserve(pixels, cancel)
-        lane = self.large_lane if header.pixels > settings.large_image_pixels else self.pool
         try:
-            future = lane.submit(decode_frame, data, max_pixels=settings.max_image_pixels,
-                                 max_jpeg_scans=settings.max_jpeg_scans, max_side=settings.decode_max_side,
-                                 deadline=deadline, cancel=cancel)
+            self._reserve(pixels, cancel)
+            job = self._decode_large if large else decode_frame
+            future = (self.large_lane if large else self.pool).submit(
+                job, data, max_pixels=settings.max_image_pixels, max_jpeg_scans=settings.max_jpeg_scans,
+                max_side=settings.decode_max_side, deadline=deadline, cancel=cancel)
         except BaseException:
-            self._release(pixels, cancel)
+            self._release(pixels, cancel, large=large)
             raise
         # When the decode ends, fails or is cancelled before it started (in that thread, or this one).
-        future.add_done_callback(lambda _: self._release(pixels, cancel))
+        future.add_done_callback(lambda _: self._release(pixels, cancel, large=large))
         timeout = None if deadline is None else deadline - time.monotonic()
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
@@ -348,6 +353,25 @@ class Decoder:
         finally:
             cancel.set()  # a decode still running (its caller cancelled, or timed out) stops at its next read
 
+    def _take_large_lane(self, header: ImageHeader) -> None:
+        """Refuse a huge frame while the large lane decodes another or rests after one (``large_lane_share``)."""
+        waited = max(0.0, self.large_free_at - time.monotonic())
+        if self.large_busy or waited > 0:
+            retry_s = max(waited, header.pixels * _SECONDS_PER_PIXEL / self.settings.large_lane_share)
+            raise DecoderBusy(f"frames over {self.settings.large_image_pixels / 1e6:g} MP decode one at a time, "
+                              f"at most {self.settings.large_lane_share:.0%} of a core; this "
+                              f"{header.size[0]}x{header.size[1]} frame must wait", retry_s)
+        self.large_busy = True  # on the event loop: no other decode() runs between the check and this
+
+    def _decode_large(self, data: bytes, **limits) -> DecodedFrame:
+        """``decode_frame`` on the large lane's thread, which then rests for its share (``large_lane_share``)."""
+        began = time.monotonic()
+        try:
+            return decode_frame(data, **limits)
+        finally:
+            spent = time.monotonic() - began
+            self.large_free_at = time.monotonic() + spent * (1 / self.settings.large_lane_share - 1)
+
     def _reserve(self, pixels: int, cancel: threading.Event) -> None:
         limit = self.settings.max_decoding_pixels
         with self._lock:
@@ -358,7 +382,9 @@ class Decoder:
             self.reserved_pixels += pixels
             self._cancels.add(cancel)
 
-    def _release(self, pixels: int, cancel: threading.Event) -> None:
+    def _release(self, pixels: int, cancel: threading.Event, *, large: bool = False) -> None:
+        if large:
+            self.large_busy = False  # after _decode_large set the rest (or the frame never started)
         with self._lock:
             if cancel in self._cancels:  # once per frame, whichever of submit's failure and done comes first
                 self._cancels.discard(cancel)

@@ -8,6 +8,7 @@ body is an ``ApiError`` (413, 415 or 400; ``festival_serve.serving.errors``); de
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -17,36 +18,44 @@ from festival_serve.serving.errors import ApiError
 from festival_serve.serving.imaging import IMAGE_CONTENT_TYPES
 
 
-async def read_image_bytes(request: Request, limit: int, *, within_s: float | None = None) -> bytes:
+async def read_image_bytes(request: Request, limit: int, *, within_s: float | None = None,
+                           hold: Callable[[int], None] | None = None) -> bytes:
     """The image's bytes, from a raw body or a multipart form; ``limit``: the most bytes the body may have,
     ``within_s``: the most seconds it may take to arrive (None: no limit). A body still arriving then is a 408:
-    a client trickling its upload holds a connection, never the service."""
+    a client trickling its upload holds a connection, never the service. ``hold(n)`` is called before each
+    chunk of ``n`` bytes is kept (it raises to refuse it: the caller's memory cap)."""
+    reading = _read_image_bytes(request, limit, hold or _keep)
     if within_s is None:
-        return await _read_image_bytes(request, limit)
+        return await reading
     try:
-        return await asyncio.wait_for(_read_image_bytes(request, limit), timeout=max(0.0, within_s))
+        return await asyncio.wait_for(reading, timeout=max(0.0, within_s))
     except TimeoutError:
         raise ApiError(408, "body_timeout", f"the request body did not arrive within {within_s:.1f} s; "
                        "send the image at once, or with a larger x-request-timeout-seconds") from None
 
 
-async def _read_image_bytes(request: Request, limit: int) -> bytes:
+def _keep(n: int) -> None:
+    pass
+
+
+async def _read_image_bytes(request: Request, limit: int, hold: Callable[[int], None]) -> bytes:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "payload_too_large", f"body is {declared} bytes; the limit is {limit}")
     if content_type in IMAGE_CONTENT_TYPES:
-        return await _read_limited(request, limit)
+        return await _read_limited(request, limit, hold)
     if content_type == "multipart/form-data":
-        return await _read_form_image(request, limit)
+        return await _read_form_image(request, limit, hold)
     supported = ", ".join([*IMAGE_CONTENT_TYPES, "multipart/form-data"])
     raise ApiError(415, "unsupported_media_type",
                    f"content type {content_type or '(none)'!r} is not supported; send one of: {supported}")
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
+async def _read_limited(request: Request, limit: int, hold: Callable[[int], None]) -> bytes:
     body = bytearray()
     async for chunk in request.stream():
+        hold(len(chunk))
         body += chunk
         if len(body) > limit:
             raise ApiError(413, "payload_too_large", f"body is over the limit of {limit} bytes")
@@ -55,7 +64,7 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def _read_form_image(request: Request, limit: int) -> bytes:
+async def _read_form_image(request: Request, limit: int, hold: Callable[[int], None]) -> bytes:
     """The file part named ``image`` of a multipart body, parsed while the body streams in. As for a raw body,
     the whole body (so the image part too) is capped at ``limit`` bytes, counted per chunk before it is parsed:
     an oversize upload, chunked or not, is refused after at most ``limit`` + one chunk has been read."""
@@ -65,6 +74,7 @@ async def _read_form_image(request: Request, limit: int) -> bytes:
         received += len(chunk)
         if received > limit:
             raise ApiError(413, "payload_too_large", f"body is over the limit of {limit} bytes")
+        hold(len(chunk))  # the image part's bytes are kept: at most the chunk
         form.write(chunk)
     if not received:
         raise ApiError(400, "empty_body", "the request body is empty; send a multipart form with an 'image' file")
