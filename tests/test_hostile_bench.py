@@ -12,7 +12,7 @@ import time
 import pytest
 from PIL import Image
 
-from festival_serve.measure.hostile import (ATTACKS, GOODPUT_RATIO_TARGET, RECOVERY_TARGET_S, Sample, count_scans,
+from festival_serve.measure.hostile import (ATTACKER_SOURCE, ATTACKS, GOODPUT_RATIO_TARGET, NORMAL_SOURCE_PREFIX, RECOVERY_TARGET_S, Sample, count_scans,
                                             decode_seconds, describe_attackers, jpeg_segments, judge, phase_stats,
                                             recovery_seconds, scan_bomb, table, zeros_png)
 from tests.ports import free_port
@@ -123,7 +123,10 @@ def small_server():
                 raise ApiError(400, "invalid_image", "over 1 MP")
             image.load()
 
+    hosts: set[str] = set()  # the clients' addresses, as the server saw them
+
     async def analyze(request):
+        hosts.add(request.client.host)
         try:
             data = await asyncio.wait_for(request.body(), 1.0)
         except TimeoutError:
@@ -142,7 +145,7 @@ def small_server():
     deadline = time.monotonic() + 30
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}", hosts
     server.should_exit = True
     thread.join(10)
 
@@ -150,8 +153,9 @@ def small_server():
 def test_a_short_hostile_run_reports_every_phase_and_its_attackers(small_server, tmp_path, capsys):
     from festival_serve.cli import main
 
+    url, hosts = small_server
     began = time.monotonic()
-    assert main(["load", "--hostile", "--url", small_server, "--out", str(tmp_path), "--scenes", "2",
+    assert main(["load", "--hostile", "--url", url, "--out", str(tmp_path), "--scenes", "2", "--distinct-hosts",
                  "--clients", "2", "--hostile-warmup", "0.3", "--hostile-seconds", "1.5",
                  "--slow-bodies", "3", "--slow-headers", "3", "--idle-connections", "3", "--bomb-clients", "2",
                  "--png-senders", "2", "--bomb-bytes", "8000", "--png-size", "1200x1000"]) == 0
@@ -173,6 +177,9 @@ def test_a_short_hostile_run_reports_every_phase_and_its_attackers(small_server,
     assert "400 invalid_image" in phases["big_png"]["attackers"]["statuses"]  # 1.2 MP over the 1 MP cap
     assert report["payloads"]["scan_bombs"][0]["scans"] > 100
     assert report["recovery_s"] is not None and report["recovery_s"] <= 1.0  # nothing here outlives its attack
+    # --distinct-hosts: two normal clients of their own addresses, and one hostile host (the senders reach analyze);
+    # the command's own reachability probe comes from the system's choice.
+    assert hosts - {"127.0.0.1"} == {f"{NORMAL_SOURCE_PREFIX}1", f"{NORMAL_SOURCE_PREFIX}2", ATTACKER_SOURCE}, hosts
     out = capsys.readouterr()
     assert "recovered in" in out.out and "slow_headers" in out.out
     assert "festival-serve load --hostile: quiet" in out.err  # progress on stderr

@@ -68,6 +68,9 @@ OPEN_AT_END = "open_at_end"
 
 #: The attack phases, in the order they run (``--attacks`` picks some, in this order).
 ATTACKS = ("slow_body", "slow_headers", "idle", "scan_bombs", "big_png")
+#: ``--distinct-hosts``' addresses: all of 127.0.0.0/8 is this machine's loopback, so a client can bind any of
+#: them and a server (or HAProxy's per-address limits) sees distinct hosts.
+NORMAL_SOURCE_PREFIX, ATTACKER_SOURCE = "127.0.1.", "127.0.2.1"
 
 
 @dataclass
@@ -86,6 +89,17 @@ class HostileOptions:
     bomb_bytes: int = 140_000  # size of each scan bomb
     png_size: tuple[int, int] = (7800, 5100)  # width, height of the PNG (39.8 MP: under a 40 MP pixel cap)
     attacks: tuple[str, ...] = ATTACKS
+    distinct_hosts: bool = False  # normal clients and attackers from their own loopback addresses (below)
+
+    def normal_source(self, index: int) -> str | None:
+        """Normal client ``index``'s source address: with ``distinct_hosts`` each is a host of its own, as cameras
+        are, under a front proxy's per-address limits."""
+        return f"{NORMAL_SOURCE_PREFIX}{index + 1}" if self.distinct_hosts else None
+
+    @property
+    def attacker_source(self) -> str | None:
+        """Every attacker's source address: one hostile host (with ``distinct_hosts``)."""
+        return ATTACKER_SOURCE if self.distinct_hosts else None
 
 
 # -- payloads -------------------------------------------------------------------------------------------
@@ -184,20 +198,25 @@ class Sample(NamedTuple):
     good: bool
 
 
-def _normal_client_process(url: str, bodies: list[bytes], clients: int, budget_s: float, stop, out) -> None:
-    asyncio.run(_normal_client(url, bodies, clients, budget_s, stop, out))
+def _normal_client_process(url: str, bodies: list[bytes], sources: list[str | None], budget_s: float, stop,
+                           out) -> None:
+    asyncio.run(_normal_client(url, bodies, sources, budget_s, stop, out))
 
 
-async def _normal_client(url: str, bodies: list[bytes], clients: int, budget_s: float, stop, out) -> None:
+async def _normal_client(url: str, bodies: list[bytes], sources: list[str | None], budget_s: float, stop,
+                         out) -> None:
+    """One closed-loop client per entry of ``sources``, each over its own connection from that source address
+    (None: the system's choice)."""
     import httpx
 
     from festival_serve.serving.http import BUDGET_HEADER
 
     headers = {"content-type": "image/jpeg", BUDGET_HEADER: f"{budget_s:g}"}
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(limits=limits, timeout=budget_s + NORMAL_CLIENT_GRACE_S) as client:
+    clients = len(sources)
 
-        async def worker(index: int) -> None:
+    async def worker(index: int, source: str | None) -> None:
+        async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(local_address=source),
+                                     timeout=budget_s + NORMAL_CLIENT_GRACE_S) as client:
             while not stop.is_set():
                 began = time.monotonic()
                 try:
@@ -214,7 +233,7 @@ async def _normal_client(url: str, bodies: list[bytes], clients: int, budget_s: 
                     await asyncio.sleep(RECONNECT_PAUSE_S)  # a refused connection answers at once: no hot loop
                 index += clients
 
-        await asyncio.gather(*(worker(k) for k in range(clients)))
+    await asyncio.gather(*(worker(k, source) for k, source in enumerate(sources)))
 
 
 def _useful_json(body: bytes) -> bool:
@@ -222,17 +241,17 @@ def _useful_json(body: bytes) -> bool:
         answer = json.loads(body)
     except ValueError:
         return False
-    return isinstance(answer, dict) and loadgen._useful(answer)
+    return isinstance(answer, dict) and loadgen.useful(answer)
 
 
 class NormalClient:
     """The normal clients in a spawned process; their samples come back through a queue, drained here."""
 
-    def __init__(self, url: str, bodies: list[bytes], clients: int, budget_s: float) -> None:
+    def __init__(self, url: str, bodies: list[bytes], sources: list[str | None], budget_s: float) -> None:
         context = multiprocessing.get_context("spawn")
         self._stop, self._queue = context.Event(), context.Queue()
         self._process = context.Process(target=_normal_client_process, daemon=True, name="normal-client",
-                                        args=(url, bodies, clients, budget_s, self._stop, self._queue))
+                                        args=(url, bodies, sources, budget_s, self._stop, self._queue))
         self.samples: list[Sample] = []
         self.wait_s = budget_s + NORMAL_CLIENT_GRACE_S + 5
 
@@ -302,8 +321,9 @@ class RawAttack:
     until the server answers or closes it (then it reconnects) or the phase ends."""
 
     def __init__(self, label: str, count: int, target: Target, first: bytes,
-                 trickle: Callable[[int], bytes] | None) -> None:
+                 trickle: Callable[[int], bytes] | None, source: str | None = None) -> None:
         self.label, self.count, self.target, self.first, self.trickle = label, count, target, first, trickle
+        self.source = source  # the attackers' address (None: the system's choice)
         self.connections: list[Connection] = []
         self.open = 0
         self._stop = asyncio.Event()
@@ -332,7 +352,8 @@ class RawAttack:
         began = time.monotonic()
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.target.host, self.target.port, ssl=self.target.tls or None),
+                asyncio.open_connection(self.target.host, self.target.port, ssl=self.target.tls or None,
+                                        local_addr=(self.source, 0) if self.source else None),
                 CONNECT_TIMEOUT_S)
         except (OSError, asyncio.TimeoutError) as e:
             self.connections.append(Connection(began, time.monotonic(), f"connect_failed:{type(e).__name__}"))
@@ -398,8 +419,10 @@ async def _server_end(reader: asyncio.StreamReader) -> str:
 class HttpAttack:
     """``count`` senders posting ``bodies[i % len]`` back to back over an ``httpx.AsyncClient`` of their own."""
 
-    def __init__(self, label: str, count: int, target: Target, bodies: list[bytes], content_type: str) -> None:
+    def __init__(self, label: str, count: int, target: Target, bodies: list[bytes], content_type: str,
+                 source: str | None = None) -> None:
         self.label, self.count, self.target, self.bodies, self.content_type = label, count, target, bodies, content_type
+        self.source = source
         self.answers: list[tuple[float, float, str]] = []  # (sent, answered, "400 too_many_scans" | "timeout" | …)
         self.in_flight = 0
         self.in_flight_at_end = 0
@@ -410,7 +433,9 @@ class HttpAttack:
         import httpx
 
         limits = httpx.Limits(max_connections=self.count, max_keepalive_connections=self.count)
-        self._client = httpx.AsyncClient(limits=limits, timeout=SENDER_TIMEOUT_S, verify=False)
+        self._client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(limits=limits, verify=False,
+                                                                            local_address=self.source),
+                                         timeout=SENDER_TIMEOUT_S)
         self._tasks = [asyncio.create_task(self._sender(k)) for k in range(self.count)]
         return self
 
@@ -481,27 +506,27 @@ class Payloads:
 
 def make_attack(name: str, options: HostileOptions, target: Target, payloads: Payloads) -> RawAttack | HttpAttack:
     """The attackers of phase ``name`` (one of ``ATTACKS``), not yet started."""
-    host = f"Host: {target.host}:{target.port}\r\n"
+    host, source = f"Host: {target.host}:{target.port}\r\n", options.attacker_source
     if name == "slow_body":
         head = (f"POST {target.path}?describe=false HTTP/1.1\r\n{host}Content-Type: image/jpeg\r\n"
                 f"Content-Length: {len(payloads.frame)}\r\n\r\n").encode()
         frame = payloads.frame
         return RawAttack(f"{options.slow_bodies} slow bodies (1 B/s)", options.slow_bodies, target, head,
-                         lambda i: frame[i % len(frame):i % len(frame) + 1])
+                         lambda i: frame[i % len(frame):i % len(frame) + 1], source)
     if name == "slow_headers":
         headers = f"{host}x-slow: ".encode()
         return RawAttack(f"{options.slow_headers} slow headers (1 B/s)", options.slow_headers, target,
                          f"POST {target.path} HTTP/1.1\r\n".encode(),
-                         lambda i: headers[i:i + 1] if i < len(headers) else b"a")
+                         lambda i: headers[i:i + 1] if i < len(headers) else b"a", source)
     if name == "idle":
-        return RawAttack(f"{options.idle} idle connections", options.idle, target, b"", None)
+        return RawAttack(f"{options.idle} idle connections", options.idle, target, b"", None, source)
     if name == "scan_bombs":
         return HttpAttack(f"{options.bomb_clients} scan-bomb senders", options.bomb_clients, target, payloads.bombs,
-                          "image/jpeg")
+                          "image/jpeg", source)
     if name == "big_png":
         width, height = payloads.png_size
         return HttpAttack(f"{options.png_senders} senders of {width * height / 1e6:.1f} MP PNGs", options.png_senders,
-                          target, [payloads.png], "image/png")
+                          target, [payloads.png], "image/png", source)
     raise ValueError(f"unknown attack {name!r}; the attacks are: {', '.join(ATTACKS)}")
 
 
@@ -578,7 +603,8 @@ class LoopLag:
 async def run(target: Target, bodies: list[bytes], payloads: Payloads, options: HostileOptions,
               log: Callable[[str], None]) -> dict:
     """Every phase against ``target``; the report (without the targets' verdict)."""
-    normal = NormalClient(target.url, bodies, options.clients, options.budget_s).start()
+    sources = [options.normal_source(k) for k in range(options.clients)]
+    normal = NormalClient(target.url, bodies, sources, options.budget_s).start()
     lag = LoopLag()
     watcher = asyncio.create_task(lag.watch())
     windows: list[dict] = []
@@ -679,6 +705,10 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="the PNG senders' image (default %(default)s: 39.8 MP)")
     group.add_argument("--attacks", default=",".join(d.attacks),
                        help="attack phases to run, in this order: %(default)s")
+    group.add_argument("--distinct-hosts", action="store_true",
+                       help=f"each normal client from a loopback address of its own ({NORMAL_SOURCE_PREFIX}1, 2, …) "
+                       f"and every attacker from {ATTACKER_SOURCE}, as distinct hosts are seen by a front proxy's "
+                       "per-address limits (festival-serve up --public); needs a loopback --url")
 
 
 def options_from(args: argparse.Namespace) -> HostileOptions:
@@ -694,7 +724,7 @@ def options_from(args: argparse.Namespace) -> HostileOptions:
                           phase_s=args.hostile_seconds, slow_bodies=args.slow_bodies, slow_headers=args.slow_headers,
                           idle=args.idle_connections, bomb_clients=args.bomb_clients, png_senders=args.png_senders,
                           bomb_bytes=args.bomb_bytes, png_size=(width, height),
-                          attacks=tuple(a for a in ATTACKS if a in attacks))
+                          attacks=tuple(a for a in ATTACKS if a in attacks), distinct_hosts=args.distinct_hosts)
 
 
 def raise_fd_limit() -> int:

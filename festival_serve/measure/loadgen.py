@@ -296,7 +296,7 @@ class OverloadResult:
         }
 
 
-def _useful(body: dict) -> bool:
+def useful(body: dict) -> bool:
     """An answer both safety stages contributed to (a degraded reader or describer still counts)."""
     return not any(isinstance(d, dict) and d.get("stage") in SAFETY_STAGES for d in body.get("degraded", []))
 
@@ -320,7 +320,7 @@ async def _post_with_budget(client: Client, url: str, body: bytes, result: Overl
     if reply.status_code == 200:
         result.answered_ms.append(seconds * 1000)
         answer = reply.json()
-        good = in_time and _useful(answer)
+        good = in_time and useful(answer)
         result.good += good
         result.note(started, "good" if good else "answered_not_good", seconds, bool(answer.get("degraded")))
     elif reply.status_code in SHED_STATUSES:
