@@ -286,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print the config this machine would run (feed it to `serve run`) and exit")
     up.add_argument("--timeout", type=float, default=600, help="seconds to wait for the graph to start")
     up.add_argument("--metrics-port", type=int, default=8080,
-                    help="port of this node's Prometheus /metrics (Ray's, Serve's and the pipeline's; on every "
-                         "interface; 0: any free port); default: %(default)s")
+                    help="port of this node's Prometheus /metrics (Ray's, Serve's and the pipeline's; on "
+                         "--metrics-host; 0: any free port); default: %(default)s")
     up.add_argument("--metrics-host", default=None,
                     help="where the node's Prometheus metrics (and with them every Ray port) listen: 127.0.0.1 or "
                          "0.0.0.0 (default: loopback when --host is loopback, else every interface)")

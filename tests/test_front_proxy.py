@@ -209,6 +209,14 @@ def test_every_error_file_is_a_complete_http_answer_in_the_json_error_contract()
         assert ("retry-after" in headers) == (status in (429, 503)), name
 
 
+def test_the_readme_lists_every_answer_the_front_proxy_gives_itself():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("HAProxy answers some requests"):]
+    table = table[:table.index("\n\n", table.index("| status |"))]
+    for answer in front_proxy.error_answers(front_proxy.FrontProxySettings()):
+        assert f"`{answer.code}`" in table and str(answer.status) in table, answer
+
+
 def test_limits_that_would_turn_a_json_refusal_into_a_bare_400_are_refused():
     with pytest.raises(ValueError, match="must be under buffer_bytes"):
         front_proxy.FrontProxySettings(max_header_bytes=15000)

@@ -83,7 +83,7 @@ class FaultInjector:
             print(f"  {'UPDATE' if fault.kind in UPDATES else 'FAULT'} at t={event['t']:.0f} s: {event}", flush=True)
 
     def _kill_node(self, fault: Fault) -> dict:
-        from festival_serve.ops.local_cluster import placements
+        from festival_serve.ops.local_cluster import placements, recorded_process
 
         replicas = [r for r in placements() if r.node_id != self.state["head"]]
         by_node: dict[str, float] = {}
@@ -91,7 +91,9 @@ class FaultInjector:
             by_node[r.node_id] = by_node.get(r.node_id, 0.0) + r.gpu
         node = max(by_node, key=by_node.get)
         lost = sorted(r.deployment for r in replicas if r.node_id == node)
-        pids = [r.pid for r in replicas if r.node_id == node] + self.state["nodes"].get(node, [])
+        # The node's own processes only while they are the ones the state file recorded (a pid may be reused).
+        recorded = [pid for pid in self.state["nodes"].get(node, []) if recorded_process(self.state, pid) is not None]
+        pids = [r.pid for r in replicas if r.node_id == node] + recorded
         _kill(pids)
         return {"node": node[:8], "replicas_lost": lost, "pids_killed": len(pids)}
 

@@ -100,6 +100,11 @@ class ReplicaSampler:
         self._thread.join(10)
 
     def _run(self) -> None:
+        from festival_serve.ops import up
+
+        host = (self.address or "auto").rpartition("://")[2].rsplit(":", 1)[0]
+        if host == "auto" or up.is_loopback(host):
+            up.apply_local_ray_env()  # a loopback node is reachable only in Ray's local-only mode, set before import
         try:
             import ray
             from ray import serve
