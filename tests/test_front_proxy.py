@@ -66,10 +66,12 @@ class EchoServer:
     wait that long), run by uvicorn on a thread."""
 
     def __init__(self) -> None:
-        self.requests_seen = 0
+        self.requests_seen = 0  # answered, body and all
+        self.requests_started = 0  # that reached the app at all
         self.port = free_port()
 
         async def analyze(request: Request) -> JSONResponse:
+            self.requests_started += 1
             if request.headers.get("content-type") != "image/jpeg":
                 raise ApiError(415, "unsupported_media_type", "send image/jpeg")
             await asyncio.sleep(float(request.headers.get("x-test-sleep-s", 0)))
@@ -308,6 +310,32 @@ def test_slow_headers_are_cut_off_at_the_header_timeout_with_a_408(front):
     started = time.monotonic()
     read_answer(silent)
     assert time.monotonic() - started <= TEST_LIMITS["header_timeout_s"] + 1.0
+
+
+@needs_haproxy
+def test_a_trickled_body_never_reaches_the_server_and_is_a_json_408_at_the_header_timeout(front, echo):
+    before = echo.requests_started
+    sock = connect(front, new_client_address())
+    started = time.monotonic()
+    sock.sendall(b"POST /v1/analyze HTTP/1.1\r\nhost: x\r\ncontent-type: image/jpeg\r\ncontent-length: 100000\r\n\r\n")
+    answer = None
+    for _ in range(int(TEST_LIMITS["header_timeout_s"] * 10) + 20):  # a byte every 0.1 s, until it is answered
+        with contextlib.suppress(OSError):
+            sock.sendall(b"x")
+        sock.settimeout(0.1)
+        try:
+            answer = sock.recv(65536)
+            break
+        except TimeoutError:
+            continue
+    took = time.monotonic() - started
+    sock.settimeout(5)
+    got, headers, body = parse(answer + read_answer(sock))
+    assert (got, json_error(got, headers, body)) == (408, "request_timeout")
+    assert TEST_LIMITS["header_timeout_s"] - 0.1 <= took <= TEST_LIMITS["header_timeout_s"] + 1.0, took
+    assert echo.requests_started == before  # Serve's proxy would have relayed every byte to the ingress
+    # A body that comes at once passes, larger than HAProxy's buffer too.
+    assert echoed(analyze(url_of(front), {}, source=new_client_address(), body=b"y" * 100_000)) is not None
 
 
 @needs_haproxy

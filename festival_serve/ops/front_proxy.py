@@ -81,9 +81,10 @@ class FrontProxySettings(BaseModel):
 
     # -- timeouts, seconds --
     header_timeout_s: float = Field(
-        5.0, gt=0, description="A request's line and headers must all arrive within this (`timeout http-request`): "
-        "a camera's arrive in milliseconds, so 5 s cuts slow-header clients and no real one. The body has its own "
-        "deadline in the ingress (ingress.body_read_max_s, 5 s).")
+        5.0, gt=0, description="A request's line and headers, and its body or the first buffer of it "
+        "(`option http-buffer-request`), must all arrive within this (`timeout http-request`): a camera's arrive in "
+        "milliseconds, so 5 s cuts slow-header and slow-body clients and no real one. The rest of a large body has "
+        "its own deadline in the ingress (ingress.body_read_max_s, 5 s).")
     client_timeout_s: float = Field(
         10.0, gt=0, description="Longest silence from a client while it sends its body or reads the answer "
         "(`timeout client`): twice the ingress's whole-body deadline, so the ingress, which answers slow bodies "
@@ -199,8 +200,9 @@ def error_answers(s: FrontProxySettings) -> tuple[ErrorAnswer, ...]:
                     f"in digits with an optional fraction, e.g. 2.5 (at most {s.max_budget_s:g} is used)"),
         ErrorAnswer("403", 403, "forbidden", "the front proxy refused the request"),
         ErrorAnswer("404", 404, "not_found", "not served through the front proxy"),
-        ErrorAnswer("408", 408, "request_timeout", f"the request did not arrive in time: its headers within "
-                    f"{s.header_timeout_s:g} s, its body without a pause over {s.client_timeout_s:g} s"),
+        ErrorAnswer("408", 408, "request_timeout", f"the request did not arrive in time: its headers and the first "
+                    f"{s.buffer_bytes // 1024} KB of its body within {s.header_timeout_s:g} s, the rest without a "
+                    f"pause over {s.client_timeout_s:g} s"),
         ErrorAnswer("413", 413, "payload_too_large", f"the declared body is over {s.max_body_bytes} bytes"),
         ErrorAnswer("414", 414, "uri_too_long", f"the request target is over {s.max_url_bytes} bytes"),
         ErrorAnswer("429", 429, "rate_limited", f"more than {s.client_requests} requests in {s.rate_window_s} s "
@@ -287,6 +289,10 @@ def render_config(s: FrontProxySettings, *, source: str = "festival_serve/ops/fr
         f"if {{ req.hdrs,length gt {s.max_header_bytes} }}",
         f"    http-request deny deny_status 413 errorfile {_error('413')} "
         f"if {{ req.hdr(content-length) -m int gt {s.max_body_bytes} }}",
+        "    # Serve sees a request only once its body is in, or the first buffer of it (a frame's first 16 KB), within",
+        "    # the header timeout: a body trickled a byte a second never reaches Serve's proxy, where each chunk is a",
+        "    # Ray call from the ingress, and ends here in a 408. (After the refusals above, which need no body.)",
+        f"    http-request wait-for-body time {_ms(s.header_timeout_s)} at-least {s.buffer_bytes - MAX_REWRITE_BYTES}",
         "    # Serve's own paths: its proxy's health (KubeRay probes it) is served, its route table is not.",
         f"    http-request deny deny_status 404 errorfile {_error('404')} if {{ path_beg /-/ }} !{{ path /-/healthz }}",
         "    # Serve's proxy obeys these two headers. With the first a client would switch off the cancelling of its",
@@ -318,8 +324,8 @@ def render_config(s: FrontProxySettings, *, source: str = "festival_serve/ops/fr
 def protections(s: FrontProxySettings) -> list[str]:
     """What the front proxy enforces, a line each (``festival-serve up --public`` prints them)."""
     return [
-        f"headers within {s.header_timeout_s:g} s (else 408); no pause over {s.client_timeout_s:g} s while a body "
-        "arrives or an answer is read",
+        f"headers and a body's first {s.buffer_bytes // 1024} KB within {s.header_timeout_s:g} s (else 408), before "
+        f"Serve sees the request; no pause over {s.client_timeout_s:g} s while a body arrives or an answer is read",
         f"request target <= {s.max_url_bytes} B (414), headers <= {s.max_header_bytes} B (431) and "
         f"{s.max_headers} lines, declared body <= {s.max_body_bytes} B (413)",
         f"{s.max_connections} connections in all; per address {s.client_connections} open (429), "
