@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import multiprocessing
+import os
 import queue
 import resource
 import struct
@@ -200,7 +201,17 @@ class Sample(NamedTuple):
 
 def _normal_client_process(url: str, bodies: list[bytes], sources: list[str | None], budget_s: float, stop,
                            out) -> None:
-    asyncio.run(_normal_client(url, bodies, sources, budget_s, stop, out))
+    parent = os.getppid()
+
+    async def orphaned() -> None:  # a killed command leaves no client posting on its own
+        while os.getppid() == parent and not stop.is_set():
+            await asyncio.sleep(0.5)
+        stop.set()
+
+    async def main() -> None:
+        await asyncio.gather(orphaned(), _normal_client(url, bodies, sources, budget_s, stop, out))
+
+    asyncio.run(main())
 
 
 async def _normal_client(url: str, bodies: list[bytes], sources: list[str | None], budget_s: float, stop,
