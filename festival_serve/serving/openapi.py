@@ -130,7 +130,8 @@ ERRORS: tuple[ErrorCase, ...] = (
     ErrorCase(429, "rate_limited", "`/healthz`, `/readyz` and `/v1/models` polled faster than "
                                    "`ingress.probe_rate_per_s`"),
     ErrorCase(503, "overloaded", "the safety stages' queues cannot answer within the budget, or one of them is full, "
-                                 "or too many bodies are arriving or pixels decoding at once"),
+                                 "or too many bodies (or bytes of them) are arriving or pixels decoding at once, or "
+                                 "a huge frame comes while the large lane is taken"),
     ErrorCase(503, "safety_stages_unavailable", "neither the sign detector nor the hazard cells could analyse "
                                                 "the frame"),
 )
