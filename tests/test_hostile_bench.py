@@ -156,6 +156,7 @@ def test_a_short_hostile_run_reports_every_phase_and_its_attackers(small_server,
     url, hosts = small_server
     began = time.monotonic()
     assert main(["load", "--hostile", "--url", url, "--out", str(tmp_path), "--scenes", "2", "--distinct-hosts",
+                 "--attackers-nice", "0",  # this is the test's own process: it must not stay at niceness 19
                  "--clients", "2", "--hostile-warmup", "0.3", "--hostile-seconds", "1.5",
                  "--slow-bodies", "3", "--slow-headers", "3", "--idle-connections", "3", "--bomb-clients", "2",
                  "--png-senders", "2", "--bomb-bytes", "8000", "--png-size", "1200x1000"]) == 0
@@ -166,6 +167,7 @@ def test_a_short_hostile_run_reports_every_phase_and_its_attackers(small_server,
     assert phases["quiet"]["normal"]["goodput_rps"] > 0 and phases["quiet"]["normal"]["ratio_to_quiet"] == 1.0
     for phase in report["phases"][1:]:
         assert phase["normal"]["ratio_to_quiet"] is not None and "met" in phase
+    assert all(phase["attackers_cpu_per_s"] >= 0 for phase in report["phases"][:-1])
     slow = phases["slow_body"]["attackers"]
     assert slow["attackers"] == 3 and "408" in slow["ended_by_server"]  # the server's 1 s body deadline
     assert 0.9 <= slow["ended_by_server"]["408"]["after_s_median"] <= 1.6
