@@ -128,6 +128,10 @@ class FrontProxySettings(BaseModel):
         "(20/s over 10 s: several cameras behind one NAT; one client past it would take a large share of a GPU "
         "node). A load test from one machine needs more, or Serve's own port.")
     rate_window_s: int = Field(10, ge=1, description="The window of client_requests, seconds; its 429 says retry after it.")
+    rate_tarpit_s: float = Field(
+        1.0, gt=0, description="How long a request over client_requests is held before its 429 (`timeout tarpit`): "
+        "a client that ignores Retry-After and floods is slowed to one request per connection per this, at the "
+        "cost of an open connection (within client_connections).")
     retry_after_s: int = Field(1, ge=1, description="Retry-After of the 503 (no Serve proxy ready) and of the "
                                "connection-cap 429, whole seconds.")
 
@@ -267,6 +271,7 @@ def render_config(s: FrontProxySettings, *, source: str = "festival_serve/ops/fr
         f"    timeout connect {_ms(s.connect_timeout_s)}",
         f"    timeout server {_ms(s.server_timeout_s)}",
         f"    timeout check {_ms(s.connect_timeout_s)}",
+        f"    timeout tarpit {_ms(s.rate_tarpit_s)}",
         "    errorfiles festival",
         "",
         "http-errors festival",
@@ -282,7 +287,9 @@ def render_config(s: FrontProxySettings, *, source: str = "festival_serve/ops/fr
         f"    tcp-request connection reject if {{ sc_conn_cur(0) gt {s.client_connections_hard} }}",
         f"    http-request deny deny_status 429 errorfile {_error('429-connections')} "
         f"if {{ sc_conn_cur(0) gt {s.client_connections} }}",
-        f"    http-request deny deny_status 429 errorfile {_error('429')} "
+        "    # Over the rate: the 429 comes after rate_tarpit_s, so a client posting back to back slows to a request",
+        "    # per connection per tarpit, and its refusals stop costing this machine's CPU (connections, answers).",
+        f"    http-request tarpit deny_status 429 errorfile {_error('429')} "
         f"if {{ sc_http_req_rate(0) gt {s.client_requests} }}",
         f"    http-request deny deny_status 414 errorfile {_error('414')} if {{ url,length gt {s.max_url_bytes} }}",
         f"    http-request deny deny_status 431 errorfile {_error('431')} "
