@@ -195,11 +195,12 @@ class IngressSettings(_Section):
         "sender of huge frames waits behind its own kind, not in front of the cameras' frames.",
     )
     large_lane_share: float = Field(
-        0.25, gt=0, le=1,
+        0.1, gt=0, le=1,
         description="Most of one core's time the large lane (frames over large_image_pixels) may take, per ingress "
         "replica: after a huge frame's decode of t seconds the lane rests t x (1/share - 1) s, and a huge frame "
         "arriving while it decodes or rests is refused at once (503 + Retry-After). A sender of 40 MP frames then "
-        "costs the cameras' frames at most this share of a core, however fast it sends.",
+        "costs the cameras' frames at most this share of a core, however fast it sends. At 0.1 a replica still "
+        "decodes a 40 MP PNG every few seconds (0.2-0.7 s each); huge frames are phones' photos, not cameras'.",
     )
     max_decoding_pixels: int = Field(
         48_000_000, ge=1,
