@@ -30,7 +30,8 @@ def serve_config() -> dict:
 
 @pytest.fixture(scope="module")
 def manifest(serve_config) -> dict:
-    return manifests.render_rayservice(serve_config, image=manifests.PLACEHOLDER_IMAGE, gpu_workers_min=manifests.DEFAULT_GPU_WORKERS_MIN, gpu_workers_max=4)
+    return manifests.render_rayservice(serve_config, image=manifests.PLACEHOLDER_IMAGE,
+                                       gpu_workers_min=manifests.DEFAULT_GPU_WORKERS_MIN, gpu_workers_max=4)
 
 
 def deployments(config: dict) -> list[dict]:

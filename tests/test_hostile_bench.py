@@ -12,9 +12,10 @@ import time
 import pytest
 from PIL import Image
 
-from festival_serve.measure.hostile import (ATTACKER_SOURCE, ATTACKS, GOODPUT_RATIO_TARGET, NORMAL_SOURCE_PREFIX, RECOVERY_TARGET_S, Sample, count_scans,
-                                            decode_seconds, describe_attackers, jpeg_segments, judge, phase_stats,
-                                            recovery_seconds, scan_bomb, table, zeros_png)
+from festival_serve.measure.hostile import (ATTACKER_SOURCE, ATTACKS, GOODPUT_RATIO_TARGET, NORMAL_SOURCE_PREFIX,
+                                            RECOVERY_TARGET_S, Sample, count_scans, decode_seconds, describe_attackers,
+                                            jpeg_segments, judge, phase_stats, recovery_seconds, scan_bomb, table,
+                                            zeros_png)
 from tests.ports import free_port
 
 

@@ -609,7 +609,8 @@ def _cmd_serve_config(args: argparse.Namespace) -> int:
         raise ValueError(f"--model-store must be an absolute path, got {args.model_store!r}")
     text = yaml.safe_dump(with_model_store(_load(args.config), args.model_store), sort_keys=False, width=1000)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(f"# {args.config.name} with args.model_store = {args.model_store} (festival_serve/ops/manifests.py)\n" + text)
+    header = f"# {args.config.name} with args.model_store = {args.model_store} (festival_serve/ops/manifests.py)\n"
+    args.out.write_text(header + text)
     print(f"wrote {args.out}: {args.config} with model_store {args.model_store}")
     return 0
 
