@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 from festival_serve.measure.bench import run
 from festival_serve.measure import loadgen
 from festival_serve.measure import procstats
-from festival_serve.measure.bench import report
+from festival_serve.measure.bench import report, tune
 from festival_serve.serving.imaging import encode_jpeg
 from festival_serve.pipeline.settings import PipelineArgs
 from festival_serve.training.standins.hazard_cells import build_yolic_checkpoint
@@ -333,6 +333,57 @@ def test_plans_quick_full_and_overrides():
     assert (custom.concurrency, custom.duration_s, custom.new_tokens, custom.mode) == ((2, 3), 1.5, 4, "quick")
 
 
+def test_thread_candidates_go_from_one_to_the_cores():
+    assert tune.thread_candidates(1) == (1,)
+    assert tune.thread_candidates(2) == (1, 2)
+    assert tune.thread_candidates(6) == (1, 2, 4, 6)
+    assert tune.thread_candidates(16) == (1, 2, 4, 8, 16)
+
+
+def test_coordinate_search_tunes_one_knob_at_a_time_and_measures_each_setting_once():
+    scores = {(1, "a"): 3.0, (2, "a"): 5.0, (4, "a"): 4.0, (2, "b"): 6.0, (2, "c"): 1.0}
+    calls = []
+
+    def score(setting):
+        calls.append((setting["threads"], setting["batching"]))
+        return scores[calls[-1]]
+
+    best, tried = tune.coordinate_search({"threads": 1, "batching": "a"},
+                                         {"threads": (1, 2, 4), "batching": ("a", "b", "c")}, score)
+    assert best == {"threads": 2, "batching": "b"}
+    assert calls == [(1, "a"), (2, "a"), (4, "a"), (2, "b"), (2, "c")]  # (2, "a") is not measured twice
+    assert [t["score"] for t in tried] == [3.0, 5.0, 4.0, 6.0, 1.0]
+
+
+def test_rounds_rotate_and_medians_keep_one_measurement():
+    assert tune.round_orders(["baseline", "graph", "peer"], 3) == [
+        ["baseline", "graph", "peer"], ["graph", "peer", "baseline"], ["peer", "baseline", "graph"]]
+    repeats = [_point(False, "closed", 16, g, p50) for g, p50 in ((30.0, 500.0), (20.0, 900.0), (25.0, 600.0))]
+    median = tune.median_point(repeats)
+    assert (median["goodput_rps"], median["p50_ms"]) == (25.0, 600.0)  # both from the median round
+    assert median["round_goodput_rps"] == [30.0, 20.0, 25.0] and median["repeats"] == 3
+    assert tune.median_and_spread([1.2, None, 0.9, 1.0]) == (1.0, [0.9, 1.2])
+    assert tune.median_and_spread([None]) == (None, None)
+
+
+def test_summary_ratios_are_medians_of_the_rounds_with_their_spread():
+    def rounds(values, clients=16, describe=False):
+        return [{**_point(describe, "closed", clients, g, 100.0 + r), "round": r, "frames": "mixed",
+                 "cpu_ms_per_answer": 50.0 + r}
+                for r, g in enumerate(values)]
+
+    graph = rounds([30.0, 24.0, 33.0]) + rounds([6.0, 5.0, 7.0], 8, True)
+    peer = rounds([25.0, 30.0, 30.0]) + rounds([5.0, 5.0, 5.0], 8, True)
+    systems = {name: {"round_points": repeated, "points": [tune.median_point(repeated[:3]), tune.median_point(repeated[3:])]}
+               for name, repeated in (("graph", graph), ("peer", peer))}
+    summary = run.summarize(systems, {"mixed": {"ms_per_frame": 40.0}})
+    # Per round 1.2, 0.8, 1.1: the median, not the ratio of medians (30 / 30 = 1.0).
+    assert summary["peer_goodput_ratio_c16"] == 1.1 and summary["peer_goodput_ratio_c16_spread"] == [0.8, 1.2]
+    assert summary["peer_goodput_ratio_describe"] == 1.2 and summary["peer_goodput_ratio_describe_spread"] == [1.0, 1.4]
+    assert summary["serving_efficiency"] == 0.8  # 40 ms of model CPU in the median round's 50 ms per answer
+    assert summary["targets_met"]["peer_goodput_ratio_c16"] is False  # 1.1 < 1.2
+
+
 def test_published_paths_name_no_machine_directories():
     assert run.portable_path(str(Path.cwd() / "models" / "signs.pt")) == "models/signs.pt"
     assert run.portable_path(str(Path.home() / ".cache" / "x")) == "~/.cache/x"
@@ -365,7 +416,9 @@ def test_bench_quick_plumbing_end_to_end(tiny_store, tmp_path, capsys):
                  "--concurrency", "1,2", "--describe-concurrency", "2", "--rate-fractions", "1",
                  "--duration", "2", "--describe-duration", "2", "--warmup", "0.5", "--scenes", "2",
                  "--new-tokens", "2", "--micro-batches", "1,2", "--vlm-batches", "2",
-                 "--overload-multiples", "1,5", "--overload-duration", "2", "--overload-budget", "2"])
+                 "--overload-multiples", "1,5", "--overload-duration", "2", "--overload-budget", "2",
+                 "--rounds", "2", "--calibration", "1", "--peer-threads", "1,2", "--peer-batches", "4:0.001,2:0.01",
+                 "--baseline-threads", "1,2"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert json.loads(printed.strip().splitlines()[-1])["mode"] == "quick"  # ratios printed last, as JSON
@@ -385,6 +438,33 @@ def test_bench_quick_plumbing_end_to_end(tiny_store, tmp_path, capsys):
     assert latest["peer_peak_rps_nodescribe"] > 0 and latest["peer_peak_rps_describe"] > 0
 
     result = json.loads((out / "quick.json").read_text())
+    # Tuned before measured: every candidate started and loaded, one knob at a time, the best kept.
+    peer = result["tuning"]["peer"]
+    tried = [(t["threads"], t["max_batch_size"], t["batch_timeout_s"]) for t in peer["tried"]]
+    best_threads = max((t for t in peer["tried"] if t["max_batch_size"] == 4), key=lambda t: t["goodput_rps"])["threads"]
+    assert tried == [(1, 4, 0.001), (2, 4, 0.001), (best_threads, 2, 0.01)]
+    assert all(t["goodput_rps"] > 0 for t in peer["tried"])
+    kept = max((t for t in peer["tried"] if t["threads"] == best_threads), key=lambda t: t["goodput_rps"])
+    assert peer["chosen"] == {k: kept[k] for k in ("threads", "max_batch_size", "batch_timeout_s")}
+    assert [t["threads"] for t in result["tuning"]["baseline"]["tried"]] == [1, 2]
+    # Interleaved: each headline point measured on every system in turn, twice, in rotated orders, the other
+    # systems frozen meanwhile; a ratio is the median of the rounds' ratios, with their spread.
+    schedule = [(s["round"], s["system"], s["describe"], s["frames"], s["clients"]) for s in result["schedule"]]
+    rounds = [[(system, point) for r, system, *point in schedule if r == k] for k in (0, 1)]
+    assert [system for system, point in rounds[0] if point == [False, "mixed", 1]] == ["baseline", "graph", "peer"]
+    assert [system for system, point in rounds[1] if point == [False, "mixed", 1]] == ["graph", "peer", "baseline"]
+    assert [system for system, point in rounds[0] if point == [True, "mixed", 2]] == ["baseline", "graph", "peer"]
+    assert [system for system, point in rounds[0] if point == [False, "mixed", 2]] == ["graph", "peer"]
+    for name in ("baseline", "graph", "peer"):
+        repeated = result["systems"][name]["round_points"]
+        assert sorted({p["round"] for p in repeated}) == [0, 1]
+        assert all(p["others_frozen"] for p in repeated + result["systems"][name]["points"] if "others_frozen" in p)
+    low, high = latest["peer_p50_delta_ms_c1_spread"]
+    assert low <= latest["peer_p50_delta_ms_c1"] <= high
+    assert latest["peer_goodput_ratio_describe"] > 0 and len(latest["throughput_ratio_describe_spread"]) == 2
+    # The models' own CPU per frame, and what share of each system's CPU per answer it is.
+    assert all(result["efficiency"][f]["ms_per_frame"] > 0 for f in ("mixed", "text_signs", "no_text"))
+    assert 0 < latest["serving_efficiency"] < 1.5 and 0 < latest["peer_serving_efficiency_no_text"] < 1.5
     for name in ("baseline", "graph", "peer"):
         points = result["systems"][name]["points"]
         assert [(p["mode"], p["level"], p["describe"], p["frames"]) for p in points][:4] == [

@@ -135,6 +135,7 @@ class TreeSampler:
             "cpu_s": round(cpu_total, 2),
             "cpu_cores": round(cpu_total / self.wall_s, 3) if self.wall_s else 0.0,
             "peak_rss_gb": round(self.peak_total_rss / GB, 3),
+            "wall_s": round(self.wall_s, 2),
             "processes": dict(sorted(by_label.items(), key=lambda kv: -kv[1]["peak_rss_mb"])),
         }
 

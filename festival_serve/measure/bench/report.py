@@ -60,8 +60,15 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
     for key in TARGETS:
         met = s["targets_met"].get(key)
         op = "≤" if key in AT_MOST else "≥"
-        lines.append(f"| {key} | {_fmt(s.get(key), 3)} | {op} {s['targets'].get(key)} | "
+        spread = s.get(f"{key}_spread")
+        shown = _fmt(s.get(key), 3) + (f" ({_fmt(spread[0], 3)} – {_fmt(spread[1], 3)})" if spread else "")
+        lines.append(f"| {key} | {shown} | {op} {s['targets'].get(key)} | "
                      f"{'–' if met is None else ('yes' if met else '**no**')} |")
+    rounds = result["plan"].get("rounds")
+    if rounds:
+        lines += ["", f"Ratios between systems are the median of {rounds} interleaved rounds (each headline point "
+                      "measured on every system, one after another, the others frozen; each round in a rotated "
+                      "order), with the rounds' min – max in brackets."]
     lines += ["", f"p50 at concurrency 1, describe=false: graph {_fmt(s['graph_p50_ms_c1'])} ms, baseline "
                   f"{_fmt(s['baseline_p50_ms_c1'])} ms. Peak goodput (answers without a degraded stage, per s): "
                   f"describe=false graph {_fmt(s['graph_peak_rps_nodescribe'], 2)} / baseline "
@@ -71,7 +78,9 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
                   f"{_fmt(s['graph_pss_gb_at_end'], 2)} GB); baseline peak RSS {_fmt(s['baseline_rss_gb'], 2)} GB.", ""]
     if "latency" in plots:
         lines += [f"![latency against throughput]({plots['latency']})", ""]
+    lines += _tuning_lines(result)
     lines += _peer_lines(result, plots)
+    lines += _efficiency_lines(result)
 
     lines += _overload_lines(result, plots)
     lines += ["## Load points", "",
@@ -109,6 +118,46 @@ def markdown(result: dict, plots: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _tuning_lines(result: dict) -> list[str]:
+    """What the peer and the baseline were tuned to, and every candidate's calibration goodput."""
+    tuning = result.get("tuning") or {}
+    if not tuning:
+        return []
+    lines = ["## The peer and the baseline, tuned", "",
+             "Each candidate was started and loaded with the calibration (closed loop, mixed frames, describe=false); "
+             "knobs one at a time, threads first. The kept setting is what the rest of the run measured.", "",
+             "| system | threads | max batch | batch wait ms | calibration goodput req/s | kept |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, row in tuning.items():
+        chosen = row["chosen"]
+        for tried in row["tried"] or [{**chosen, "goodput_rps": None}]:
+            kept = all(tried[k] == chosen[k] for k in chosen)
+            lines.append(f"| {name} | {_fmt(tried['threads'])} | {tried['max_batch_size']} | "
+                         f"{tried['batch_timeout_s'] * 1000:g} | {_fmt(tried['goodput_rps'], 2)} | "
+                         f"{'**yes**' if kept else ''} |")
+    return lines + [""]
+
+
+def _efficiency_lines(result: dict) -> list[str]:
+    """The models' own CPU per frame against each system's CPU per answer at 16 clients."""
+    efficiency, s = result.get("efficiency") or {}, result["summary"]
+    if not efficiency:
+        return []
+    lines = ["## Serving efficiency (the models' own CPU per frame / CPU per answer at the most clients)", "",
+             "The models alone: in-process, every runtime on one thread, at their best batch, describe=false "
+             "(`festival_serve/measure/bench/efficiency.py`).", "",
+             "| frames | models alone, CPU ms / frame (batch) | graph CPU ms / answer | graph efficiency | "
+             "peer CPU ms / answer | peer efficiency |", "| --- | --- | --- | --- | --- | --- |"]
+    tags = {"mixed": "", "text_signs": "_text", "no_text": "_no_text"}
+    for frames, row in efficiency.items():
+        spent = {n: (_closed_points(result["systems"].get(n, {}), frames) or [{}])[-1].get("cpu_ms_per_answer")
+                 for n in ("graph", "peer")}  # at the most clients
+        lines.append(f"| {FRAME_LABELS.get(frames, frames)} | {_fmt(row['ms_per_frame'])} ({row['batch']}) | "
+                     f"{_fmt(spent['graph'])} | {_fmt(s.get('serving_efficiency' + tags[frames]), 3)} | "
+                     f"{_fmt(spent['peer'])} | {_fmt(s.get('peer_serving_efficiency' + tags[frames]), 3)} |")
+    return lines + [""]
+
+
 def _closed_points(system: dict, frames: str) -> list[dict]:
     """describe=false closed-loop points of one frame set, by clients."""
     return sorted((p for p in system.get("points", []) if not p["describe"] and p["mode"] == "closed"
@@ -121,7 +170,9 @@ def _peer_lines(result: dict, plots: dict[str, str]) -> list[str]:
     if "peer" not in systems:
         return []
     names = list(systems)
-    lines = ["## Against the LitServe peer (describe=false, closed loop, same client and frames)", ""]
+    lines = ["## Against the LitServe peer (describe=false, closed loop, same client and frames)", "",
+             "A point measured in every round shows its median round (goodput, p50 and CPU from that one "
+             "measurement) and each round's goodput; graph / peer is the ratio of those medians.", ""]
     if "goodput" in plots:
         lines += [f"![goodput against clients]({plots['goodput']})", ""]
     lines += ["| frames | clients | " + " | ".join(f"{n} req/s (p50 ms, CPU ms/answer)" for n in names)
@@ -132,8 +183,10 @@ def _peer_lines(result: dict, plots: dict[str, str]) -> list[str]:
             cells = []
             for n in names:
                 p = by_system[n].get(clients)
+                repeats = p and p.get("round_goodput_rps") or []
                 cells.append("–" if p is None else f"{_fmt(p['goodput_rps'], 2)} ({_fmt(p['p50_ms'])}, "
-                                                   f"{_fmt(p.get('cpu_ms_per_answer'), 0)})")
+                                                   f"{_fmt(p.get('cpu_ms_per_answer'), 0)})"
+                             + (f" rounds {', '.join(_fmt(v, 2) for v in repeats)}" if len(repeats) > 1 else ""))
             graph, peer = by_system.get("graph", {}).get(clients), by_system["peer"].get(clients)
             ratio = (f"{graph['goodput_rps'] / peer['goodput_rps']:.2f}x"
                      if graph and peer and peer["goodput_rps"] else "–")

@@ -26,7 +26,9 @@ from pathlib import Path
 
 from festival_serve.runtime.environment import package_versions
 from festival_serve.measure import loadgen
-from festival_serve.measure.bench import report
+from festival_serve.measure.bench import report, tune
+from festival_serve.measure.bench.peer import BATCH_TIMEOUT_S, MAX_BATCH_SIZE
+from festival_serve.measure.bench.tune import PeerSetting, thread_candidates
 from festival_serve.measure.bench.targets import AT_MOST, TARGETS
 from festival_serve.measure.procstats import TreeSampler, resident_gb
 from festival_serve.pipeline.settings import PipelineArgs
@@ -55,6 +57,15 @@ class Plan:
     overload_budget_s: float = 2.0
     # Closed-loop clients (describe=false) on frames that print text (the reader runs) and on frames that do not.
     split_concurrency: tuple[int, ...] = (1, 16)
+    # Interleaved repeats of the headline points (festival_serve.measure.bench.tune): every system measured at a
+    # point, then again, ``rounds`` times; ratios are the medians of the per-round ratios, with their spread.
+    rounds: int = 3
+    # Tuning the peer and the baseline before they are measured: each candidate setting gets a closed loop of
+    # ``calibration_clients`` clients for ``calibration_s`` (after ``warmup_s``), mixed frames, describe=false.
+    # Thread candidates are 1, 2, 4, … up to the cores; then the peer's batching, (max batch size, wait s).
+    calibration_s: float = 6.0
+    calibration_clients: int = 16
+    peer_batches: tuple[tuple[int, float], ...] = ((16, 0.01), (16, 0.001), (32, 0.005), (8, 0.002))
 
 
 QUICK = Plan("quick", (1, 4, 16), (1, 8), (0.5, 1.0, 1.5), 6.0, 15.0, 2.0, 16, 16,
@@ -76,6 +87,16 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def _batches(text: str) -> tuple[tuple[int, float], ...]:
+    out = []
+    for item in (v.strip() for v in text.split(",") if v.strip()):
+        size, sep, wait = item.partition(":")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{item!r}: give SIZE:WAIT_S, e.g. 16:0.01")
+        out.append((int(size), float(wait)))
+    return tuple(out)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -111,6 +132,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     override.add_argument("--overload-budget", type=float, dest="overload_budget_s")
     override.add_argument("--split-concurrency", type=_ints,
                           help="clients for the text-sign and no-text frame sets (describe=false)")
+    override.add_argument("--rounds", type=int, help="interleaved repeats of the headline points")
+    override.add_argument("--calibration", type=float, dest="calibration_s", help="seconds per tuning candidate")
+    tuning = parser.add_argument_group("tuning the peer and the baseline (one value: fixed, not tuned)")
+    tuning.add_argument("--peer-threads", type=_ints, help="thread candidates (default: 1, 2, 4, … up to the cores)")
+    tuning.add_argument("--peer-batches", type=_batches,
+                        help="LitServe batching candidates as SIZE:WAIT_S, e.g. 16:0.01,16:0.001 (default: the plan's)")
+    tuning.add_argument("--baseline-threads", type=_ints, help="thread candidates for the baseline")
     return parser
 
 
@@ -156,51 +184,141 @@ def measure(server, load, frames: str = "mixed") -> dict:
     return summary
 
 
-def run_system(server, frame_sets: dict[str, list[bytes]], plan: Plan, rates: dict[bool, float] | None,
-               progress) -> dict:
-    """Every load point of the plan against one started server; ``rates`` are the open-loop base rates
-    (the baseline's peak; measured from this system's closed loop when ``None``). Every system gets the same
-    client: multipart bodies (the image part and a ``describe`` field), as a LitServe user's client sends."""
-    started = time.perf_counter()
-    url = f"{server.url}/v1/analyze"
-    bodies = frame_sets["mixed"]
-    points: list[dict] = []
-    whole = TreeSampler(server.process.pid).start()
-    base_rates: dict[bool, float] = {}
-    for describe in (False, True):
-        levels = plan.describe_concurrency if describe else plan.concurrency
-        duration = plan.describe_duration_s if describe else plan.duration_s
-        for c in levels:
-            point = measure(server, loadgen.closed_loop(url, bodies, concurrency=c, duration_s=duration,
-                                                        describe=describe, warmup_s=plan.warmup_s, timeout_s=600,
-                                                        multipart=True))
-            points.append(point)
-            progress(_point_line(server.name, point))
-        if not describe:
-            for frames in FRAME_SETS[1:]:
-                for c in plan.split_concurrency if frame_sets.get(frames) else ():
-                    point = measure(server, loadgen.closed_loop(url, frame_sets[frames], concurrency=c,
-                                                                duration_s=duration, describe=False,
-                                                                warmup_s=plan.warmup_s, timeout_s=600, multipart=True),
-                                    frames)
-                    points.append(point)
-                    progress(_point_line(server.name, point))
-        peak = max((p["goodput_rps"] for p in points if p["describe"] == describe and p["frames"] == "mixed"),
-                   default=0.0)
-        base_rates[describe] = (rates or {}).get(describe) or peak
-        for fraction in plan.rate_fractions:
-            rate = round(fraction * base_rates[describe], 3)
-            if rate <= 0:
-                continue
-            point = measure(server, loadgen.open_loop(url, bodies, rate=rate, duration_s=duration,
-                                                      describe=describe, timeout_s=600, multipart=True))
-            points.append(point)
-            progress(_point_line(server.name, point))
-    overload = run_overload(server, bodies, plan, points, progress)
-    whole.stop()
-    return {"points": points, "overload": overload, "base_rates": {str(k).lower(): v for k, v in base_rates.items()},
-            "peak_rss_gb": whole.summary()["peak_rss_gb"], "resident_at_end": resident_gb(server.process.pid),
-            "processes": whole.summary()["processes"], "load_s": round(time.perf_counter() - started, 1)}
+@dataclass(frozen=True)
+class Point:
+    """One closed-loop load point: clients sending back to back."""
+
+    describe: bool
+    frames: str
+    clients: int
+
+
+def closed_points(plan: Plan, frame_sets: dict[str, list[bytes]]) -> list[Point]:
+    """Every closed-loop point of the plan, in the order they are reported."""
+    points = [Point(False, "mixed", c) for c in plan.concurrency]
+    points += [Point(False, frames, c) for frames in FRAME_SETS[1:] if frame_sets.get(frames)
+               for c in plan.split_concurrency]
+    return points + [Point(True, "mixed", c) for c in plan.describe_concurrency]
+
+
+def headline_points(plan: Plan, name: str, frame_sets: dict[str, list[bytes]]) -> list[Point]:
+    """The points the headline ratios are taken at, measured in every round: one client on mixed frames (p50
+    against the peer and the baseline), the most clients on every frame set (goodput against the peer) and the
+    most describe=true clients (peak against the peer and the baseline). The baseline answers one request at a
+    time, so only its one-client and describe=true points enter a ratio."""
+    top, split_top = max(plan.concurrency), max(plan.split_concurrency)
+    points = [Point(False, "mixed", min(plan.concurrency))]
+    if name != "baseline":
+        points.append(Point(False, "mixed", top))
+        points += [Point(False, frames, split_top) for frames in FRAME_SETS[1:] if frame_sets.get(frames)]
+    points.append(Point(True, "mixed", max(plan.describe_concurrency)))
+    return list(dict.fromkeys(points))
+
+
+class Bench:
+    """The systems under test, started side by side: one is measured at a time while the others are frozen
+    (``tune.pause``), so each point has the machine to itself and the systems' points lie minutes apart, not a
+    whole system's run apart."""
+
+    def __init__(self, servers: dict, frame_sets: dict[str, list[bytes]], plan: Plan, progress) -> None:
+        self.servers, self.frame_sets, self.plan, self.progress = servers, frame_sets, plan, progress
+        self.schedule: list[dict] = []  # (round, system, point) in the order measured
+
+    def measure(self, name: str, load, frames: str) -> dict:
+        server = self.servers[name]
+        tune.resume(server.process.pid)
+        others_frozen = all(tune.frozen(s.process.pid) for n, s in self.servers.items() if n != name)
+        try:
+            point = measure(server, load, frames)
+        finally:
+            tune.pause(server.process.pid)
+        point["others_frozen"] = others_frozen
+        return point
+
+    def closed(self, name: str, point: Point, round_index: int | None = None) -> dict:
+        plan = self.plan
+        url = f"{self.servers[name].url}/v1/analyze"
+        load = loadgen.closed_loop(url, self.frame_sets[point.frames], concurrency=point.clients,
+                                   duration_s=plan.describe_duration_s if point.describe else plan.duration_s,
+                                   describe=point.describe, warmup_s=plan.warmup_s, timeout_s=600, multipart=True)
+        result = self.measure(name, load, point.frames)
+        result["round"] = round_index
+        self.schedule.append({"round": round_index, "system": name, **asdict(point)})
+        self.progress(_point_line(name, result) + ("" if round_index is None else f"  (round {round_index + 1})"))
+        return result
+
+    def rounds(self) -> dict[str, list[dict]]:
+        """Every system's headline points, ``plan.rounds`` times, interleaved point by point in rotated orders."""
+        names = list(self.servers)
+        wanted = {name: headline_points(self.plan, name, self.frame_sets) for name in names}
+        specs = list(dict.fromkeys(p for name in names for p in wanted[name]))
+        measured: dict[str, list[dict]] = {name: [] for name in names}
+        for r, order in enumerate(tune.round_orders(names, self.plan.rounds)):
+            for point in specs:
+                for name in order:
+                    if point in wanted[name]:
+                        measured[name].append(self.closed(name, point, r))
+        return measured
+
+    def rest(self, name: str, repeated: list[dict], rates: dict[bool, float] | None) -> dict:
+        """The rest of the plan against one system: closed-loop points not in the rounds, open-loop rates (the
+        baseline's peak as base when known, else this system's own) and overload; then its load points, each
+        the median of its repeats."""
+        started = time.perf_counter()
+        server, plan = self.servers[name], self.plan
+        heads = set(headline_points(plan, name, self.frame_sets))
+        points: list[dict] = []
+        for point in closed_points(plan, self.frame_sets):
+            if point in heads:
+                points.append(tune.median_point([p for p in repeated if _point_of(p) == point]))
+            else:
+                points.append(self.closed(name, point))
+        url, base_rates = f"{server.url}/v1/analyze", {}
+        for describe in (False, True):
+            peak = max((p["goodput_rps"] for p in points if p["describe"] == describe and p["frames"] == "mixed"),
+                       default=0.0)
+            base_rates[describe] = (rates or {}).get(describe) or peak
+            for fraction in plan.rate_fractions:
+                rate = round(fraction * base_rates[describe], 3)
+                if rate <= 0:
+                    continue
+                point = self.measure(name, loadgen.open_loop(url, self.frame_sets["mixed"], rate=rate,
+                                                             duration_s=plan.describe_duration_s if describe
+                                                             else plan.duration_s,
+                                                             describe=describe, timeout_s=600, multipart=True),
+                                     "mixed")
+                points.append(point)
+                self.progress(_point_line(name, point))
+        tune.resume(server.process.pid)
+        try:
+            overload = run_overload(server, self.frame_sets["mixed"], plan, points, self.progress)
+        finally:
+            tune.pause(server.process.pid)
+        return {"points": points, "round_points": repeated, "overload": overload,
+                "base_rates": {str(k).lower(): v for k, v in base_rates.items()},
+                "peak_rss_gb": max((p["resources"]["peak_rss_gb"] for p in points + repeated), default=None),
+                "resident_at_end": resident_gb(server.process.pid),
+                "processes": _processes(points + repeated), "load_s": round(time.perf_counter() - started, 1)}
+
+
+def _point_of(p: dict) -> Point:
+    return Point(p["describe"], p.get("frames", "mixed"), int(p["level"]))
+
+
+def _processes(points: list[dict]) -> dict:
+    """Per process label over the measured points: CPU cores averaged over their windows, peak RSS."""
+    rows: dict[str, dict] = {}
+    wall = sum(p["resources"].get("wall_s", 0.0) for p in points)
+    for p in points:
+        for label, row in p["resources"].get("processes", {}).items():
+            into = rows.setdefault(label, {"processes": 0, "cpu_s": 0.0, "peak_rss_mb": 0.0})
+            into["processes"] = max(into["processes"], row["processes"])
+            into["cpu_s"] += row["cpu_s"]
+            into["peak_rss_mb"] = max(into["peak_rss_mb"], row["peak_rss_mb"])
+    for row in rows.values():
+        row["cpu_cores"] = round(row["cpu_s"] / wall, 3) if wall else 0.0
+        row["cpu_s"] = round(row["cpu_s"], 2)
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1]["peak_rss_mb"]))
 
 
 def run_overload(server, bodies: list[bytes], plan: Plan, points: list[dict], progress) -> list[dict]:
@@ -259,22 +377,60 @@ def bench_args(config: dict, options: argparse.Namespace, plan: Plan, progress) 
     return args, sources
 
 
-def summarize(systems: dict[str, dict]) -> dict:
+def summarize(systems: dict[str, dict], efficiency: dict | None = None) -> dict:
+    """The headline numbers. Ratios between systems are the medians of per-round ratios (the interleaved rounds:
+    both systems measured minutes apart at that point), with ``_spread`` [min, max] beside each; where a point
+    was measured once, its one ratio."""
     def points(name: str, describe: bool, frames: str = "mixed") -> list[dict]:
         return [p for p in systems.get(name, {}).get("points", [])
                 if p["describe"] == describe and p.get("frames", "mixed") == frames]
 
-    def closed(name: str, clients: int, frames: str) -> dict | None:
-        return next((p for p in points(name, False, frames) if p["mode"] == "closed" and p["level"] == clients), None)
+    def closed(name: str, clients: int, frames: str, describe: bool = False) -> dict | None:
+        return next((p for p in points(name, describe, frames) if p["mode"] == "closed" and p["level"] == clients),
+                    None)
+
+    def by_round(name: str, clients: int, frames: str, describe: bool) -> dict:
+        """round → that round's point (the median point alone, as round 0, when the point was not repeated)."""
+        repeats = {p["round"]: p for p in systems.get(name, {}).get("round_points", [])
+                   if p["describe"] == describe and p.get("frames", "mixed") == frames and p["level"] == clients}
+        single = closed(name, clients, frames, describe)
+        return repeats or ({0: single} if single else {})
+
+    def paired(a: str, b: str, clients: int | None, frames: str, describe: bool, value) -> list:
+        if clients is None:
+            return []
+        ra, rb = by_round(a, clients, frames, describe), by_round(b, clients, frames, describe)
+        return [value(ra[r], rb[r]) for r in sorted(ra.keys() & rb.keys())]
+
+    def goodput_ratio(pa: dict, pb: dict) -> float | None:
+        return ratio(pa["goodput_rps"], pb["goodput_rps"])
+
+    def p50_delta(pa: dict, pb: dict) -> float | None:
+        return (round(pa["p50_ms"] - pb["p50_ms"], 2)
+                if pa["p50_ms"] is not None and pb["p50_ms"] is not None else None)
+
+    def headline(key: str, values: list) -> dict:
+        median, spread = tune.median_and_spread(values)
+        return {key: median, f"{key}_spread": spread}
+
+    def peak_ratios(a: str, b: str, describe: bool) -> list:
+        """a's peak / b's peak goodput, per round (the best of that round's points; a system whose points were
+        not repeated: its peak over every point, as round 0)."""
+        def peaks(name: str) -> dict:
+            rounds: dict = {}
+            for p in systems.get(name, {}).get("round_points", []):
+                if p["describe"] == describe and p.get("frames", "mixed") == "mixed":
+                    rounds[p["round"]] = max(rounds.get(p["round"], 0.0), p["goodput_rps"])
+            single = peak(name, describe)
+            return rounds or ({0: single} if single is not None else {})
+
+        pa, pb = peaks(a), peaks(b)
+        return [ratio(pa[r], pb[r]) for r in sorted(pa.keys() & pb.keys())]
 
     def against_peer(frames: str, tag: str) -> dict:
         """Graph / peer goodput at 16 clients and graph - peer p50 at one client, describe=false."""
-        graph16, peer16 = closed("graph", 16, frames), closed("peer", 16, frames)
-        graph1, peer1 = closed("graph", 1, frames), closed("peer", 1, frames)
-        return {f"peer_goodput_ratio_c16{tag}": ratio(graph16 and graph16["goodput_rps"], peer16 and peer16["goodput_rps"]),
-                f"peer_p50_delta_ms_c1{tag}": (round(graph1["p50_ms"] - peer1["p50_ms"], 2)
-                                                if graph1 and peer1 and graph1["p50_ms"] is not None
-                                                and peer1["p50_ms"] is not None else None)}
+        return {**headline(f"peer_goodput_ratio_c16{tag}", paired("graph", "peer", 16, frames, False, goodput_ratio)),
+                **headline(f"peer_p50_delta_ms_c1{tag}", paired("graph", "peer", 1, frames, False, p50_delta))}
 
     def peak(name: str, describe: bool) -> float | None:
         values = [p["goodput_rps"] for p in points(name, describe)]
@@ -287,13 +443,26 @@ def summarize(systems: dict[str, dict]) -> dict:
     def ratio(a, b):
         return round(a / b, 3) if a is not None and b else None
 
+    def efficiency_of(name: str, frames: str, tag: str) -> dict:
+        """Serving efficiency: the models' own CPU per frame (in-process, at their best batch) / the system's CPU
+        per answer at its most clients on those frames (16 in both plans); 1.0 would be a server that costs nothing
+        beyond its models."""
+        model_ms = ((efficiency or {}).get(frames) or {}).get("ms_per_frame")
+        busiest = [p for p in points(name, False, frames) if p["mode"] == "closed"]
+        point = max(busiest, key=lambda p: p["level"]) if busiest else None
+        spent = point.get("cpu_ms_per_answer") if point else None
+        prefix = "" if name == "graph" else f"{name}_"
+        return {f"{prefix}serving_efficiency{tag}": ratio(model_ms, spent)}
+
     g1, b1 = p50_at_1("graph"), p50_at_1("baseline")
+    tags = {"mixed": "", "text_signs": "_text", "no_text": "_no_text"}
     summary = {
-        "overhead_ms_p50": round(g1 - b1, 2) if g1 is not None and b1 is not None else None,
+        **headline("overhead_ms_p50", paired("graph", "baseline", 1, "mixed", False, p50_delta)),
         "graph_p50_ms_c1": g1,
         "baseline_p50_ms_c1": b1,
         "throughput_ratio_nodescribe": ratio(peak("graph", False), peak("baseline", False)),
-        "throughput_ratio_describe": ratio(peak("graph", True), peak("baseline", True)),
+        **headline("throughput_ratio_describe", peak_ratios("graph", "baseline", True)),
+        **headline("peer_goodput_ratio_describe", peak_ratios("graph", "peer", True)),
         "graph_peak_rps_nodescribe": peak("graph", False),
         "baseline_peak_rps_nodescribe": peak("baseline", False),
         "graph_peak_rps_describe": peak("graph", True),
@@ -304,7 +473,10 @@ def summarize(systems: dict[str, dict]) -> dict:
         "peer_rss_gb": systems.get("peer", {}).get("peak_rss_gb"),
         "peer_peak_rps_nodescribe": peak("peer", False),
         "peer_peak_rps_describe": peak("peer", True),
-        **against_peer("mixed", ""), **against_peer("text_signs", "_text"), **against_peer("no_text", "_no_text"),
+        **{k: v for frames, tag in tags.items() for k, v in against_peer(frames, tag).items()},
+        **{k: v for frames, tag in tags.items() for name in ("graph", "peer")
+           for k, v in efficiency_of(name, frames, tag).items()},
+        "model_cpu_ms_per_frame": {frames: (row or {}).get("ms_per_frame") for frames, row in (efficiency or {}).items()},
         **overload_summary(systems.get("graph", {}).get("overload", []), prefix="overload"),
         **overload_summary(systems.get("baseline", {}).get("overload", []), prefix="baseline_overload"),
     }
@@ -333,9 +505,45 @@ def overload_summary(rows: list[dict], *, prefix: str) -> dict:
             f"{prefix}_goodput_ratio_{tag}": ratio, f"{prefix}_hung_{tag}": top["hung"]}
 
 
+def calibrate(name: str, make, knobs: dict[str, tuple], bodies: list[bytes], plan: Plan, start_timeout_s: float,
+              progress) -> tuple[PeerSetting, dict]:
+    """``name`` at its best on this machine: ``make(setting)`` gives the server for a setting; each candidate is
+    started, loaded for ``plan.calibration_s`` (``plan.calibration_clients`` clients, mixed frames, describe=false)
+    and stopped (``tune.coordinate_search``). A knob with one candidate is fixed, not tried; when every knob is,
+    nothing is measured."""
+    start = {"threads": knobs["threads"][0], "batching": (knobs.get("batching") or [(MAX_BATCH_SIZE, BATCH_TIMEOUT_S)])[0]}
+
+    def setting(values: dict) -> PeerSetting:
+        size, wait = values["batching"]
+        return PeerSetting(values["threads"], size, wait)
+
+    if all(len(values) == 1 for values in knobs.values()):
+        return setting(start), {"chosen": asdict(setting(start)), "tried": [], "calibrated": False}
+
+    def score(values: dict) -> float:
+        server = make(setting(values)).start(start_timeout_s, lambda line: None)
+        try:
+            result = asyncio.run(loadgen.closed_loop(f"{server.url}/v1/analyze", bodies,
+                                                     concurrency=plan.calibration_clients,
+                                                     duration_s=plan.calibration_s, describe=False,
+                                                     warmup_s=plan.warmup_s, timeout_s=600, multipart=True))
+        finally:
+            server.stop()
+        return round(result.goodput_rps(), 3)
+
+    progress(f"{name}: tuning on {plan.calibration_clients} clients, {plan.calibration_s:g} s per candidate "
+             f"({', '.join(f'{k}: {len(v)}' for k, v in knobs.items())} candidates)")
+    best, tried = tune.coordinate_search(start, {k: v for k, v in knobs.items() if len(v) > 1}, score,
+                                         progress=progress)
+    chosen = setting(best)
+    progress(f"{name}: tuned to {chosen.label()}")
+    return chosen, {"chosen": asdict(chosen), "calibrated": True,
+                    "tried": [{**asdict(setting(t["setting"])), "goodput_rps": t["score"]} for t in tried]}
+
+
 def run(options: argparse.Namespace, progress=print) -> dict:
     from festival_serve.measure.bench.micro import run_micro
-    from festival_serve.measure.bench.servers import baseline_server, graph_server, peer_server
+    from festival_serve.measure.bench.servers import baseline_server, graph_server, peer_server, with_threads
     from festival_serve.runtime.devices import cuda_available
     from festival_serve.ops.up import load_config
 
@@ -360,34 +568,66 @@ def run(options: argparse.Namespace, progress=print) -> dict:
     frame_sets = held_out_frames(plan.scenes, progress)
 
     systems: dict[str, dict] = {}
+    tuning: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="festival-bench-") as tmp:
         workdir = Path(options.out) / "logs" if options.keep_logs else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
+        cores = os.cpu_count() or 1
+        peer_default = PeerSetting(None, MAX_BATCH_SIZE, BATCH_TIMEOUT_S)
+
+        def peer_of(setting: PeerSetting):
+            return peer_server(with_threads(args, setting.threads), port=options.peer_port, workdir=workdir,
+                               max_batch_size=setting.max_batch_size, batch_timeout_s=setting.batch_timeout_s)
+
+        def baseline_of(setting: PeerSetting):
+            return baseline_server(with_threads(args, setting.threads), port=options.baseline_port, workdir=workdir)
+
         factories = {
-            "baseline": lambda: baseline_server(args, port=options.baseline_port, workdir=workdir),
-            "graph": lambda: graph_server(config, args, port=options.graph_port, workdir=workdir,
-                                          env=graph_env),
-            "peer": lambda: peer_server(args, port=options.peer_port, workdir=workdir),
+            "baseline": lambda: baseline_of(chosen["baseline"]),
+            "graph": lambda: graph_server(config, args, port=options.graph_port, workdir=workdir, env=graph_env),
+            "peer": lambda: peer_of(chosen["peer"]),
         }
-        rates = None
-        for name in SYSTEMS:
-            if name not in wanted:
-                continue
-            server = factories[name]()
-            t = time.perf_counter()
-            server.start(options.start_timeout, progress)
-            try:
+        chosen = {"baseline": peer_default, "peer": peer_default}
+        knobs = {"peer": {"threads": options.peer_threads or thread_candidates(cores),
+                          "batching": options.peer_batches or plan.peer_batches},
+                 "baseline": {"threads": options.baseline_threads or thread_candidates(cores)}}
+        for name, make in (("baseline", baseline_of), ("peer", peer_of)):
+            if name in wanted:
+                chosen[name], tuning[name] = calibrate(name, make, knobs[name], frame_sets["mixed"], plan,
+                                                       options.start_timeout, progress)
+
+        servers = {}
+        try:
+            for name in SYSTEMS:  # the baseline first: its peak sets every system's open-loop rates
+                if name not in wanted:
+                    continue
+                server = factories[name]()
+                t = time.perf_counter()
+                servers[name] = server.start(options.start_timeout, progress)
                 startup = round(time.perf_counter() - t, 1)
-                result = run_system(server, frame_sets, plan, rates, progress)
-                result["startup_s"] = startup
-                systems[name] = result
+                tune.pause(server.process.pid)
+                systems[name] = {"startup_s": startup}
+            bench = Bench(servers, frame_sets, plan, progress)
+            progress(f"bench: {plan.rounds} interleaved round(s) of the headline points "
+                     f"({', '.join(servers)}; the others frozen while one is measured)")
+            repeated = bench.rounds()
+            rates = None
+            for name in servers:
+                systems[name].update(bench.rest(name, repeated[name], rates))
                 if name == "baseline":
-                    rates = {d == "true": v for d, v in result["base_rates"].items()}
-            finally:
+                    rates = {d == "true": v for d, v in systems[name]["base_rates"].items()}
+        finally:
+            for server in servers.values():
+                tune.resume(server.process.pid)
                 server.stop()
 
-    micro = []
+    micro, efficiency = [], {}
     if not options.no_micro:
+        from festival_serve.measure.bench.efficiency import model_cpu_per_frame
+
+        progress("bench: the models' own CPU per frame (in-process, one thread, at their best batch)")
+        efficiency = model_cpu_per_frame(args, frame_sets, batch_sizes=list(plan.micro_batches),
+                                         repeats=plan.micro_repeats, progress=progress)
         from festival_serve.training.standins.store import RECIPE, default_cache, smolvlm_stand_in
 
         # The real SmolVLM's cost, beside the served describer's (the same model when nothing is trained).
@@ -405,10 +645,13 @@ def run(options: argparse.Namespace, progress=print) -> dict:
                     "platform": platform.platform(terse=True), **package_versions(("ray", "torch", "onnxruntime", "transformers", "ultralytics"))},
         "plan": asdict(plan),
         "graph_env": graph_env,
+        "tuning": tuning,
+        "schedule": bench.schedule if systems else [],
         "models": [{**asdict(s), "path": portable_path(s.path)} for s in sources],
         "systems": systems,
         "micro": micro,
-        "summary": summarize(systems),
+        "efficiency": efficiency,
+        "summary": summarize(systems, efficiency),
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
     report.write(result, Path(options.out))

@@ -21,6 +21,7 @@ import yaml
 
 from festival_serve.measure.procstats import tree
 from festival_serve.pipeline.settings import PipelineArgs
+from festival_serve.pipeline.stages import STAGE_NAMES
 
 
 class ServerFailed(RuntimeError):
@@ -96,13 +97,26 @@ def baseline_server(args: PipelineArgs, *, port: int, workdir: Path) -> Server:
     return _server_on_args("baseline", "festival_serve.measure.baseline", args, port=port, workdir=workdir)
 
 
-def peer_server(args: PipelineArgs, *, port: int, workdir: Path) -> Server:
-    return _server_on_args("peer", "festival_serve.measure.bench.peer", args, port=port, workdir=workdir)
+def peer_server(args: PipelineArgs, *, port: int, workdir: Path, max_batch_size: int | None = None,
+                batch_timeout_s: float | None = None) -> Server:
+    """The LitServe peer; ``max_batch_size`` and ``batch_timeout_s`` are LitServe's batching (None: the peer's
+    defaults)."""
+    batching = ([] if max_batch_size is None else ["--max-batch-size", str(max_batch_size)]) + \
+               ([] if batch_timeout_s is None else ["--batch-timeout", str(batch_timeout_s)])
+    return _server_on_args("peer", "festival_serve.measure.bench.peer", args, port=port, workdir=workdir,
+                           extra=batching)
 
 
-def _server_on_args(name: str, module: str, args: PipelineArgs, *, port: int, workdir: Path) -> Server:
+def with_threads(args: PipelineArgs, threads: int | None) -> PipelineArgs:
+    """``args`` with every stage's runtime threads set to ``threads`` (None: each runtime's default)."""
+    return args.model_copy(update={stage: getattr(args, stage).model_copy(update={"threads": threads})
+                                   for stage in STAGE_NAMES})
+
+
+def _server_on_args(name: str, module: str, args: PipelineArgs, *, port: int, workdir: Path,
+                    extra: list[str] = ()) -> Server:
     """``python -m module --args ARGS.json``: a one-process server of the same models and settings."""
     path = workdir / f"{name}_args.json"
     path.write_text(args.model_dump_json(indent=2))
-    command = [sys.executable, "-m", module, "--args", str(path), "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", module, "--args", str(path), "--host", "127.0.0.1", "--port", str(port), *extra]
     return Server(name, command, port, workdir / f"{name}.log")
