@@ -31,7 +31,7 @@ from festival_serve.serving.http import BUDGET_HEADER, DISCONNECT_DISABLED_HEADE
 from festival_serve.serving.auth import keys_from_file
 from festival_serve.serving.autoscaling import ARRIVALS_PER_S, RateMeter
 from festival_serve.serving.coalesce import CallCoalescer
-from festival_serve.serving.flow import Rejected, admitted, analyze_frame
+from festival_serve.serving.flow import Rejected, admit, admitted, analyze_frame
 from festival_serve.serving.imaging import Decoder
 from festival_serve.serving.metrics import record_answer, record_refusal
 from festival_serve.serving.probes import StageStates, readiness
@@ -96,6 +96,14 @@ class PipelineIngress:
         # off at body_read_max_s (or the budget) with a 408, holding a body slot, never an admission slot.
         if self.uploads.full:
             raise Rejected(503, "overloaded", "too many uploads are arriving at once", self.settings.retry_after_s)
+        try:
+            # A crowd beyond capacity is refused before its bodies are read: through Serve's proxy, reading a body is
+            # a call back to the proxy and a multipart parse, most of what a refusal costs. Admission is asked
+            # again once the body is here (the queues may have grown while it arrived).
+            admit(self.admission, budget, self.settings)
+        except Rejected:
+            self.arrivals.mark()  # refused, but load all the same: the autoscaler must see it
+            raise
         with self.uploads.body() as take:
             def hold(n: int) -> None:
                 if not take(n):
