@@ -132,8 +132,9 @@ def _tuning_lines(result: dict) -> list[str]:
         chosen = row["chosen"]
         for tried in row["tried"] or [{**chosen, "goodput_rps": None}]:
             kept = all(tried[k] == chosen[k] for k in chosen)
-            lines.append(f"| {name} | {_fmt(tried['threads'])} | {tried['max_batch_size']} | "
-                         f"{tried['batch_timeout_s'] * 1000:g} | {_fmt(tried['goodput_rps'], 2)} | "
+            batching = ("– | –" if name == "baseline"  # one request at a time: nothing to batch
+                        else f"{tried['max_batch_size']} | {tried['batch_timeout_s'] * 1000:g}")
+            lines.append(f"| {name} | {_fmt(tried['threads'])} | {batching} | {_fmt(tried['goodput_rps'], 2)} | "
                          f"{'**yes**' if kept else ''} |")
     return lines + [""]
 

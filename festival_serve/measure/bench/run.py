@@ -505,6 +505,11 @@ def overload_summary(rows: list[dict], *, prefix: str) -> dict:
             f"{prefix}_goodput_ratio_{tag}": ratio, f"{prefix}_hung_{tag}": top["hung"]}
 
 
+#: A calibration candidate is stopped with this much grace (s) before its tree is killed: it holds nothing worth a
+#: clean shutdown, and LitServe's workers took the default 60 s to leave on SIGINT.
+CALIBRATION_STOP_GRACE_S = 5.0
+
+
 def calibrate(name: str, make, knobs: dict[str, tuple], bodies: list[bytes], plan: Plan, start_timeout_s: float,
               progress) -> tuple[PeerSetting, dict]:
     """``name`` at its best on this machine: ``make(setting)`` gives the server for a setting; each candidate is
@@ -528,7 +533,7 @@ def calibrate(name: str, make, knobs: dict[str, tuple], bodies: list[bytes], pla
                                                      duration_s=plan.calibration_s, describe=False,
                                                      warmup_s=plan.warmup_s, timeout_s=600, multipart=True))
         finally:
-            server.stop()
+            server.stop(grace_s=CALIBRATION_STOP_GRACE_S)
         return round(result.goodput_rps(), 3)
 
     progress(f"{name}: tuning on {plan.calibration_clients} clients, {plan.calibration_s:g} s per candidate "
