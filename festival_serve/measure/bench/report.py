@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from festival_serve.measure.bench.targets import AT_MOST, TARGETS
+from festival_serve.measure.bench.targets import AT_MOST, FRAME_TAGS, TARGETS
 from festival_serve.pipeline.stages import STAGE_NAMES
 
 FRAME_LABELS = {"mixed": "mixed held-out scenes", "text_signs": "scenes with a text sign", "no_text": "scenes without"}
@@ -149,13 +149,12 @@ def _efficiency_lines(result: dict) -> list[str]:
              "(`festival_serve/measure/bench/efficiency.py`).", "",
              "| frames | models alone, CPU ms / frame (batch) | graph CPU ms / answer | graph efficiency | "
              "peer CPU ms / answer | peer efficiency |", "| --- | --- | --- | --- | --- | --- |"]
-    tags = {"mixed": "", "text_signs": "_text", "no_text": "_no_text"}
     for frames, row in efficiency.items():
         spent = {n: (_closed_points(result["systems"].get(n, {}), frames) or [{}])[-1].get("cpu_ms_per_answer")
                  for n in ("graph", "peer")}  # at the most clients
         lines.append(f"| {FRAME_LABELS.get(frames, frames)} | {_fmt(row['ms_per_frame'])} ({row['batch']}) | "
-                     f"{_fmt(spent['graph'])} | {_fmt(s.get('serving_efficiency' + tags[frames]), 3)} | "
-                     f"{_fmt(spent['peer'])} | {_fmt(s.get('peer_serving_efficiency' + tags[frames]), 3)} |")
+                     f"{_fmt(spent['graph'])} | {_fmt(s.get('serving_efficiency' + FRAME_TAGS[frames]), 3)} | "
+                     f"{_fmt(spent['peer'])} | {_fmt(s.get('peer_serving_efficiency' + FRAME_TAGS[frames]), 3)} |")
     return lines + [""]
 
 

@@ -29,7 +29,7 @@ from festival_serve.measure import loadgen
 from festival_serve.measure.bench import report, tune
 from festival_serve.measure.bench.peer import BATCH_TIMEOUT_S, MAX_BATCH_SIZE
 from festival_serve.measure.bench.tune import PeerSetting, thread_candidates
-from festival_serve.measure.bench.targets import AT_MOST, TARGETS
+from festival_serve.measure.bench.targets import AT_MOST, FRAME_TAGS, TARGETS
 from festival_serve.measure.procstats import TreeSampler, resident_gb
 from festival_serve.pipeline.settings import PipelineArgs
 
@@ -100,7 +100,7 @@ def _batches(text: str) -> tuple[tuple[int, float], ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--quick", action="store_true", help="the short plan (< 10 min on 2 cores); default: full")
+    parser.add_argument("--quick", action="store_true", help="the short plan (~30 min on 2 cores: tuning, three interleaved rounds); default: full")
     parser.add_argument("--config", type=Path, default=Path("serve_config.yaml"))
     parser.add_argument("--model-store", help="override args.model_store (trained weights are used where present)")
     parser.add_argument("--stand-ins", type=Path, help="where shape-true stand-in models are built and cached "
@@ -455,7 +455,6 @@ def summarize(systems: dict[str, dict], efficiency: dict | None = None) -> dict:
         return {f"{prefix}serving_efficiency{tag}": ratio(model_ms, spent)}
 
     g1, b1 = p50_at_1("graph"), p50_at_1("baseline")
-    tags = {"mixed": "", "text_signs": "_text", "no_text": "_no_text"}
     summary = {
         **headline("overhead_ms_p50", paired("graph", "baseline", 1, "mixed", False, p50_delta)),
         "graph_p50_ms_c1": g1,
@@ -473,8 +472,8 @@ def summarize(systems: dict[str, dict], efficiency: dict | None = None) -> dict:
         "peer_rss_gb": systems.get("peer", {}).get("peak_rss_gb"),
         "peer_peak_rps_nodescribe": peak("peer", False),
         "peer_peak_rps_describe": peak("peer", True),
-        **{k: v for frames, tag in tags.items() for k, v in against_peer(frames, tag).items()},
-        **{k: v for frames, tag in tags.items() for name in ("graph", "peer")
+        **{k: v for frames, tag in FRAME_TAGS.items() for k, v in against_peer(frames, tag).items()},
+        **{k: v for frames, tag in FRAME_TAGS.items() for name in ("graph", "peer")
            for k, v in efficiency_of(name, frames, tag).items()},
         "model_cpu_ms_per_frame": {frames: (row or {}).get("ms_per_frame") for frames, row in (efficiency or {}).items()},
         **overload_summary(systems.get("graph", {}).get("overload", []), prefix="overload"),
@@ -587,12 +586,12 @@ def run(options: argparse.Namespace, progress=print) -> dict:
         def baseline_of(setting: PeerSetting):
             return baseline_server(with_threads(args, setting.threads), port=options.baseline_port, workdir=workdir)
 
+        chosen = {"baseline": peer_default, "peer": peer_default}  # until calibrated
         factories = {
             "baseline": lambda: baseline_of(chosen["baseline"]),
             "graph": lambda: graph_server(config, args, port=options.graph_port, workdir=workdir, env=graph_env),
             "peer": lambda: peer_of(chosen["peer"]),
         }
-        chosen = {"baseline": peer_default, "peer": peer_default}
         knobs = {"peer": {"threads": options.peer_threads or thread_candidates(cores),
                           "batching": options.peer_batches or plan.peer_batches},
                  "baseline": {"threads": options.baseline_threads or thread_candidates(cores)}}

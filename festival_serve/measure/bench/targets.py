@@ -14,3 +14,6 @@ TARGETS = {"overhead_ms_p50": 10.0, "throughput_ratio_nodescribe": 1.0, "through
            "peer_goodput_ratio_c16_no_text": 1.2, "peer_goodput_ratio_describe": 1.1, "peer_p50_delta_ms_c1": 5.0,
            "serving_efficiency": 0.6}
 AT_MOST = ("overhead_ms_p50", "graph_rss_gb", "peer_p50_delta_ms_c1")  # targets that are ceilings
+
+#: The suffix each frame set's headline keys carry (``peer_goodput_ratio_c16_text``, ``serving_efficiency_no_text``).
+FRAME_TAGS = {"mixed": "", "text_signs": "_text", "no_text": "_no_text"}
