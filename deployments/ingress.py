@@ -24,18 +24,22 @@ from ray.serve.handle import DeploymentHandle
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.websockets import WebSocket
 
 from festival_serve.serving.admission import Admission, Budget, TokenBucket, Uploads
 from festival_serve.serving.http import BUDGET_HEADER, DISCONNECT_DISABLED_HEADER, ApiHandlers, build_http_app, \
     ms_since, parse_bool, parse_budget, request_id_of
 from festival_serve.serving.auth import keys_from_file
+from festival_serve.serving.errors import ApiError
 from festival_serve.serving.autoscaling import ARRIVALS_PER_S, RateMeter
 from festival_serve.serving.coalesce import CallCoalescer
 from festival_serve.serving.flow import Rejected, admit, admitted, analyze_frame
 from festival_serve.serving.imaging import Decoder
-from festival_serve.serving.metrics import record_answer, record_refusal
+from festival_serve.serving.metrics import record_answer, record_refusal, record_stream_event, record_stream_frame, \
+    record_streams_open
 from festival_serve.serving.probes import StageStates, readiness
 from festival_serve.serving.public_paths import public_model_info
+from festival_serve.serving.streams import CLOSE_POLICY, CameraStream, FrameSlots, StreamContext, StreamOptions
 from festival_serve.serving.uploads import read_image_bytes
 from festival_serve.pipeline.settings import IngressSettings
 from festival_serve.pipeline.stages import STAGES
@@ -77,11 +81,18 @@ class PipelineIngress:
         self.states = StageStates({name: handle.info.remote for name, handle in self.models.items()},
                                   refresh_s=settings.probe_refresh_s, timeout_s=MODEL_INFO_TIMEOUT_S)
         self.arrivals = RateMeter()  # every /v1/analyze whose body arrived, admitted or refused: the autoscaler's load
+        # Camera streams (WS /v1/streams) share the decoder, the admission and the stage calls; each holds its
+        # tracker here, the models stay stateless (festival_serve.serving.streams).
+        self.streams = StreamContext(settings, self.decoder, self.admission, self.stages,
+                                     FrameSlots(settings.streams.frames_in_flight, settings.streams.max_streams),
+                                     put=ray.put, on_frame=record_stream_frame, on_event=record_stream_event,
+                                     on_streams=record_streams_open)
 
     def __serve_build_asgi_app__(self) -> Starlette:
         # Routes, API keys, /openapi.json and the one error mapper are the baseline's too (festival_serve.serving.http);
         # only the ingress counts the refusals it answers (festival_serve.serving.metrics).
-        handlers = ApiHandlers(analyze=self.analyze, models=self.list_models, healthz=self.healthz, readyz=self.readyz)
+        handlers = ApiHandlers(analyze=self.analyze, models=self.list_models, healthz=self.healthz, readyz=self.readyz,
+                               streams=self.stream)
         return build_http_app(handlers, keys=self.keys, log=logger, on_analyze_refusal=record_refusal,
                               probe_limit=TokenBucket(self.settings.probe_rate_per_s))
 
@@ -130,6 +141,15 @@ class PipelineIngress:
         record_answer(result, timings)  # refusals are counted by the error mapper's on_analyze_refusal
         # Serve's proxy puts the same id in the x-request-id response header.
         return JSONResponse({"request_id": request_id, **result, "timings_ms": timings})
+
+    async def stream(self, websocket: WebSocket) -> None:
+        """WS /v1/streams: one camera for the socket's life (festival_serve.serving.streams has the protocol)."""
+        try:
+            options = StreamOptions.from_query(websocket.query_params, self.settings)
+        except ApiError as e:
+            await websocket.close(CLOSE_POLICY, e.message[:120])
+            return
+        await CameraStream(websocket, options, self.streams).run()
 
     async def list_models(self, request: Request) -> JSONResponse:
         infos = await self.states.refresh()  # live: behind the keys and the probes' rate limit

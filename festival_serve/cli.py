@@ -253,6 +253,9 @@ TOOL_COMMANDS: tuple[tuple[str, str, str, str], ...] = (
      "exit 1 on a failure)"),
     ("bench", "festival_serve.measure.bench.run", "cmd_bench",
      "benchmark the graph against the single-process baseline (report in docs/bench)"),
+    ("watch", "festival_serve.ops.watch", "cmd_watch",
+     "stream a video file, webcam or RTSP/HTTP camera to WS /v1/streams: print each sign and hazard once, write "
+     "the annotated video (--out) and the messages (--json)"),
     ("check-gpu", "festival_serve.ops.check_gpu", "cmd_check_gpu",
      "where each stage really runs (device, precision, runtime, GPU share) and this machine's GPUs; warns on "
      "over-committed GPUs"),

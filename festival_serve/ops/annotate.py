@@ -58,10 +58,12 @@ def load_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.truetype(str(path), size) if path else ImageFont.load_default(size)
 
 
-def annotate(image: np.ndarray, result: dict[str, Any], *, layout: CellLayout | str | None = None) -> Image.Image:
+def annotate(image: np.ndarray, result: dict[str, Any], *, layout: CellLayout | str | None = None,
+             banner: str | None = None) -> Image.Image:
     """``image`` (``(H, W, 3) uint8 RGB``, the frame that was analysed) with ``result`` (the
-    ``/v1/analyze`` JSON) drawn on it; the same size as ``image``. With ``layout`` (a
-    :class:`CellLayout` or a layout name) the unflagged cells are outlined faintly too."""
+    ``/v1/analyze`` JSON, or a stream's frame message: signs then carry their ``track_id``) drawn on it; the
+    same size as ``image``. With ``layout`` (a :class:`CellLayout` or a layout name) the unflagged cells are
+    outlined faintly too. ``banner``: the bottom line's text instead of the description (a stream's events)."""
     base = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGBA")
     width, height = base.size
     scale = max(width, height) / 848  # text and lines sized for the frame, 1.0 at YOLIC's 848×480
@@ -76,7 +78,7 @@ def annotate(image: np.ndarray, result: dict[str, Any], *, layout: CellLayout | 
         _draw_cell(draw, cell, layout, (width, height), scale)
     for sign in result.get("signs") or []:
         _draw_sign(draw, sign, width, scale)
-    _draw_banner(draw, _banner_text(result), (width, height), scale)
+    _draw_banner(draw, banner if banner is not None else _banner_text(result), (width, height), scale)
     return Image.alpha_composite(base, overlay).convert("RGB")
 
 
@@ -126,6 +128,8 @@ def _draw_sign(draw: ImageDraw.ImageDraw, sign: dict, frame_width: int, scale: f
     draw.rectangle((x1, y1, x2, y2), outline=(*SIGN_COLOUR, 255), width=line)
     font = load_font(max(12, round(16 * scale)))
     caption = sign.get("label", "sign")
+    if sign.get("track_id") is not None:
+        caption = f"#{sign['track_id']} {caption}"
     if sign.get("score") is not None:
         caption += f" {sign['score']:.2f}"
     if sign.get("text"):

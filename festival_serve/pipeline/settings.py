@@ -167,6 +167,95 @@ class SceneDescriberSettings(_Section):
     threads: int | None = Field(None, ge=1)
 
 
+class StreamSettings(_Section):
+    """``ingress.streams``: the camera streams of ``WS /v1/streams`` (festival_serve.serving.streams), per ingress
+    replica. Tracking, reading once per track and the events are festival_serve.serving.tracking's."""
+
+    max_streams: int = Field(
+        32, ge=1,
+        description="Streams one ingress replica holds at once; a new socket beyond it is closed with 1013 (try "
+        "again later) and a retry hint. Streams are sticky to the replica that accepted them.",
+    )
+    frames_in_flight: int = Field(
+        8, ge=1,
+        description="Stream frames one ingress replica has in the graph at once, over all its streams. A stream "
+        "waits for a slot in turn (round robin over the streams that have a frame ready), so a fast camera gets "
+        "no more than its fair share of these slots while others wait.",
+    )
+    max_fps: float = Field(
+        15.0, gt=0,
+        description="Most frames per second processed per stream (a client may ask for fewer with `fps`): live "
+        "frames arriving faster are dropped, newest kept.",
+    )
+    frame_budget_s: float = Field(
+        1.0, gt=0,
+        description="A stream frame's time budget from its arrival, seconds: every stage wait is bounded by it, "
+        "and a live frame still waiting for a slot when it runs out is dropped as stale.",
+    )
+    idle_timeout_s: float = Field(
+        15.0, gt=0, description="A socket that sends nothing (no frame, no ack) for this long is closed (1008).",
+    )
+    max_unacked_results: int = Field(
+        64, ge=1,
+        description="Results a client may leave unacknowledged (`ack` = the last `seq` it read). Serve's proxy "
+        "buffers results without bound, so a client that stops reading would grow memory; beyond this many the "
+        "stream is closed with 1008.",
+    )
+    every_frame_window: int = Field(
+        4, ge=1,
+        description="mode every_frame (files): frames a client may send ahead of their results. The server says "
+        "it in its `ready` message; a frame beyond it is refused for that frame (`window_exceeded`).",
+    )
+    track_lost_s: float = Field(
+        1.0, gt=0, description="A sign track that is not seen for this long ends (its `sign_passed` event).",
+    )
+    track_min_frames: int = Field(
+        2, ge=1, description="Consecutive detections before a new track gets an id (one-frame false boxes get none).",
+    )
+    track_activation_score: float = Field(
+        0.5, gt=0, lt=1, description="Least detector score that may start a track.",
+    )
+    track_high_score: float = Field(
+        0.5, gt=0, lt=1,
+        description="ByteTrack's split: detections above it are matched first, those below only to tracks already "
+        "there (low scores keep a track alive, never start one).",
+    )
+    track_match_iou: float = Field(0.1, gt=0, lt=1, description="Least IoU of a detection with a track's prediction.")
+    read_min_side_px: int = Field(
+        24, ge=1, description="A sign track is read once its box's shorter side is at least this (frame pixels).",
+    )
+    read_min_sharpness: float = Field(
+        20.0, ge=0,
+        description="... and its crop is this sharp: the variance of the Laplacian of its grey pixels. A crop "
+        "smeared flat reads under 20; the committed clips' sign crops of 24 px and more measure 64-6900.",
+    )
+    read_confident_score: float = Field(
+        0.9, gt=0, le=1, description="A track's text at this reader score or more is final: it is not read again.",
+    )
+    read_growth: float = Field(
+        1.5, gt=1,
+        description="An unsure text is read again only once the sign's box has grown by this factor in area since "
+        "its last read (a nearer sign prints larger letters).",
+    )
+    max_reads_per_track: int = Field(3, ge=1, description="Most reads of one sign track.")
+    announce_wait_s: float = Field(
+        1.0, ge=0,
+        description="A text sign is announced (`sign_appeared`) when its text is read, or after this long unread, "
+        "seconds (then without text, and `sign_read` follows when it is read).",
+    )
+    hazard_on_frames: int = Field(
+        3, ge=1, description="Processed frames in a row a hazard label must be seen for `hazard_ahead`.",
+    )
+    hazard_off_frames: int = Field(
+        5, ge=1, description="Processed frames in a row it must be gone for `hazard_cleared` (hysteresis).",
+    )
+    describe_every_s: float = Field(
+        10.0, gt=0,
+        description="With describe on, a stream's scene is described at most this often, and only on a frame "
+        "with new events.",
+    )
+
+
 class IngressSettings(_Section):
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
     max_image_pixels: int = Field(
@@ -282,6 +371,7 @@ class IngressSettings(_Section):
     retry_after_s: float = Field(
         1.0, gt=0, description="Retry-After when no queue estimate says better (e.g. both safety stages failed), s."
     )
+    streams: StreamSettings = Field(default_factory=StreamSettings)
     api_keys_file: str | None = Field(
         None,
         description="File of SHA-256 digests of the API keys that may call /v1 (festival_serve.serving.auth; make keys with "

@@ -198,7 +198,7 @@ class RequireApiKey:
         self.app, self.keys = app, keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.keys is None or scope["type"] != "http" or _route_path(scope) in OPEN_PATHS:
+        if self.keys is None or scope["type"] not in ("http", "websocket") or _route_path(scope) in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
@@ -213,6 +213,11 @@ class RequireApiKey:
         else:
             reason, challenge, message = "unknown API key", 'Bearer error="invalid_token"', "the API key is not valid"
         logger.info("request %s: 401 (%s)", request_id, reason)
+        if scope["type"] == "websocket":
+            # A socket is refused before it is accepted: the server answers the handshake with 403 (ASGI has no
+            # 401 for a handshake without the denial-response extension, which Serve's proxy does not relay).
+            await send({"type": "websocket.close", "code": 1008, "reason": f"unauthorized: {reason}"})
+            return
         response = error_response(401, "unauthorized", message, request_id)
         response.headers["WWW-Authenticate"] = challenge
         await response(scope, receive, send)

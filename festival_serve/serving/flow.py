@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Awaitable, Callable, Iterator, Mapping
+from typing import Any, Awaitable, Callable, Iterator, Mapping, Protocol
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from festival_serve.serving.admission import SAFETY_STAGES, Admission, Budget
 from festival_serve.serving.imaging import crop
 from festival_serve.pipeline.places import hazard_places
 from festival_serve.pipeline.settings import IngressSettings
-from festival_serve.pipeline.types import DegradedCode, Findings, StageError, Ticket
+from festival_serve.pipeline.types import DegradedCode, Findings, HazardCell, SignDetection, SignText, StageError, Ticket
 
 logger = logging.getLogger(__name__)
 
@@ -93,22 +93,41 @@ def admit(admission: Admission, budget: Budget, settings: IngressSettings) -> No
                        retry_after)
 
 
+class FrameWatcher(Protocol):
+    """What a stream (festival_serve.serving.streams) adds to a frame's flow: which signs to read now, every
+    sign's text from what was read and what its track knows, and whether this frame is one to describe."""
+
+    def choose_reads(self, image: np.ndarray, found_signs: list[SignDetection]) -> list[int]: ...
+
+    def texts(self, found_signs: list[SignDetection], read: dict[int, SignText | None]) -> list[SignText | None]: ...
+
+    def wants_description(self, hazards: list[HazardCell] | None) -> bool: ...
+
+
 async def analyze_frame(image: np.ndarray, frame: Any, describe: bool, stages: Mapping[str, StageCall],
                         settings: IngressSettings, timings: dict, *, budget: Budget | None = None,
                         admission: Admission | None = None, request_id: str = "",
-                        original_size: tuple[int, int] | None = None) -> dict:
+                        original_size: tuple[int, int] | None = None, watcher: FrameWatcher | None = None) -> dict:
     """Run ``image`` through the stages and build the answer. ``frame`` is what the model stages are
     handed (the array itself, or a reference to one shared copy); crops are cut from ``image``.
     ``original_size`` (width, height): the client's frame when ``image`` was decoded smaller
     (``ingress.decode_max_side``); the answer's sizes and boxes are in the client's pixels.
+    ``watcher``: a stream's tracking (reads only what its tracks still need; describes only when it says).
     Raises ``Rejected`` when the safety stages cannot answer."""
     run = _Frame(budget or Budget(settings.default_budget_s), settings, admission or Admission(), timings,
                  request_id, [], {})
     found_signs, hazards = await asyncio.gather(_stage(run, stages, "sign_detector", 1, frame),
                                                 _stage(run, stages, "hazard_cells", 1, frame))
     _refuse_without_safety(run, found_signs, hazards)
+    hazards_seen = hazards  # None: the hazard stage gave nothing for this frame (not "no hazards")
     found_signs, hazards = found_signs or [], hazards or []
-    texts = await _read_signs(run, stages, image, found_signs)
+    if watcher is None:
+        texts = await _read_signs(run, stages, image, found_signs, signs_with_text(found_signs))
+    else:
+        chosen = watcher.choose_reads(image, found_signs)
+        read = await _read_signs(run, stages, image, found_signs, chosen)
+        texts = watcher.texts(found_signs, {i: read[i] for i in chosen})
+        describe = watcher.wants_description(hazards_seen) and describe  # the watcher's events come either way
     description = None
     if describe:
         if run.admission.describer_fits(run.budget.remaining() - settings.answer_margin_s):
@@ -140,10 +159,10 @@ def _refuse_without_safety(run: _Frame, found_signs, hazards) -> None:
                        run.settings.retry_after_s)
 
 
-async def _read_signs(run: _Frame, stages: Mapping[str, StageCall], image: np.ndarray, found_signs: list) -> list:
-    """Text of each sign that prints some, most confident first within what the budget allows."""
+async def _read_signs(run: _Frame, stages: Mapping[str, StageCall], image: np.ndarray, found_signs: list,
+                     with_text: list[int]) -> list:
+    """Text of the signs ``with_text`` names (indices, surest first), within what the budget allows."""
     texts: list = [None] * len(found_signs)
-    with_text = signs_with_text(found_signs)
     if not with_text:
         return texts
     capped = with_text[: run.settings.max_signs_read]

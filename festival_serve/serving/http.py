@@ -25,7 +25,8 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from festival_serve.serving.admission import TokenBucket
 from festival_serve.serving.auth import OPEN_PATHS, KeyFile, KeyRing, RequireApiKey
@@ -89,6 +90,7 @@ class ApiHandlers:
     models: Endpoint  # GET /v1/models
     healthz: Endpoint  # GET /healthz
     readyz: Endpoint  # GET /readyz
+    streams: Callable[[WebSocket], Awaitable[None]] | None = None  # WS /v1/streams (the ingress only)
 
 
 #: A request id a client may choose: what log lines and tracing ids are made of, at most 128 characters. Anything
@@ -153,6 +155,7 @@ def build_http_app(handlers: ApiHandlers, *, keys: KeyRing | KeyFile | None, log
             Route("/healthz", mapped(handlers.healthz, limit=probe_limit), methods=["GET"]),
             Route("/readyz", mapped(handlers.readyz, limit=probe_limit), methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),
+            *([WebSocketRoute("/v1/streams", handlers.streams)] if handlers.streams is not None else []),
         ],
         middleware=[Middleware(RequireApiKey, keys=keys)],
         exception_handlers={HTTPException: router_error, Exception: router_error},

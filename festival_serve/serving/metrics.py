@@ -91,11 +91,15 @@ class _Metrics:
     batch_size: dict[str, Any]  # by Stage.batch_unit
     expired: Any
     request_calls: Any
+    stream_frames: Any
+    stream_events: Any
+    stream_latency: Any
+    streams_open: Any
 
 
 @functools.cache
 def _metrics() -> _Metrics:
-    from ray.serve.metrics import Counter, Histogram
+    from ray.serve.metrics import Counter, Gauge, Histogram
 
     def seconds(name: str, description: str, label: str) -> Any:
         return Histogram(name, description, boundaries=list(SECONDS_BUCKETS), tag_keys=(label,))
@@ -120,6 +124,15 @@ def _metrics() -> _Metrics:
                                 boundaries=list(BATCH_BUCKETS["frames"]), tag_keys=("stage",)),
         expired=Counter("festival_expired_items_total", "Items dropped unrun because their deadline passed while "
                         "they queued at a stage (frames; crops for the reader).", tag_keys=("stage",)),
+        stream_frames=Counter("festival_stream_frames_total", "Frames of WS /v1/streams by outcome: processed, "
+                              "dropped (stale on a live source, or over capacity), error (refused for that frame).",
+                              tag_keys=("outcome",)),
+        stream_events=Counter("festival_stream_events_total", "Events the streams announced, by type "
+                              "(sign_appeared, sign_read, sign_passed, hazard_ahead, hazard_cleared).",
+                              tag_keys=("type",)),
+        stream_latency=seconds("festival_stream_frame_latency_seconds", "A processed stream frame's time from "
+                               "arriving at the ingress to its result, waiting for a slot included.", "outcome"),
+        streams_open=Gauge("festival_streams_open", "Camera streams this ingress replica holds."),
     )
 
 
@@ -156,3 +169,20 @@ def record_batch(stage: Stage, waits_s: Sequence[float], expired: int) -> None:
         metrics.queue_wait.observe(max(0.0, wait), tags)
     if expired:
         metrics.expired.inc(expired, tags)
+
+
+def record_stream_frame(outcome: str, timings_ms: Mapping[str, float]) -> None:
+    """One stream frame: processed (with its timings: ``total`` and ``queued``), dropped or error."""
+    metrics = _metrics()
+    metrics.stream_frames.inc(1, {"outcome": outcome})
+    if outcome == "processed" and "total" in timings_ms:
+        metrics.stream_latency.observe((timings_ms["total"] + timings_ms.get("queued", 0.0)) / 1000,
+                                       {"outcome": outcome})
+
+
+def record_stream_event(event: Mapping[str, Any]) -> None:
+    _metrics().stream_events.inc(1, {"type": event["type"]})
+
+
+def record_streams_open(count: int) -> None:
+    _metrics().streams_open.set(count)
