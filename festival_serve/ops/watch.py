@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import cv2
 import numpy as np
+import websockets
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +132,6 @@ class Watcher:
         self.source_done = False
 
     async def run(self) -> WatchOutcome:
-        import websockets
-
         backoff, lost_since = RECONNECT_FIRST_S, None
         while True:
             try:
@@ -195,10 +195,12 @@ class Watcher:
                     self.outcome.events += message.get("events", [])
                     if message["seq"] - acked >= ack_every:
                         acked = message["seq"]
-                        await ws.send(json.dumps({"ack": acked}))
+                        with contextlib.suppress(websockets.ConnectionClosedOK):  # the summary and close came first
+                            await ws.send(json.dumps({"ack": acked}))
                 elif kind == "frame_error":
                     self.outcome.errors += 1
                 elif kind == "summary":
+                    self.outcome.events += message.get("events", [])
                     self.outcome.summaries.append(message)
                     finished.set()
                 self.on_message(message, frame)

@@ -221,7 +221,10 @@ class CameraStream:
                 if self.ending:
                     self.ready.set()
                     await processor
-                    await self._send({"type": "summary", **self.summary()})
+                    final = self.memory.close(self.received, self._elapsed())  # the signs still in view pass
+                    for event in final:
+                        self.context.on_event(event)
+                    await self._send({"type": "summary", "events": final, **self.summary()})
                     await self._close(CLOSE_NORMAL, "end of stream")
             finally:
                 processor.cancel()

@@ -228,7 +228,7 @@ class StreamMemory:
         """Every track the stream saw (confirmed ones), with its text and how often it was read."""
         every = self.ended + list(self.tracks.values())
         return {"tracks": [t.summary() for t in sorted(every, key=lambda t: t.track_id)],
-                "reads": sum(t.reads for t in every), "events": dict(self.events_total)}
+                "reads": sum(t.reads for t in every), "event_counts": dict(self.events_total)}
 
     @staticmethod
     def _sign_fields(track: SignTrack) -> dict:

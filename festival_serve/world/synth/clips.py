@@ -8,7 +8,8 @@ and drawn through the scene's perspective :class:`~festival_serve.world.synth.ge
 the camera's position in every frame: signs start far (10-20 px) and grow as they approach, then
 leave the frame at its side or top; hazards come and go (vehicles drive on, people walk); the light
 drifts from one lighting table to another; the camera shakes (harder over a speed bump or pothole)
-and a shaking frame is motion-blurred along the shake.
+and a frame taken while the camera shakes (a rough stretch, a jolt, a steering correction) is
+motion-blurred along the shake.
 
     clip = generate_clip(seed, frames=70, fps=10.0, size=(848, 480))
     clip.frames[i].image   # (H, W, 3) uint8 RGB
@@ -35,7 +36,11 @@ that training draws (``SPLIT_STARTS[split] + CLIP_OFFSET + i``). The clips commi
 ``festival_serve/data/clips/`` are :data:`COMMITTED` (held-out "test" seeds); regenerate them with
 ``python -m festival_serve.world.synth.clips --out festival_serve/data/clips``.
 
-Plain numpy/OpenCV/PIL, no Ray, no torch: about 20-30 ms a frame at 848x480 on one core.
+Detection: the shipped sign detector (320 px letterbox) finds clip signs about as it finds scene signs of
+the same size: nearly all from ~32 px high at 848x480, about two in three at 24-32 px (scene signs shrunk to
+24-32 px: 0.58), almost none below. A sign's text is best read from ~25 px up.
+
+Plain numpy/OpenCV/PIL, no Ray, no torch: about 12-20 ms a frame at 848x480 on one core.
 """
 
 from __future__ import annotations
@@ -80,13 +85,14 @@ OVERHEAD = 0.12  # P(a sign hangs over the roadway from a cantilever arm)
 #: roadside signs on a wide road leave the frame at 50-110 px, the sizes the detector was trained on.
 SIGN_SCALE = (1.0, 1.3)
 INFO_SCALE = (1.0, 1.4)
-ROADSIDE_MIN_M = 2.0  # a roadside face's lower edge: this high or more, and ...
-ROADSIDE_ABOVE_CAMERA_M = (0.25, 1.0)  # ... this much above the camera (signs stand above the horizon, as in scenes)
+ROADSIDE_MIN_M = 2.5  # a roadside face's lower edge: this high or more (clear of the shop signs), and ...
+ROADSIDE_ABOVE_CAMERA_M = (1.0, 2.2)  # ... this much above the camera: the scenes' sign band, above the horizon
 NEAR_SIDE = 0.6  # P(a roadside sign stands on the kerb nearer the camera)
 HAZARDS_PER_100M = (3.0, 9.0)
 LANE_CLEAR_M = 1.3  # standing hazards keep this far (laterally) from the camera's path
 SHAKE_BLUR_MIN_PX = 3.0  # frames whose shake moves the image this much during the exposure are blurred
-MAX_BLUR_PX = 9
+MAX_BLUR_PX = 7  # scenes' motion blur is 3-6 px
+ROUGH = 0.6  # P(a clip has rough stretches of road)
 
 _CIRCLES = ("speed_limit", "no_parking", "no_stopping", "no_entry", "no_turn", "mandatory")
 _TRIANGLES = ("children", "pedestrian_crossing", "road_works", "slippery_road")
@@ -604,6 +610,10 @@ class _World:
         self.jolts = [(h.z / self.speed, float(rng.uniform(5.0, 10.0))) for h in self.hazards if h.kind in _JOLTS]
         self.swerves = [(float(rng.uniform(0, self.duration)), float(rng.choice([-1.0, 1.0])) * float(rng.uniform(4, 8)))
                         for _ in range(int(rng.integers(0, 3)))]
+        # Rough stretches of road: the camera vibrates (5-8 Hz) for a second or so, and blurs.
+        self.rough = [(float(rng.uniform(0, self.duration)), float(rng.uniform(0.5, 1.5)), float(rng.uniform(2.5, 4.5)),
+                       float(rng.uniform(5.0, 8.0)), float(rng.uniform(0, 2 * np.pi)))
+                      for _ in range(int(rng.integers(1, 3)) if rng.random() < ROUGH else 0)]
         self.exposure = float(rng.uniform(0.4, 0.9))  # of the frame interval
         self.luts = (lighting_lut(rng).astype(np.float32), lighting_lut(rng).astype(np.float32))
         self.blur = float(rng.uniform(0.0, 1.0)) if rng.random() < 0.6 else 0.0
@@ -621,6 +631,9 @@ class _World:
             if t >= t0:
                 s = t - t0
                 dy += strength * math.exp(-s / 0.3) * math.sin(2 * math.pi * 2.5 * s)
+        for t0, length, strength, freq, phase in self.rough:
+            if t0 <= t <= t0 + length:
+                dy += strength * math.sin(math.pi * (t - t0) / length) * math.sin(2 * math.pi * freq * t + phase)
         for t0, strength in self.swerves:  # a quick steering correction: the view slews sideways and back
             s = (t - t0) / 0.35
             dx += strength * math.exp(-s * s)
@@ -677,10 +690,12 @@ class _World:
         flats = []
         for hz in self.hazards:
             x, z = hz.x + hz.vx * t, hz.z + hz.vz * t
+            if hz.kind == "Creature":  # walks to the edge of the pavement and stops there
+                x = float(np.clip(x, 0.3 - self.walks["left_walk"], cam.road_width + self.walks["right_walk"] - 0.3))
             zr = z - cam.z0
             if zr > 110 or (hz.flat and zr < -8) or (not hz.flat and zr < 2.0):
                 continue
-            if hz.vx and not -2.5 <= x <= cam.road_width + 2.5:  # still (or again) off the street
+            if hz.vx and not -2.5 <= x <= cam.road_width + 2.5:  # a crossing car still (or again) off the street
                 continue
             (flats if hz.flat else standing).append((zr, "hazard", (hz, x, z)))
         for sign in self.signs:
