@@ -85,7 +85,7 @@ class PipelineIngress:
         # tracker here, the models stay stateless (festival_serve.serving.streams).
         self.streams = StreamContext(settings, self.decoder, self.admission, self.stages,
                                      FrameSlots(settings.streams.frames_in_flight, settings.streams.max_streams),
-                                     put=ray.put, on_frame=record_stream_frame, on_event=record_stream_event,
+                                     put=ray.put, on_frame=self._stream_frame, on_event=record_stream_event,
                                      on_streams=record_streams_open)
 
     def __serve_build_asgi_app__(self) -> Starlette:
@@ -141,6 +141,12 @@ class PipelineIngress:
         record_answer(result, timings)  # refusals are counted by the error mapper's on_analyze_refusal
         # Serve's proxy puts the same id in the x-request-id response header.
         return JSONResponse({"request_id": request_id, **result, "timings_ms": timings})
+
+    def _stream_frame(self, outcome: str, timings: dict) -> None:
+        # A stream frame is an arrival as a POSTed one is (read, decoded, or dropped in microseconds): the
+        # autoscaler's load counts both, so cameras held scale the ingress too.
+        self.arrivals.mark()
+        record_stream_frame(outcome, timings)
 
     async def stream(self, websocket: WebSocket) -> None:
         """WS /v1/streams: one camera for the socket's life (festival_serve.serving.streams has the protocol)."""

@@ -362,7 +362,7 @@ def _positive(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the running deployment")
+    parser.add_argument("--url", "--server", dest="url", default="http://127.0.0.1:8000", help="the running deployment")
     parser.add_argument("--images", type=_positive, default=200, help="held-out scenes to send")
     parser.add_argument("--split", default="test", help="the generator's seed split (default: the held-out test split)")
     parser.add_argument("--sizes", type=parse_size, nargs="+", default=list(DEFAULT_SIZES), metavar="WxH",
@@ -378,11 +378,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", help="also write the report to this JSON file")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target of the issue is missed")
     parser.add_argument("--no-progress", action="store_true")
+    from festival_serve.measure import stream_eval
+
+    stream_eval.add_arguments(parser)  # --clips N / --committed: streamed clips instead of scenes
     return parser
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run the evaluation; summary on stderr, the whole report as the last line of stdout."""
+    from festival_serve.measure import stream_eval
+
+    if stream_eval.wants_clips(args):
+        return stream_eval.cmd_eval_clips(args)
     try:
         result = evaluate(args.url, images=args.images, seed_split=args.split, sizes=args.sizes,
                           concurrency=args.concurrency, jpeg_quality=args.jpeg_quality, timeout=args.timeout,

@@ -170,6 +170,7 @@ class Watcher:
     async def _session(self, ws) -> bool:
         """One connection: True once the source ended and the summary came."""
         ready = json.loads(await ws.recv())
+        self.on_message(ready, None)
         if ready.get("type") == "refused":
             raise _Refused(float(ready.get("retry_after_s", 1.0)))
         window = ready.get("window") or LIVE_FRAMES_KEPT
