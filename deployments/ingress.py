@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 
@@ -41,6 +42,7 @@ from festival_serve.serving.probes import StageStates, readiness
 from festival_serve.serving.public_paths import public_model_info
 from festival_serve.serving.streams import CLOSE_POLICY, CameraStream, FrameSlots, StreamContext, StreamOptions
 from festival_serve.serving.uploads import read_image_bytes
+from deployments.stream_router import STREAMS_HELD
 from festival_serve.pipeline.settings import IngressSettings
 from festival_serve.pipeline.stages import STAGES
 
@@ -86,7 +88,7 @@ class PipelineIngress:
         self.streams = StreamContext(settings, self.decoder, self.admission, self.stages,
                                      FrameSlots(settings.streams.frames_in_flight, settings.streams.max_streams),
                                      put=ray.put, on_frame=self._stream_frame, on_event=record_stream_event,
-                                     on_streams=record_streams_open)
+                                     on_streams=record_streams_open, replica=_replica_token())
 
     def __serve_build_asgi_app__(self) -> Starlette:
         # Routes, API keys, /openapi.json and the one error mapper are the baseline's too (festival_serve.serving.http);
@@ -174,11 +176,21 @@ class PipelineIngress:
         return JSONResponse({"ready": ready, "stages": stages, "age_s": self.states.age_s()},
                             status_code=200 if ready else 503)
 
+    async def record_routing_stats(self) -> dict[str, int]:
+        # The ingress's router (deployments.stream_router) sends a new camera socket to the replica holding fewest.
+        return {STREAMS_HELD: self.streams.slots.streams}
+
     async def record_autoscaling_stats(self) -> dict[str, float]:
         # Serve samples this for the autoscaler. The ingress's work is per arrival (decoding, or refusing in
         # milliseconds), while its requests in flight only await the models: it scales by arrivals per second
         # (GraphMetricPolicy, serve_config.yaml).
         return {ARRIVALS_PER_S: self.arrivals.rate()}
+
+
+def _replica_token() -> str:
+    """A short opaque name of this replica for the stream's ``ready`` message: which replica holds a camera, without
+    Serve's ids (which name the application and deployment) leaving the cluster."""
+    return hashlib.sha256(serve.get_replica_context().replica_id.unique_id.encode()).hexdigest()[:8]
 
 
 #: How long a stage may take to answer model_info before it reads "no replica answered", seconds.

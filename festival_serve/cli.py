@@ -251,7 +251,7 @@ TOOL_COMMANDS: tuple[tuple[str, str, str, str], ...] = (
     ("validate", "festival_serve.ops.validate", "cmd_validate",
      "check every local backend against torch fp32 on held-out scenes, and time it (JSON report last with --json; "
      "exit 1 on a failure)"),
-    ("bench", "festival_serve.measure.bench.run", "cmd_bench",
+    ("bench", "festival_serve.measure.bench.streams", "cmd_bench",
      "benchmark the graph against the single-process baseline (report in docs/bench)"),
     ("watch", "festival_serve.ops.watch", "cmd_watch",
      "stream a video file, webcam or RTSP/HTTP camera to WS /v1/streams: print each sign and hazard once, write "

@@ -92,6 +92,16 @@ def test_stream_phase_totals_fairness_cpu_and_reads():
     assert phase["reads_per_track_median"] == 1 and phase["tracks"] == 4
     assert phase["server_p95_ms"] == 200.0 and phase["roundtrip_p95_ms"] == 210.0
     assert phase["worst_share_deviation"] == pytest.approx(1 / 3, abs=1e-3)  # 10 and 5 fps against 7.5
+    assert phase["reads_per_text_track_median"] == 1 and phase["text_tracks"] == 4
+
+
+def test_fair_share_is_capped_at_the_fps_the_server_granted():
+    records = [record(f"s{k}", 15.0, 10.0, lambda t: 100.0, dropped=40) for k in range(2)]
+    for r in records:
+        r["granted_fps"] = 15.0  # asked for 19, the server's max_fps is 15
+    phase = streams.stream_phase(records, seconds=10.0, fps=19.0, resources=None)
+    assert phase["stream_fps_cap"] == 15.0 and phase["fair_share_fps"] == 15.0
+    assert phase["worst_share_deviation"] == 0.0 and phase["cpu_ms_per_frame"] is None
 
 
 def _image(fps: float, cores: float, p95: float = 300.0) -> dict:
@@ -116,6 +126,7 @@ def test_summary_meets_every_target():
     summary = streams.summarize(good, image, overload, {"fps": 25.0, "from": "test"})
     assert summary["per_core_ratio"] == 4.0
     assert summary["throughput_ratio"] == 2.0
+    assert summary["per_core_ratio_saturated"] == 2.0  # 30 fps on 1.5 cores against 10 on 1
     assert summary["streams_below_capacity"] is True
     assert {k: t["met"] for k, t in summary["targets"].items()} == {k: True for k in streams.STREAM_TARGETS}
 
@@ -168,17 +179,17 @@ def test_report_renders_and_writes(tmp_path):
 
 
 def test_bench_streams_option_dispatches(monkeypatch, tmp_path, capsys):
-    parser = run.add_arguments(argparse.ArgumentParser())
+    parser = streams.add_arguments(argparse.ArgumentParser())
     options = parser.parse_args(["--streams", "4", "--stream-fps", "10", "--server", "http://127.0.0.1:8000",
                                  "--out", str(tmp_path)])
     assert (options.streams, options.stream_fps, options.stream_seconds, options.stream_overload_seconds) == \
         (4, 10.0, 30.0, 120.0)
     result = _result(tmp_path)
     monkeypatch.setattr(streams, "run_streams", lambda opts: result)
-    assert run.cmd_bench(options) == 0
+    assert streams.cmd_bench(options) == 0
     out = capsys.readouterr().out
     assert "overload_p95_growth" in out and "NOT MET" in out and "per_core_ratio" in out
     assert json.loads(out.strip().splitlines()[-1])["targets_met"]["overload_p95_growth"] is False
 
     bad = parser.parse_args(["--streams", "0", "--server", "http://x"])
-    assert run.cmd_bench(bad) == 1
+    assert streams.cmd_bench(bad) == 1

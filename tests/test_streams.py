@@ -7,6 +7,7 @@ decode bomb is refused for its frame, and `festival-serve watch` works against a
 from __future__ import annotations
 
 import asyncio
+import collections
 import io
 import json
 import shutil
@@ -28,7 +29,8 @@ from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP = DATA_DIR / "clips" / "road_a.mp4"
-MAX_STREAMS = 3
+MAX_STREAMS = 3  # per ingress replica
+INGRESS_REPLICAS = 2
 pytestmark = pytest.mark.timeout(600)
 
 
@@ -49,7 +51,7 @@ def server(key):
     app["args"]["ingress"]["streams"] = {"max_streams": MAX_STREAMS}
     for deployment in app["deployments"]:
         deployment.pop("autoscaling_config", None)
-        deployment["num_replicas"] = 1
+        deployment["num_replicas"] = INGRESS_REPLICAS if deployment["name"] == "PipelineIngress" else 1
     up.start(config, offline=True, num_cpus=2, metrics_port=None)
     try:
         up.wait_until_running(timeout_s=420, progress=lambda line: None)
@@ -93,11 +95,28 @@ def test_a_socket_needs_the_api_key_as_v1_does(server, key):
         assert refused.value.response.status_code == 403
 
 
-def test_a_full_replica_refuses_a_new_stream_with_1013_and_keeps_the_ones_it_holds(server, key):
+def test_sockets_opened_together_spread_evenly_over_the_ingress_replicas(server, key):
     headers = {"Authorization": f"Bearer {key[0]}"}
 
     async def run():
-        held = [await websockets.connect(_ws(server), additional_headers=headers) for _ in range(MAX_STREAMS)]
+        sockets = await asyncio.gather(*[websockets.connect(_ws(server), additional_headers=headers)
+                                         for _ in range(2 * INGRESS_REPLICAS)])
+        try:
+            return [json.loads(await ws.recv()).get("replica", "refused") for ws in sockets]
+        finally:
+            await asyncio.gather(*[ws.close() for ws in sockets])
+
+    replicas = asyncio.run(run())
+    counts = sorted(collections.Counter(replicas).values())
+    assert counts == [2] * INGRESS_REPLICAS, replicas  # Serve's default router put 5 of 6 on one
+
+
+def test_a_full_graph_refuses_a_new_stream_with_1013_and_keeps_the_ones_it_holds(server, key):
+    headers = {"Authorization": f"Bearer {key[0]}"}
+
+    async def run():
+        held = [await websockets.connect(_ws(server), additional_headers=headers)
+                for _ in range(MAX_STREAMS * INGRESS_REPLICAS)]
         try:
             for ws in held:
                 assert json.loads(await ws.recv())["type"] == "ready"

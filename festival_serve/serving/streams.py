@@ -128,6 +128,7 @@ class StreamContext:
     on_frame: Callable[[str, dict], None] = lambda outcome, timings: None  # metrics: processed/dropped/error
     on_event: Callable[[dict], None] = lambda event: None
     on_streams: Callable[[int], None] = lambda held: None  # metrics: the streams this replica holds now
+    replica: str = ""  # an opaque token of the replica holding the stream (ops: which one a camera is on)
 
 
 @dataclass
@@ -209,7 +210,8 @@ class CameraStream:
             logger.info("stream refused (%s)", e.message)
             return
         try:
-            await self._send({"type": "ready", "stream_id": self.stream_id, "mode": self.options.mode,
+            await self._send({"type": "ready", "stream_id": self.stream_id, "replica": self.context.replica,
+                              "mode": self.options.mode,
                               "fps": self.options.fps, "describe": self.options.describe,
                               "window": self.limits.every_frame_window if self.options.mode == "every_frame" else None,
                               "max_unacked_results": self.limits.max_unacked_results,

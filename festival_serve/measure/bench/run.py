@@ -139,9 +139,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     tuning.add_argument("--peer-batches", type=_batches,
                         help="LitServe batching candidates as SIZE:WAIT_S, e.g. 16:0.01,16:0.001 (default: the plan's)")
     tuning.add_argument("--baseline-threads", type=_ints, help="thread candidates for the baseline")
-    from festival_serve.measure.bench import streams
-
-    streams.add_arguments(parser)
     return parser
 
 
@@ -714,10 +711,6 @@ def _env_pairs(pairs: list[str]) -> dict[str, str]:
 def cmd_bench(options: argparse.Namespace) -> int:
     from festival_serve.measure.bench.servers import ServerFailed
 
-    if getattr(options, "streams", None) is not None:  # --streams N: the camera-stream bench instead
-        from festival_serve.measure.bench.streams import cmd_streams
-
-        return cmd_streams(options)
     try:
         result = run(options)
     except (ServerFailed, RuntimeError, ValueError) as e:

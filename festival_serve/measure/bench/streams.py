@@ -140,7 +140,7 @@ def judge(values: dict) -> dict:
 def stream_phase(streams: list[dict], seconds: float, fps: float, resources: dict | None) -> dict:
     """One streams phase from its cameras' records (``camera``'s dicts): totals, per stream, latency,
     fairness, CPU per frame, reads per track, and latency over time."""
-    rows, server_samples, trip_samples, reads = [], [], [], []
+    rows, server_samples, trip_samples, reads, text_reads = [], [], [], [], []
     for s in streams:
         summary = s.get("summary") or {}
         processed = len(s["results"])
@@ -156,7 +156,10 @@ def stream_phase(streams: list[dict], seconds: float, fps: float, resources: dic
         server_samples += [(r[0], r[1]) for r in s["results"]]
         trip_samples += [(r[0], r[2]) for r in s["results"]]
         reads += [t.get("reads", 0) for t in summary.get("tracks", [])]
+        text_reads += [t.get("reads", 0) for t in summary.get("tracks", []) if t.get("text") or t.get("reads")]
     live = [r for r in rows if not r["refused"]]
+    granted = [s["granted_fps"] for s in streams if s.get("granted_fps")]
+    cap = min([fps, *granted])  # a stream's most: what it offered, or the server's max_fps if lower
     fps_list = [r["processed_fps"] for r in live if r["processed_fps"] is not None]
     processed = sum(r["processed"] for r in rows)
     sent = sum(r["sent"] for r in rows)
@@ -176,13 +179,16 @@ def stream_phase(streams: list[dict], seconds: float, fps: float, resources: dic
         "server_p50_ms": percentile(server_lat, 50), "server_p95_ms": percentile(server_lat, 95),
         "roundtrip_p50_ms": percentile(trip_lat, 50), "roundtrip_p95_ms": percentile(trip_lat, 95),
         "fairness_min_max": fairness(fps_list),
-        "fair_share_fps": fair_share(fps_list, fps),
-        "share_deviations": share_deviations(fps_list, fps),
-        "worst_share_deviation": max((abs(d) for d in share_deviations(fps_list, fps)), default=None),
+        "stream_fps_cap": cap,
+        "fair_share_fps": fair_share(fps_list, cap),
+        "share_deviations": share_deviations(fps_list, cap),
+        "worst_share_deviation": max((abs(d) for d in share_deviations(fps_list, cap)), default=None),
         "cpu_s": cpu_s, "cpu_cores": cores,
         "cpu_ms_per_frame": round(cpu_s * 1000 / processed, 2) if cpu_s is not None and processed else None,
         "fps_per_core": per_core(total_fps, cores),
         "reads_per_track_median": median(reads) if reads else None, "tracks": len(reads),
+        # as ``festival-serve watch`` counts them: over the tracks with text or a read (pictograms are not read)
+        "reads_per_text_track_median": median(text_reads) if text_reads else None, "text_tracks": len(text_reads),
         "timeline": windows(server_samples, window, seconds),
         "first_last": first_last(server_samples, seconds),
         "per_stream": rows,
@@ -231,6 +237,9 @@ def summarize(streams: dict, image: dict, overload: dict | None, capacity: dict)
     }
     if overload:
         values.update({
+            # Both saturated: the overload's streams against the closed loop (the streams phase below capacity
+            # batches less, so its CPU per frame is higher than at load).
+            "per_core_ratio_saturated": ratio(overload.get("fps_per_core"), image.get("fps_per_core")),
             "overload_offered_fps": overload.get("offered_fps"),
             "overload_processed_fps": overload.get("processed_fps"),
             "overload_p95_ms": overload.get("server_p95_ms"),
@@ -300,16 +309,19 @@ def markdown(result: dict) -> str:
             lines.append(f"| per-image | {im['clients']} closed-loop clients, {_fmt(im['seconds'], 1)} s | "
                          f"{_fmt(im['frames_per_s'], 2)} | {_fmt(im['p50_ms'])} | {_fmt(im['p95_ms'])} | – | – | "
                          f"{_fmt(im['cpu_cores'], 2)} | {_fmt(im['cpu_ms_per_frame'])} | {_fmt(im['fps_per_core'], 2)} |")
-    lines += ["", f"Ratios: frames/s per core streams / per-image {_fmt(s['per_core_ratio'], 3)}; frames/s "
+    lines += ["", f"Ratios: frames/s per core streams / per-image {_fmt(s['per_core_ratio'], 3)} (the overload's "
+                  f"saturated streams / per-image: {_fmt(s.get('per_core_ratio_saturated'), 3)}); frames/s "
                   f"{_fmt(s['throughput_ratio'], 3)}; CPU per frame per-image / streams {_fmt(s['cpu_per_frame_ratio'], 3)}. "
                   f"Streams fairness (min / max processed fps): {_fmt(st['fairness_min_max'], 3)}. Reader calls per "
-                  f"track (median over {st['tracks']} tracks): {_fmt(st['reads_per_track_median'])}.", ""]
+                  f"track (median over {st['tracks']} tracks): {_fmt(st['reads_per_track_median'])}; over the "
+                  f"{st['text_tracks']} tracks with text or a read: {_fmt(st['reads_per_text_track_median'])}.", ""]
     for name, p in (("streams", st), ("overload", ov)):
         if not p:
             continue
         fl = p["first_last"]
         lines += [f"## {name}: every stream", "",
-                  f"Fair share {_fmt(p['fair_share_fps'], 2)} fps; first {fl['span_s']:g} s p95 "
+                  f"Fair share {_fmt(p['fair_share_fps'], 2)} fps (a stream's most: "
+                  f"{_fmt(p['stream_fps_cap'], 2)} fps); first {fl['span_s']:g} s p95 "
                   f"{_fmt(fl['first_p95_ms'])} ms, last {fl['span_s']:g} s p95 {_fmt(fl['last_p95_ms'])} ms "
                   f"(growth {_fmt(fl['p95_growth'], 3)}).", "",
                   "| camera | sent | processed | processed fps | vs fair share | dropped | errors | p95 ms | "
@@ -347,7 +359,7 @@ async def camera(url: str, jpegs: list[bytes], *, fps: float, seconds: float, st
     import websockets
 
     record = {"camera": camera_name, "sent": 0, "skipped": 0, "results": [], "errors": 0, "dropped_seen": 0,
-              "summary": None, "refused": None, "closed": None}
+              "summary": None, "refused": None, "closed": None, "granted_fps": None}
     sent_at: dict[int, float] = {}
     period = 1.0 / fps
     try:
@@ -357,6 +369,7 @@ async def camera(url: str, jpegs: list[bytes], *, fps: float, seconds: float, st
                 record["refused"] = f"refused: {ready.get('message')} (retry after {ready.get('retry_after_s')} s)"
                 return record
             ack_every = max(1, int(ready.get("max_unacked_results", 64)) // 4)
+            record["granted_fps"] = ready.get("fps")  # what was asked, capped at the server's max_fps
             done = asyncio.Event()
 
             async def receive() -> None:
@@ -512,7 +525,7 @@ def _phase_line(name: str, p: dict) -> str:
             f"frames/s processed, dropped {p['dropped']} ({p['dropped_share']}), p50 {p['server_p50_ms']} ms "
             f"p95 {p['server_p95_ms']} ms (round trip p95 {p['roundtrip_p95_ms']} ms), fairness "
             f"{p['fairness_min_max']}, cpu {p['cpu_cores']} cores, {p['cpu_ms_per_frame']} ms/frame, "
-            f"reads/track {p['reads_per_track_median']}, errors {p['errors']}, refused {p['refused']}")
+            f"reads/track {p['reads_per_track_median']} (text tracks {p['reads_per_text_track_median']}), errors {p['errors']}, refused {p['refused']}")
 
 
 def run_streams(options: argparse.Namespace, progress=print) -> dict:
@@ -602,7 +615,11 @@ def _run_phases(server: str, root_pid: int | None, options: argparse.Namespace, 
     }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``festival-serve bench``'s arguments: the graph bench's (run.py), and these for ``--streams``."""
+    from festival_serve.measure.bench import run as bench_run
+
+    bench_run.add_arguments(parser)
     group = parser.add_argument_group("camera streams (--streams N: WS /v1/streams against the per-image API)")
     group.add_argument("--streams", type=int, metavar="N", help="run the streams bench with N cameras instead")
     group.add_argument("--stream-fps", type=float, default=10.0, help="frames a second each camera sends and asks "
@@ -626,6 +643,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--server", help="a graph already running at this URL (default: start one as the bench does)")
     group.add_argument("--server-pid", type=int, help="the root pid of --server's processes, for the CPU "
                                                        "(default: found from the process listening on its port)")
+    return parser
 
 
 def validate(options: argparse.Namespace) -> None:
@@ -635,6 +653,15 @@ def validate(options: argparse.Namespace) -> None:
         raise ValueError("--stream-fps and --stream-seconds must be positive, --stream-overload-seconds >= 0")
     if options.stream_clip_frames < 1:
         raise ValueError("--stream-clip-frames takes at least 1")
+
+
+def cmd_bench(options: argparse.Namespace) -> int:
+    """``festival-serve bench``: the graph bench (run.py), or with ``--streams N`` the camera-stream bench."""
+    if options.streams is None:
+        from festival_serve.measure.bench import run as bench_run
+
+        return bench_run.cmd_bench(options)
+    return cmd_streams(options)
 
 
 def cmd_streams(options: argparse.Namespace) -> int:
@@ -649,7 +676,8 @@ def cmd_streams(options: argparse.Namespace) -> int:
     s = result["summary"]
     print(f"\nbench --streams finished in {result['elapsed_s']:.0f} s; report in {options.out}/streams.md")
     print(f"  frames/s per core: streams {result['streams']['fps_per_core']}, per-image "
-          f"{result['image']['fps_per_core']} (ratio {s['per_core_ratio']})")
+          f"{result['image']['fps_per_core']} (ratio {s['per_core_ratio']}); at overload "
+          f"{(result.get('overload') or {}).get('fps_per_core')} (ratio {s.get('per_core_ratio_saturated')})")
     for line in target_lines(s):
         print(f"  {line}")
     print(json.dumps({k: v for k, v in s.items() if k != "targets"}
