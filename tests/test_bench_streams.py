@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from festival_serve.measure.bench import run, streams
+from festival_serve.measure.bench import streams
 
 
 def record(camera: str, fps: float, seconds: float, latency_ms, *, dropped: int = 0, reads=(1,),

@@ -525,7 +525,8 @@ def _phase_line(name: str, p: dict) -> str:
             f"frames/s processed, dropped {p['dropped']} ({p['dropped_share']}), p50 {p['server_p50_ms']} ms "
             f"p95 {p['server_p95_ms']} ms (round trip p95 {p['roundtrip_p95_ms']} ms), fairness "
             f"{p['fairness_min_max']}, cpu {p['cpu_cores']} cores, {p['cpu_ms_per_frame']} ms/frame, "
-            f"reads/track {p['reads_per_track_median']} (text tracks {p['reads_per_text_track_median']}), errors {p['errors']}, refused {p['refused']}")
+            f"reads/track {p['reads_per_track_median']} (text tracks {p['reads_per_text_track_median']}), "
+            f"errors {p['errors']}, refused {p['refused']}")
 
 
 def run_streams(options: argparse.Namespace, progress=print) -> dict:
