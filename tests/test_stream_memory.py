@@ -65,8 +65,9 @@ def _observe(memory: StreamMemory, index: int, box) -> list:
     return memory.track(index, index / 10, [SignDetection(box, "info", 0, 0.9, True)])
 
 
-def test_a_sign_is_read_once_it_is_large_and_sharp_and_not_again_when_its_text_is_sure():
-    settings = StreamSettings(read_min_side_px=24, read_confident_score=0.9, max_reads_per_track=3)
+def test_a_sign_is_read_once_it_is_large_and_sharp_and_not_again_once_a_sure_reading_is_final():
+    settings = StreamSettings(read_min_side_px=24, read_confident_score=0.9, read_final_side_px=32,
+                              max_reads_per_track=3)
     memory = StreamMemory(settings)
     reads = []
     for index, size in enumerate([16, 18, 20, 30, 34, 40, 60, 80]):
@@ -76,8 +77,9 @@ def test_a_sign_is_read_once_it_is_large_and_sharp_and_not_again_when_its_text_i
         for i in chosen:
             memory.record_text(tracked[i], SignText("BẾN XE", 0.97, ()))
         reads.append(len(chosen))
-    # Frame 0 has no track yet (two detections confirm one); 16-20 px are too small; read at 30 px, then never.
-    assert reads == [0, 0, 0, 1, 0, 0, 0, 0]
+    # Frames 0-1 have no track yet (three detections confirm one); 16-20 px are too small; read at 30 px (sure, but
+    # from under 32 px: not final), again at 40 px (1.5x the area), then never.
+    assert reads == [0, 0, 0, 1, 0, 1, 0, 0]
     assert memory.tracks[0].text == "BẾN XE"
 
 
@@ -91,8 +93,9 @@ def test_an_unsure_text_is_read_again_only_as_the_sign_grows_and_at_most_max_rea
         for i in chosen:
             memory.record_text(tracked[i], SignText("BEN X", 0.5, ()))
         reads.append(len(chosen))
-    # First read at frame 1 (26 px, area 676); again once the area is 1.5x (32+ px: frame 4, 36 px); then capped.
-    assert reads == [0, 1, 0, 0, 1, 0, 0, 0]
+    # First read once confirmed (frame 2, 28 px, area 784); again once the area is 1.5x (34+ px: frame 4, 36 px);
+    # then capped.
+    assert reads == [0, 0, 1, 0, 1, 0, 0, 0]
     assert memory.tracks[0].reads == 2
 
 

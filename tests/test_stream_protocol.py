@@ -252,3 +252,42 @@ def test_bad_stream_options_are_refused_with_a_reason():
     with pytest.raises(ApiError, match="fps"):
         StreamOptions.from_query({"fps": "-3"}, settings)
     assert StreamOptions.from_query({"fps": "1000"}, settings).fps == settings.streams.max_fps  # capped
+
+
+def _every_frame(url: str, jpegs: list[bytes]) -> tuple[list[dict], dict]:
+    async def run():
+        async with websockets.connect(url + "?mode=every_frame", max_size=2 ** 24) as ws:
+            await _ready(ws)
+            results = []
+            for i, jpeg in enumerate(jpegs):  # one at a time: within any window
+                await ws.send(json.dumps({"id": i, "t": i / 10}))
+                await ws.send(jpeg)
+                results.append(json.loads(await ws.recv()))
+            await ws.send(json.dumps({"type": "end"}))
+            return results, json.loads(await ws.recv())
+
+    return asyncio.run(run())
+
+
+def test_settled_tracks_let_frames_skip_the_graph_with_predicted_boxes_and_the_same_track_ids(models, clip_jpegs):
+    with _Server(models, analyze_every=3) as url:
+        skipping, summary = _every_frame(url, clip_jpegs)
+    with _Server(models, analyze_every=1) as url:
+        every, every_summary = _every_frame(url, clip_jpegs)
+    assert every_summary["analysed"] == every_summary["processed"] == len(clip_jpegs)
+    assert summary["processed"] == len(clip_jpegs) and summary["analysed"] < len(clip_jpegs)
+    predicted = [r for r in skipping if not r["analysed"]]
+    assert predicted and all(s.get("predicted") for r in predicted for s in r["signs"])
+    # No run of more than analyze_every - 1 predicted frames, and every predicted sign is a known track.
+    run_length = longest = 0
+    for r in skipping:
+        run_length = 0 if r["analysed"] else run_length + 1
+        longest = max(longest, run_length)
+    assert longest <= 2
+    tracks = {t["track_id"] for t in summary["tracks"]}
+    assert {s["track_id"] for r in predicted for s in r["signs"]} <= tracks
+    # Each sign is still announced once, skipping or not.
+    def announced(results):
+        return sorted((e["label"], e["text"]) for r in results for e in r["events"] if e["type"] == "sign_appeared")
+
+    assert announced(skipping) == announced(every)

@@ -69,7 +69,7 @@ TEXT_CLASSES = ("speed_limit", "info")
 DEFAULT_FRAMES, DEFAULT_FPS, DEFAULT_SIZE = 70, 10.0, (848, 480)
 #: Tries per clip when the stream breaks off (the server closed it, it stalled): a clip whose last try is
 #: incomplete is scored with what came back (missing frames are empty) and marked so.
-DEFAULT_TRIES = 2
+DEFAULT_TRIES = 3
 
 #: The issue's targets (issue 31, item 8): report key -> (target, "min" | "max").
 TARGETS: dict[str, tuple[float, str]] = {

@@ -210,13 +210,17 @@ class StreamSettings(_Section):
         1.0, gt=0, description="A sign track that is not seen for this long ends (its `sign_passed` event).",
     )
     track_min_frames: int = Field(
-        2, ge=1, description="Consecutive detections before a new track gets an id (one-frame false boxes get none).",
+        3, ge=1,
+        description="Consecutive detections before a new track gets an id (short-lived false boxes get none; at 2 a "
+        "low-score sign was announced twice on the clips).",
     )
     track_activation_score: float = Field(
-        0.5, gt=0, lt=1, description="Least detector score that may start a track.",
+        0.25, gt=0, lt=1,
+        description="Least detector score that may start a track. The shipped detector scores some pictograms "
+        "(pedestrian crossing) 0.16-0.45 on every frame of a clip; at 0.5 they were never tracked.",
     )
     track_high_score: float = Field(
-        0.5, gt=0, lt=1,
+        0.25, gt=0, lt=1,
         description="ByteTrack's split: detections above it are matched first, those below only to tracks already "
         "there (low scores keep a track alive, never start one).",
     )
@@ -230,7 +234,15 @@ class StreamSettings(_Section):
         "smeared flat reads under 20; the committed clips' sign crops of 24 px and more measure 64-6900.",
     )
     read_confident_score: float = Field(
-        0.9, gt=0, le=1, description="A track's text at this reader score or more is final: it is not read again.",
+        0.95, gt=0, le=1,
+        description="A track's text read at this score or more, from a box of read_final_side_px or more, is final: "
+        "it is not read again (at 0.9, 25 px reads of 0.93 like 'KHU DAN CI' stayed final).",
+    )
+    read_final_side_px: int = Field(
+        32, ge=1, description="The shorter side a sign's box must have for a sure reading of it to be final.",
+    )
+    read_edge_margin_px: int = Field(
+        2, ge=0, description="A box this close to the frame's edge is cut off (a sign leaving view): not read.",
     )
     read_growth: float = Field(
         1.5, gt=1,
@@ -248,6 +260,13 @@ class StreamSettings(_Section):
     )
     hazard_off_frames: int = Field(
         5, ge=1, description="Processed frames in a row it must be gone for `hazard_cleared` (hysteresis).",
+    )
+    analyze_every: int = Field(
+        3, ge=1,
+        description="While every track of a stream is settled (confirmed, its text final) and no new box is being "
+        "confirmed, only every this-many-th frame goes through the graph; between them the tracker predicts the "
+        "boxes (Kalman, constant velocity), the hazards are the last analysed frame's, and the frame is not even "
+        "decoded (DeepStream's `interval`). A new sign is then seen at most this many frames late. 1: every frame.",
     )
     describe_every_s: float = Field(
         10.0, gt=0,

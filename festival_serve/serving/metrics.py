@@ -124,8 +124,9 @@ def _metrics() -> _Metrics:
                                 boundaries=list(BATCH_BUCKETS["frames"]), tag_keys=("stage",)),
         expired=Counter("festival_expired_items_total", "Items dropped unrun because their deadline passed while "
                         "they queued at a stage (frames; crops for the reader).", tag_keys=("stage",)),
-        stream_frames=Counter("festival_stream_frames_total", "Frames of WS /v1/streams by outcome: processed, "
-                              "dropped (stale on a live source, or over capacity), error (refused for that frame).",
+        stream_frames=Counter("festival_stream_frames_total", "Frames of WS /v1/streams by outcome: analysed "
+                              "(through the graph), predicted (by the tracker between analysed frames), dropped "
+                              "(stale on a live source, or over capacity), error (refused for that frame).",
                               tag_keys=("outcome",)),
         stream_events=Counter("festival_stream_events_total", "Events the streams announced, by type "
                               "(sign_appeared, sign_read, sign_passed, hazard_ahead, hazard_cleared).",
@@ -172,10 +173,11 @@ def record_batch(stage: Stage, waits_s: Sequence[float], expired: int) -> None:
 
 
 def record_stream_frame(outcome: str, timings_ms: Mapping[str, float]) -> None:
-    """One stream frame: processed (with its timings: ``total`` and ``queued``), dropped or error."""
+    """One stream frame: analysed (through the graph) or predicted (by the tracker, ``analyze_every``), with its
+    timings (``total`` and ``queued``); or dropped, or error."""
     metrics = _metrics()
     metrics.stream_frames.inc(1, {"outcome": outcome})
-    if outcome == "processed" and "total" in timings_ms:
+    if outcome in ("analysed", "predicted") and "total" in timings_ms:
         metrics.stream_latency.observe((timings_ms["total"] + timings_ms.get("queued", 0.0)) / 1000,
                                        {"outcome": outcome})
 

@@ -125,7 +125,7 @@ class StreamContext:
     stages: Mapping[str, StageCall]
     slots: FrameSlots
     put: Callable[[np.ndarray], Any] = lambda pixels: pixels  # the ingress: ray.put, one copy for every stage
-    on_frame: Callable[[str, dict], None] = lambda outcome, timings: None  # metrics: processed/dropped/error
+    on_frame: Callable[[str, dict], None] = lambda outcome, timings: None  # metrics: analysed/predicted/dropped/error
     on_event: Callable[[dict], None] = lambda event: None
     on_streams: Callable[[int], None] = lambda held: None  # metrics: the streams this replica holds now
     replica: str = ""  # an opaque token of the replica holding the stream (ops: which one a camera is on)
@@ -188,6 +188,9 @@ class CameraStream:
         self.waiting: collections.deque[_Arrived] = collections.deque()
         self.ready = asyncio.Event()  # a frame waits, or the stream ends
         self.received = self.processed = self.dropped = self.errors = 0
+        self.predicted = 0  # processed frames that skipped the graph (analyze_every)
+        self.skipped_since = 0  # frames predicted since the last analysed one
+        self.last_analysed: tuple | None = None  # (scale to client pixels, client size, hazards) of the last analysed
         self.seq = self.acked = 0  # results sent (and numbered) / the last one the client says it read
         self.ending = False
         self.closed: tuple[int, str] | None = None
@@ -326,6 +329,11 @@ class CameraStream:
                 # The fps cap: frames arriving meanwhile replace the one waiting.
                 await asyncio.sleep(next_start - time.monotonic())
                 continue
+            if self._skippable():
+                item = self.waiting.popleft()
+                next_start = time.monotonic() + period
+                await self._send_result(self._predicted(item))
+                continue
             async with self.context.slots.semaphore:
                 if not self.waiting:
                     continue
@@ -338,18 +346,59 @@ class CameraStream:
             if message is not None:
                 await self._send_result(message)
 
+    def _skippable(self) -> bool:
+        """Whether the next frame may skip the graph (``StreamSettings.analyze_every``): the last analysed frame is
+        recent enough and the tracks need nothing of the models."""
+        return (self.last_analysed is not None and self.skipped_since < self.limits.analyze_every - 1
+                and self.memory.settled())
+
+    def _predicted(self, item: _Arrived) -> dict:
+        """A frame between analysed ones: the tracks' predicted boxes, the hazards last seen; never decoded."""
+        started = time.perf_counter()
+        self.skipped_since += 1
+        scale, (width, height), hazards = self.last_analysed
+        signs = []
+        for track, (x1, y1, x2, y2) in self.memory.predict(item.frame, self._capture_time(item)):
+            box = [max(0.0, x1 * scale[0]), max(0.0, y1 * scale[1]), min(width, x2 * scale[0]), min(height, y2 * scale[1])]
+            if box[0] < box[2] and box[1] < box[3]:  # still in view
+                signs.append({"box": [round(v, 1) for v in box], "label": track.label, "score": None,
+                              "text": track.text, "text_score": round(track.text_score, 4) if track.text else None,
+                              "track_id": track.track_id, "predicted": True})
+        events = self.memory.events(item.frame, self._capture_time(item), None, (width, height))
+        for event in events:
+            self.context.on_event(event)
+        self.processed += 1
+        self.predicted += 1
+        timings = {"total": round((time.perf_counter() - started) * 1000, 2)}
+        timings["queued"] = round((time.monotonic() - item.arrived) * 1000 - timings["total"], 2)
+        self.latencies_ms.append(timings["total"] + timings["queued"])
+        self.context.on_frame("predicted", timings)
+        return {"type": "frame", "frame": item.frame, "id": item.client_id, "t": item.capture_s, "analysed": False,
+                "image": {"width": width, "height": height}, "signs": signs, "hazards": hazards, "description": None,
+                "degraded": [], "events": events, "dropped": self.dropped, "timings_ms": timings}
+
     async def _analyze(self, item: _Arrived) -> dict | None:
         """The frame's result message, a ``frame_error`` message, or ``None`` when it was dropped (overload)."""
         settings, context = self.settings, self.context
+        live = self.options.mode == "live"
+        if not live:
+            # A file's frame is never dropped: it waits until admission takes it, and the client, whose window is
+            # full meanwhile, waits with it (backpressure). Its budget starts when it is admitted.
+            while True:
+                try:
+                    admit(context.admission, Budget(self.limits.frame_budget_s), settings)
+                    break
+                except Rejected as e:
+                    await asyncio.sleep(min(e.retry_after_s, settings.retry_after_s))
         started = time.perf_counter()
-        budget = Budget(self.limits.frame_budget_s, item.arrived)
+        budget = Budget(self.limits.frame_budget_s, item.arrived if live else time.monotonic())
         try:
             admit(context.admission, budget, settings)
         except Rejected:
             self._drop()  # over capacity: every camera drops its share; no stream is closed for it
             return None
         try:
-            decoded = await context.decoder.decode(item.data, deadline=item.arrived + budget.seconds
+            decoded = await context.decoder.decode(item.data, deadline=budget.started + budget.seconds
                                                    - settings.answer_margin_s)
             timings = {"decode": round((time.perf_counter() - started) * 1000, 2)}
             self.tracking.begin(item.frame, self._capture_time(item), decoded.original_size)
@@ -362,6 +411,10 @@ class CameraStream:
         except DecodeTimedOut as e:
             return self._failed(item, "decode_timeout", str(e))
         except (DecoderBusy, Rejected) as e:
+            if not live:  # the client waits for every frame's answer: it gets one, and may send the frame again
+                self.errors += 1
+                context.on_frame("error", {})
+                return {**self._error(item, "overloaded", str(e)), "retry_after_s": round(e.retry_after_s, 2)}
             self._drop()  # the decoder or the safety stages are full now: a later frame will do
             logger.debug("stream %s frame %d dropped: %s", self.stream_id, item.frame, e)
             return None
@@ -372,12 +425,17 @@ class CameraStream:
         timings["queued"] = round((time.monotonic() - item.arrived) * 1000 - timings["total"], 2)
         for sign, tracked in zip(result["signs"], self.tracking.tracked):
             sign["track_id"] = tracked.track.track_id if tracked.track is not None else None
+        width, height = decoded.original_size
+        pixels_h, pixels_w = decoded.pixels.shape[:2]
+        self.last_analysed = ((width / pixels_w, height / pixels_h), (width, height), result["hazards"])
+        self.skipped_since = 0
         for event in self.tracking.events:
             context.on_event(event)
         self.processed += 1
         self.latencies_ms.append(timings["total"] + timings["queued"])
-        context.on_frame("processed", timings)
-        return {"type": "frame", "frame": item.frame, "id": item.client_id, "t": item.capture_s, **result,
+        context.on_frame("analysed", timings)
+        return {"type": "frame", "frame": item.frame, "id": item.client_id, "t": item.capture_s, "analysed": True,
+                **result,
                 "events": self.tracking.events, "dropped": self.dropped, "timings_ms": timings}
 
     def _failed(self, item: _Arrived, code: str, message: str) -> dict:
@@ -426,6 +484,7 @@ class CameraStream:
 
         elapsed = self._elapsed()
         return {"stream_id": self.stream_id, "received": self.received, "processed": self.processed,
+                "analysed": self.processed - self.predicted,
                 "dropped": self.dropped, "errors": self.errors, "seconds": round(elapsed, 3),
                 "processed_fps": round(self.processed / elapsed, 3) if elapsed > 0 else None,
                 "latency_ms": {"p50": quantile(0.5), "p95": quantile(0.95)}, **self.memory.summary()}

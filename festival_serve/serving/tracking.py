@@ -53,6 +53,7 @@ class SignTrack:
     text_score: float = 0.0
     reads: int = 0
     read_area: float = 0.0  # box area (px²) at the last read
+    text_side: float = 0.0  # shorter side (px) of the box the kept text was read from
     announced: bool = False
     text_announced: bool = False
 
@@ -79,6 +80,11 @@ def sharpness(pixels: np.ndarray) -> float:
         return 0.0
     grey = cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_RGB2GRAY)
     return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+
+
+def settings_growth_side(settings: StreamSettings) -> float:
+    """How much a box's side must have grown for its reading to replace a surer one (read_growth is by area)."""
+    return settings.read_growth ** 0.5
 
 
 def _area(box: Sequence[float]) -> float:
@@ -136,19 +142,49 @@ class StreamMemory:
         self._end_lost_tracks(frame_index, time_s)
         return out
 
+    def settled(self) -> bool:
+        """Whether nothing needs the models' eyes now: every track confirmed with its text final (read surely, or
+        read as often as allowed, or a pictogram), and no box on its way to becoming a track."""
+        if any(t.tracker_id < 0 for t in self.tracker.tracks):
+            return False
+        return all(not t.has_text or self.text_final(t) or t.reads >= self.settings.max_reads_per_track
+                   for t in self.tracks.values())
+
+    def text_final(self, track: SignTrack) -> bool:
+        """A sure reading from a box large enough (``read_confident_score``, ``read_final_side_px``)."""
+        return (track.text_score >= self.settings.read_confident_score
+                and track.text_side >= self.settings.read_final_side_px)
+
+    def predict(self, frame_index: int, time_s: float) -> list[tuple[SignTrack, tuple[float, float, float, float]]]:
+        """A frame not analysed: every track moved on by the tracker's motion model to ``time_s``, with its box."""
+        import supervision as sv
+
+        self.tracker.update(sv.Detections.empty(), timestamp=time_s)  # Kalman predict; a skipped frame is no miss
+        out = []
+        for tracklet in self.tracker.tracks:
+            track = self.tracks.get(int(tracklet.tracker_id))
+            if track is not None:
+                track.last_frame = frame_index
+                out.append((track, tuple(float(v) for v in tracklet.get_state_bbox())))
+        self._end_lost_tracks(frame_index, time_s)
+        return out
+
     def to_read(self, tracked: Sequence[TrackedSign], image: np.ndarray, crop_padding: float) -> list[int]:
         """Indices into ``tracked`` whose crops the reader should read now (see the module's read rule)."""
         from festival_serve.serving.imaging import crop
 
         settings, wanted = self.settings, []
+        height, width = image.shape[:2]
+        margin = settings.read_edge_margin_px
         for i, item in enumerate(tracked):
             track, box = item.track, item.detection.box
             if track is None or not track.has_text or track.reads >= settings.max_reads_per_track:
                 continue
             if min(box[2] - box[0], box[3] - box[1]) < settings.read_min_side_px:
                 continue
-            if track.reads and (track.text_score >= settings.read_confident_score
-                                or _area(box) < settings.read_growth * track.read_area):
+            if box[0] < margin or box[1] < margin or box[2] > width - margin or box[3] > height - margin:
+                continue  # cut off by the frame's edge: part of its text is not in view
+            if track.reads and (self.text_final(track) or _area(box) < settings.read_growth * track.read_area):
                 continue
             if sharpness(crop(image, box, crop_padding)) < settings.read_min_sharpness:
                 continue
@@ -160,8 +196,12 @@ class StreamMemory:
         track = item.track
         track.reads += 1
         track.read_area = _area(item.detection.box)
-        if text is not None and text.text and text.score > track.text_score:
-            track.text, track.text_score = text.text, float(text.score)
+        box = item.detection.box
+        side = min(box[2] - box[0], box[3] - box[1])
+        # A reading from a larger box wins over a surer one from a smaller: letters grow as the sign nears.
+        if text is not None and text.text and (side >= track.text_side * settings_growth_side(self.settings)
+                                                or text.score > track.text_score):
+            track.text, track.text_score, track.text_side = text.text, float(text.score), side
 
     def _end_lost_tracks(self, frame_index: int, time_s: float) -> None:
         alive = {int(t.tracker_id) for t in self.tracker.tracks if t.tracker_id >= 0}

@@ -67,6 +67,8 @@ from festival_serve.world.synth.truth import INFO_TEXTS, SIGN_CLASSES, SPEED_LIM
 #: scenes from the start of "train", a few thousand at most).
 CLIP_OFFSET = 4_000_000
 CLIP_SPAN = 1_000_000
+#: The first seeds of the "test" split are the committed clips' (COMMITTED).
+COMMITTED_SEEDS = 3
 _SALT = 0xC11B  # clip worlds are drawn from (seed, _SALT): never the stream of the scene of the same seed
 
 MIN_SIGN_PX = 10  # a face box lower than this is drawn but not listed
@@ -142,16 +144,19 @@ class Clip:
         return dict(sorted(found.items()))
 
 
-def clip_seeds(split: str, count: int) -> list[int]:
+def clip_seeds(split: str, count: int, skip: int | None = None) -> list[int]:
     """``count`` clip seeds of ``split`` ("train", "val" or "test"): disjoint across splits and from
-    the scene seeds training uses (``SPLIT_STARTS[split] + CLIP_OFFSET + i``)."""
+    the scene seeds training uses (``SPLIT_STARTS[split] + CLIP_OFFSET + skip + i``). ``skip`` defaults to the
+    committed clips' seeds on "test" (an eval of generated clips should not score the committed ones again)."""
     from festival_serve.world.synth import SPLIT_STARTS
 
     if split not in SPLIT_STARTS:
         raise ValueError(f"unknown split {split!r}; splits: {', '.join(SPLIT_STARTS)}")
-    if not 0 <= count <= CLIP_SPAN:
-        raise ValueError(f"count must be in [0, {CLIP_SPAN}], got {count}")
-    start = SPLIT_STARTS[split] + CLIP_OFFSET
+    if skip is None:
+        skip = COMMITTED_SEEDS if split == "test" else 0
+    if not 0 <= count + skip <= CLIP_SPAN or skip < 0:
+        raise ValueError(f"skip + count must be in [0, {CLIP_SPAN}], got skip={skip}, count={count}")
+    start = SPLIT_STARTS[split] + CLIP_OFFSET + skip
     return list(range(start, start + count))
 
 
