@@ -39,6 +39,9 @@ RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.25, 5.0
 JPEG_QUALITY = 90
 #: A live client keeps this many sent frames for annotating their results (older ones are dropped anyway).
 LIVE_FRAMES_KEPT = 64
+#: Serve's proxy ends every request, sockets too, after ``http_options.request_timeout_s`` (60 s) unless the request
+#: says otherwise; a camera's socket lasts as long as the camera (the stream has its own idle timeout).
+STREAM_HEADERS = {"x-request-timeout-seconds": "0"}
 #: Close codes after which reconnecting would not help.
 FINAL_CLOSE_CODES = {1000, 1003, 1008}
 
@@ -135,7 +138,7 @@ class Watcher:
         backoff, lost_since = RECONNECT_FIRST_S, None
         while True:
             try:
-                headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+                headers = {**STREAM_HEADERS, **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})}
                 async with websockets.connect(self.url, additional_headers=headers, max_size=2 ** 24,
                                               open_timeout=10) as ws:
                     done = await self._session(ws)

@@ -39,6 +39,8 @@ from statistics import median
 
 import numpy as np
 
+from festival_serve.ops.watch import STREAM_HEADERS
+
 #: Targets of issue 31 item 8: (value key, target, "min" = a floor / "max" = a ceiling, what it means).
 STREAM_TARGETS = {
     "per_core_ratio": (2.0, "min", "stream frames/s per core / per-image frames/s per core"),
@@ -363,7 +365,7 @@ async def camera(url: str, jpegs: list[bytes], *, fps: float, seconds: float, st
     sent_at: dict[int, float] = {}
     period = 1.0 / fps
     try:
-        async with websockets.connect(url, max_size=2 ** 24, open_timeout=30) as ws:
+        async with websockets.connect(url, max_size=2 ** 24, open_timeout=30, additional_headers=STREAM_HEADERS) as ws:
             ready = json.loads(await ws.recv())
             if ready.get("type") == "refused":
                 record["refused"] = f"refused: {ready.get('message')} (retry after {ready.get('retry_after_s')} s)"
