@@ -195,6 +195,7 @@ class CameraStream:
         self.ready = asyncio.Event()  # a frame waits, or the stream ends
         self.received = self.processed = self.dropped = self.errors = 0
         self.predicted = 0  # processed frames that skipped the graph (analyze_every)
+        self.last_time_s = 0.0  # the capture time of the last frame processed: when the signs still in view pass
         self.skipped_since = 0  # frames predicted since the last analysed one
         self.last_analysed: tuple | None = None  # (scale to client pixels, client size, hazards) of the last analysed
         self.seq = self.acked = 0  # results sent (and numbered) / the last one the client says it read
@@ -233,7 +234,7 @@ class CameraStream:
                 if self.ending:
                     self.ready.set()
                     await processor
-                    final = self.memory.close(self.received, self._elapsed())  # the signs still in view pass
+                    final = self.memory.close(self.received, self.last_time_s)  # the signs still in view pass
                     for event in final:
                         self.context.on_event(event)
                     await self._send({"type": "summary", "events": final, **self.summary()})
@@ -245,7 +246,7 @@ class CameraStream:
         finally:
             self.context.slots.close()
             self.context.on_streams(self.context.slots.streams)
-            for event in self.memory.close(self.received, self._elapsed()):
+            for event in self.memory.close(self.received, self.last_time_s):
                 self.context.on_event(event)
             logger.info("stream %s (%s) ended: %d received, %d processed, %d dropped, %d errors", self.stream_id,
                         self.options.camera or "-", self.received, self.processed, self.dropped, self.errors)
@@ -464,7 +465,8 @@ class CameraStream:
 
     def _capture_time(self, item: _Arrived) -> float:
         """The frame's time for the tracker: the client's capture time when it sends one, else its arrival."""
-        return float(item.capture_s) if item.capture_s is not None else item.arrived - self.started
+        self.last_time_s = float(item.capture_s) if item.capture_s is not None else item.arrived - self.started
+        return self.last_time_s
 
     def _elapsed(self) -> float:
         return time.monotonic() - self.started
