@@ -117,6 +117,7 @@ class WatchOutcome:
     dropped: int = 0
     errors: int = 0
     reconnects: int = 0
+    outages_s: list[float] = field(default_factory=list)  # from losing a stream to the next one being ready, s
     events: list[dict] = field(default_factory=list)
     summaries: list[dict] = field(default_factory=list)
     latencies_ms: list[float] = field(default_factory=list)
@@ -133,16 +134,17 @@ class Watcher:
         self.unanswered: collections.OrderedDict[int, tuple[Frame, float]] = collections.OrderedDict()
         self.resend: collections.deque[Frame] = collections.deque()  # sent, never answered, before a reconnect
         self.source_done = False
+        self.lost_at: float | None = None  # time.monotonic() when the last stream was lost, until the next is ready
+        self.backoff = RECONNECT_FIRST_S
 
     async def run(self) -> WatchOutcome:
-        backoff, lost_since = RECONNECT_FIRST_S, None
+        self.backoff = RECONNECT_FIRST_S
         while True:
             try:
                 headers = {**STREAM_HEADERS, **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})}
                 async with websockets.connect(self.url, additional_headers=headers, max_size=2 ** 24,
                                               open_timeout=10) as ws:
                     done = await self._session(ws)
-                    backoff, lost_since = RECONNECT_FIRST_S, None
                     if done:
                         return self.outcome
             except websockets.ConnectionClosed as e:
@@ -159,16 +161,17 @@ class Watcher:
             except (OSError, asyncio.TimeoutError) as e:
                 print(f"watch: cannot reach the server ({e}); retrying", file=sys.stderr)
             except _Refused as e:
-                backoff = max(backoff, e.retry_after_s)
-                print(f"watch: the server is full; retrying in {backoff:.1f} s", file=sys.stderr)
-            lost_since = lost_since or time.monotonic()
-            if time.monotonic() - lost_since > self.max_reconnect_s:
+                self.backoff = max(self.backoff, e.retry_after_s)
+                print(f"watch: the server is full; retrying in {self.backoff:.1f} s", file=sys.stderr)
+            if self.lost_at is None:
+                self.lost_at = time.monotonic()
+            if time.monotonic() - self.lost_at > self.max_reconnect_s:
                 raise SystemExit(f"watch: no stream for {self.max_reconnect_s:.0f} s; giving up")
             self.outcome.reconnects += 1
             self.resend.extendleft(reversed([frame for frame, _ in self.unanswered.values()]))
             self.unanswered.clear()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, RECONNECT_MAX_S)
+            await asyncio.sleep(self.backoff)
+            self.backoff = min(self.backoff * 2, RECONNECT_MAX_S)
 
     async def _session(self, ws) -> bool:
         """One connection: True once the source ended and the summary came."""
@@ -176,6 +179,10 @@ class Watcher:
         self.on_message(ready, None)
         if ready.get("type") == "refused":
             raise _Refused(float(ready.get("retry_after_s", 1.0)))
+        if self.lost_at is not None:  # streaming again: how long the camera was without a stream
+            self.outcome.outages_s.append(round(time.monotonic() - self.lost_at, 3))
+            self.lost_at = None
+        self.backoff = RECONNECT_FIRST_S
         window = ready.get("window") or LIVE_FRAMES_KEPT
         ack_every = max(1, int(ready.get("max_unacked_results", 64)) // 4)
         room = asyncio.Semaphore(window if not self.live else LIVE_FRAMES_KEPT)
