@@ -17,10 +17,12 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import time
 
 import ray
 from ray import serve
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -189,8 +191,13 @@ class PipelineIngress:
 
 def _replica_token() -> str:
     """A short opaque name of this replica for the stream's ``ready`` message: which replica holds a camera, without
-    Serve's ids (which name the application and deployment) leaving the cluster."""
-    return hashlib.sha256(serve.get_replica_context().replica_id.unique_id.encode()).hexdigest()[:8]
+    Serve's ids (which name the application and deployment) leaving the cluster. An app built outside a replica (the
+    in-process tests) names its process."""
+    try:
+        unique_id = serve.get_replica_context().replica_id.unique_id
+    except RayServeException:
+        unique_id = f"process-{os.getpid()}"
+    return hashlib.sha256(unique_id.encode()).hexdigest()[:8]
 
 
 #: How long a stage may take to answer model_info before it reads "no replica answered", seconds.

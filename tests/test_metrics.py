@@ -43,9 +43,16 @@ class Recorded:
     def observe(self, value, tags=None):
         self._record(value, tags)
 
+    def set(self, value, tags=None):
+        self._record(value, tags or {})
+
     def _record(self, value, tags):
         assert set(tags) == set(self.tag_keys), (self.name, tags)  # Ray refuses a missing or unknown label
         self.values.append((value, dict(tags)))
+
+
+class RecordedGauge(Recorded):
+    """A gauge: a level, set rather than added to."""
 
 
 @pytest.fixture
@@ -55,6 +62,7 @@ def recorded(monkeypatch):
 
     monkeypatch.setattr(ray.serve.metrics, "Counter", Recorded)
     monkeypatch.setattr(ray.serve.metrics, "Histogram", Recorded)
+    monkeypatch.setattr(ray.serve.metrics, "Gauge", RecordedGauge)
     built = metrics._metrics.__wrapped__()
     monkeypatch.setattr(metrics, "_metrics", lambda: built)
     return built
@@ -70,8 +78,10 @@ def all_metrics(built) -> list[Recorded]:
 def test_names_carry_their_unit_counters_end_in_total_and_labels_are_few_and_bounded(recorded):
     for metric in all_metrics(recorded):
         assert re.fullmatch(r"festival_[a-z_]+", metric.name), metric.name
-        assert set(metric.tag_keys) <= {"stage", "outcome", "code"}, metric.name
-        if metric.boundaries is None:
+        assert set(metric.tag_keys) <= {"stage", "outcome", "code", "type"}, metric.name
+        if isinstance(metric, RecordedGauge):
+            assert not metric.name.endswith("_total"), metric.name
+        elif metric.boundaries is None:
             assert metric.name.endswith("_total"), metric.name
         else:
             assert metric.name.endswith(("_seconds", "_frames", "_crops")), metric.name
