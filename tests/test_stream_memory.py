@@ -12,7 +12,7 @@ import pytest
 from festival_serve import DATA_DIR
 from festival_serve.pipeline.settings import StreamSettings
 from festival_serve.pipeline.types import HazardCell, HazardLabel, SignDetection, SignText
-from festival_serve.serving.tracking import StreamMemory, sharpness
+from festival_serve.serving.tracking import StreamMemory, looming_box, sharpness
 from festival_serve.world.synth.truth import TEXT_CLASSES
 
 CLIPS = DATA_DIR / "clips"
@@ -123,6 +123,56 @@ def test_a_text_sign_is_announced_with_its_text_or_after_the_wait_and_then_its_r
         memory.record_text(tracked[i], SignText("BẾN XE", 0.95, ()))
     events = memory.events(6, 0.6, None, (848, 480))
     assert [(e["type"], e["text"]) for e in events] == [("sign_read", "BẾN XE")]
+
+
+def test_a_text_sign_lost_before_its_wait_ends_is_not_announced_while_out_of_sight():
+    memory = StreamMemory(StreamSettings(announce_wait_s=0.3))
+    _, box = _frame_with_sign(20)
+    events = []
+    for index in range(3):  # confirmed at frame 2, unread
+        _observe(memory, index, box)
+        events += memory.events(index, index / 10, None, (848, 480))
+    for index in range(3, 8):  # then unseen: a glimpse, not announced when the wait runs out
+        memory.track(index, index / 10, [])
+        events += memory.events(index, index / 10, None, (848, 480))
+    assert events == [] and memory.tracks  # the tracker still holds it (lost, not yet ended)
+
+
+def _looming(t: float) -> tuple[float, float, float, float]:
+    """A 1 m sign 2 m right of and 1 m above the camera's axis, 30 m ahead at t = 0, the camera at 10 m/s (focal
+    length 400 px, focus of expansion at (424, 240))."""
+    z = 30.0 - 10.0 * t
+    x, y, half = 424 + 400 * 2.0 / z, 240 - 400 * 1.0 / z, 400 * 0.5 / z
+    return (x - half, y - half, x + half, y + half)
+
+
+def test_a_looming_box_follows_a_sign_the_camera_drives_at_where_a_steady_velocity_lags():
+    seen = [(0.0, _looming(0.0)), (0.3, _looming(0.3))]
+    for t in (0.4, 0.5, 1.0):
+        assert np.allclose(looming_box(seen, t), _looming(t), atol=1e-6)
+    # 12 m ahead and nearing, two analysed frames 0.2 s apart, then 0.2 s predicted: a steady velocity is pixels off.
+    velocity = (np.array(_looming(1.8)) - np.array(_looming(1.6))) / 0.2
+    steady = np.array(_looming(1.8)) + velocity * 0.2
+    looming = np.array(looming_box([(1.6, _looming(1.6)), (1.8, _looming(1.8))], 2.0))
+    assert np.abs(steady - _looming(2.0)).max() > 3.0 and np.allclose(looming, _looming(2.0), atol=1e-6)
+    assert looming_box(seen[:1], 0.5) is None
+
+
+def test_frames_are_skipped_only_while_every_box_is_in_a_track_and_predicted_boxes_are_the_tracks_still_seen():
+    memory = StreamMemory(StreamSettings(track_activation_score=0.25))
+    for index in range(3):
+        memory.track(index, index / 10, [SignDetection(_looming(index / 10), "no_entry", 0, 0.9, False)])
+    assert memory.settled()  # a pictogram, confirmed: nothing to read
+    faint = SignDetection((600.0, 300.0, 630.0, 330.0), "no_entry", 0, 0.2, False)  # too unsure to start a track
+    memory.track(3, 0.3, [SignDetection(_looming(0.3), "no_entry", 0, 0.9, False), faint])
+    assert not memory.settled()  # a sign may be on its way: look again
+    memory.track(4, 0.4, [SignDetection(_looming(0.4), "no_entry", 0, 0.9, False)])
+    assert memory.settled()
+    predicted = memory.predict(5, 0.5)
+    assert [track.track_id for track, _ in predicted] == [0]
+    assert np.allclose(predicted[0][1], _looming(0.5), atol=1e-6)
+    memory.track(6, 0.6, [])  # missed on an analysed frame: lost, so not drawn on the frames between
+    assert memory.predict(7, 0.7) == []
 
 
 def _cells(*labels: str) -> list[HazardCell]:

@@ -215,10 +215,10 @@ def score_clip(truth_frames: Iterable[Any], messages: Iterable[Mapping[str, Any]
 
     # Each truth sign's track (matched most often, scored boxes) and each track's truth sign (any height).
     best_track: dict[int, int] = {}
-    for (ident, track), n in sorted(matched_scored.items(), key=lambda kv: (-kv[1], kv[0])):
+    for (ident, track), _count in sorted(matched_scored.items(), key=lambda kv: (-kv[1], kv[0])):
         best_track.setdefault(ident, track)
     track_sign: dict[int, int] = {}
-    for (ident, track), n in sorted(matched_any.items(), key=lambda kv: (-kv[1], kv[0])):
+    for (ident, track), _count in sorted(matched_any.items(), key=lambda kv: (-kv[1], kv[0])):
         track_sign.setdefault(track, ident)
 
     summary_tracks = {int(t["track_id"]): t for t in (summary or {}).get("tracks") or [] if "track_id" in t}

@@ -56,6 +56,8 @@ MODES = ("live", "every_frame")
 CLOSE_NORMAL, CLOSE_POLICY, CLOSE_ERROR, CLOSE_RESTART, CLOSE_TRY_LATER = 1000, 1008, 1011, 1012, 1013
 #: A client's frame id is echoed back: a short token, never a megabyte of it.
 _MAX_ID_CHARS = 64
+#: A predicted box with less of itself inside the frame than this is leaving the view: not drawn (fraction of area).
+PREDICTED_IN_VIEW = 0.5
 #: A text message is a small JSON header or ack; more is not one.
 _MAX_TEXT_BYTES = 4096
 
@@ -375,7 +377,8 @@ class CameraStream:
         signs = []
         for track, (x1, y1, x2, y2) in self.memory.predict(item.frame, self._capture_time(item)):
             box = [max(0.0, x1 * scale[0]), max(0.0, y1 * scale[1]), min(width, x2 * scale[0]), min(height, y2 * scale[1])]
-            if box[0] < box[2] and box[1] < box[3]:  # still in view
+            in_view = max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+            if in_view >= PREDICTED_IN_VIEW * (x2 - x1) * scale[0] * (y2 - y1) * scale[1]:  # not leaving the view
                 signs.append({"box": [round(v, 1) for v in box], "label": track.label, "score": None,
                               "text": track.text, "text_score": round(track.text_score, 4) if track.text else None,
                               "track_id": track.track_id, "predicted": True})

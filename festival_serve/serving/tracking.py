@@ -22,7 +22,7 @@ Events, each said once per stream:
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -53,9 +53,13 @@ class SignTrack:
     text_score: float = 0.0
     reads: int = 0
     read_area: float = 0.0  # box area (px²) at the last read
+    read_side: float = 0.0  # the box's shorter side (px) at the last read
     text_side: float = 0.0  # shorter side (px) of the box the kept text was read from
     announced: bool = False
     text_announced: bool = False
+    # The last two analysed boxes, (capture time s, (x1, y1, x2, y2) px): what ``looming_box`` extrapolates from.
+    seen: deque = field(default_factory=lambda: deque(maxlen=2))
+    seen_frame: int = -1  # the last analysed frame that detected it
 
     @property
     def label(self) -> str:
@@ -87,6 +91,44 @@ def settings_growth_side(settings: StreamSettings) -> float:
     return settings.read_growth ** 0.5
 
 
+#: Most a predicted box may grow past its last analysed one (a sign about to pass the camera, or a noisy pair).
+_MAX_PREDICTED_GROWTH = 2.0
+
+
+def looming_box(seen: Sequence[tuple[float, Sequence[float]]], time_s: float) -> tuple[float, float, float, float] | None:
+    """A static sign's box at ``time_s`` seen from a camera moving straight on, from its last two analysed boxes;
+    ``None`` without two of them at different times.
+
+    Its image is a scaling about the focus of expansion: its size ``s`` goes as 1 / distance (so ``1 / s`` is
+    linear in time at a steady speed) and its centre moves along the line from that focus, ``c = c2 + r·(s −
+    s2)``. A constant-velocity Kalman step (ByteTrack's) lags a sign that grows faster as it nears, and at
+    24-40 px a few pixels' lag is a box below IoU 0.5."""
+    if len(seen) < 2:
+        return None
+    (t1, b1), (t2, b2) = seen[-2], seen[-1]
+    if t2 <= t1:
+        return None
+    size1, size2 = _area(b1) ** 0.5, _area(b2) ** 0.5
+    if size1 <= 0 or size2 <= 0:
+        return None
+    c1 = np.array([(b1[0] + b1[2]) / 2, (b1[1] + b1[3]) / 2])
+    c2 = np.array([(b2[0] + b2[2]) / 2, (b2[1] + b2[3]) / 2])
+    inverse_rate = (1 / size2 - 1 / size1) / (t2 - t1)
+    inverse = max(1 / size2 + inverse_rate * (time_s - t2), 1 / (size2 * _MAX_PREDICTED_GROWTH))
+    size = 1 / inverse
+    if abs(size2 - size1) > 0.5:  # px: growing or shrinking enough to place the focus of expansion
+        centre = c2 + (c2 - c1) / (size2 - size1) * (size - size2)
+    else:  # about the same size: moving across the view, at its last speed
+        centre = c2 + (c2 - c1) / (t2 - t1) * (time_s - t2)
+    half_w, half_h = (b2[2] - b2[0]) * size / size2 / 2, (b2[3] - b2[1]) * size / size2 / 2
+    return (float(centre[0] - half_w), float(centre[1] - half_h), float(centre[0] + half_w), float(centre[1] + half_h))
+
+
+def _side(box: Sequence[float]) -> float:
+    """A box's shorter side, px."""
+    return min(box[2] - box[0], box[3] - box[1])
+
+
 def _area(box: Sequence[float]) -> float:
     return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
 
@@ -115,6 +157,8 @@ class StreamMemory:
         self._hazard_gone: Counter = Counter()  # label (announced) -> processed frames in a row without it
         self._pending: list[dict] = []  # events of this frame not yet handed out
         self.events_total: Counter = Counter()
+        self._analysed_frame = -1
+        self._untracked = 0  # detections of the last analysed frame in no track (not yet, or too unsure to start one)
 
     # -- signs --------------------------------------------------------------------------------------
 
@@ -136,16 +180,21 @@ class StreamMemory:
                 track = self.tracks[int(track_id)] = SignTrack(int(track_id), frame_index, time_s, frame_index,
                                                               has_text=detection.has_text)
             track.last_frame = frame_index
+            track.seen.append((time_s, tuple(detection.box)))
+            track.seen_frame = frame_index
             track.labels[detection.label] += 1
             track.has_text = track.has_text or detection.has_text
             out[int(index)] = TrackedSign(detection, track)
+        self._untracked = sum(1 for item in out if item.track is None)
+        self._analysed_frame = frame_index
         self._end_lost_tracks(frame_index, time_s)
         return out
 
     def settled(self) -> bool:
         """Whether nothing needs the models' eyes now: every track confirmed with its text final (read surely, or
-        read as often as allowed, or a pictogram), and no box on its way to becoming a track."""
-        if any(t.tracker_id < 0 for t in self.tracker.tracks):
+        read as often as allowed, or a pictogram), and no box of the last analysed frame outside a track (a sign on
+        its way to becoming one, or seen too unsurely yet: skipping frames would announce it late or never)."""
+        if self._untracked or any(t.tracker_id < 0 for t in self.tracker.tracks):
             return False
         return all(not t.has_text or self.text_final(t) or t.reads >= self.settings.max_reads_per_track
                    for t in self.tracks.values())
@@ -156,16 +205,19 @@ class StreamMemory:
                 and track.text_side >= self.settings.read_final_side_px)
 
     def predict(self, frame_index: int, time_s: float) -> list[tuple[SignTrack, tuple[float, float, float, float]]]:
-        """A frame not analysed: every track moved on by the tracker's motion model to ``time_s``, with its box."""
+        """A frame not analysed: every track the last analysed frame saw, moved on to ``time_s``, with its box:
+        ``looming_box`` from its last two analysed boxes, else the tracker's Kalman step. A track that frame missed
+        is not drawn (it is lost, or leaving the view)."""
         import supervision as sv
 
         self.tracker.update(sv.Detections.empty(), timestamp=time_s)  # Kalman predict; a skipped frame is no miss
         out = []
         for tracklet in self.tracker.tracks:
             track = self.tracks.get(int(tracklet.tracker_id))
-            if track is not None:
+            if track is not None and track.seen_frame == self._analysed_frame:
                 track.last_frame = frame_index
-                out.append((track, tuple(float(v) for v in tracklet.get_state_bbox())))
+                box = looming_box(track.seen, time_s) or tuple(float(v) for v in tracklet.get_state_bbox())
+                out.append((track, box))
         self._end_lost_tracks(frame_index, time_s)
         return out
 
@@ -180,12 +232,14 @@ class StreamMemory:
             track, box = item.track, item.detection.box
             if track is None or not track.has_text or track.reads >= settings.max_reads_per_track:
                 continue
-            if min(box[2] - box[0], box[3] - box[1]) < settings.read_min_side_px:
+            side = _side(box)
+            if side < settings.read_min_side_px:
                 continue
             if box[0] < margin or box[1] < margin or box[2] > width - margin or box[3] > height - margin:
                 continue  # cut off by the frame's edge: part of its text is not in view
-            if track.reads and (self.text_final(track) or _area(box) < settings.read_growth * track.read_area):
-                continue
+            if track.reads and (self.text_final(track) or _area(box) < settings.read_growth * track.read_area
+                                or track.read_side < settings.read_final_side_px > side):
+                continue  # read again only once it has grown, and to a size whose sure reading is final
             if sharpness(crop(image, box, crop_padding)) < settings.read_min_sharpness:
                 continue
             wanted.append(i)
@@ -195,9 +249,9 @@ class StreamMemory:
         """A read of ``item``'s crop: the track keeps its surest text."""
         track = item.track
         track.reads += 1
-        track.read_area = _area(item.detection.box)
         box = item.detection.box
-        side = min(box[2] - box[0], box[3] - box[1])
+        track.read_area, track.read_side = _area(box), _side(box)
+        side = track.read_side
         # A reading from a larger box wins over a surer one from a smaller: letters grow as the sign nears.
         if text is not None and text.text and (side >= track.text_side * settings_growth_side(self.settings)
                                                 or text.score > track.text_score):
@@ -221,7 +275,10 @@ class StreamMemory:
         for track in self.tracks.values():
             if not track.announced:
                 waited = time_s - track.first_time_s
-                if not track.has_text or track.text is not None or waited >= self.settings.announce_wait_s:
+                # A text sign unread after announce_wait_s is announced without its text, if still in view (a
+                # track the last analysed frame missed may be a glimpse that never comes back).
+                if (not track.has_text or track.text is not None
+                        or (waited >= self.settings.announce_wait_s and track.seen_frame == self._analysed_frame)):
                     track.announced, track.text_announced = True, track.text is not None
                     self._emit("sign_appeared", frame_index, time_s, **self._sign_fields(track))
             elif track.has_text and not track.text_announced and track.text is not None:
