@@ -168,6 +168,12 @@ def test_frames_are_skipped_only_while_every_box_is_in_a_track_and_predicted_box
     assert not memory.settled()  # a sign may be on its way: look again
     memory.track(4, 0.4, [SignDetection(_looming(0.4), "no_entry", 0, 0.9, False)])
     assert memory.settled()
+    watched = StreamMemory(StreamSettings(untracked_watch_s=0.5))  # a faint box that stays: a distractor
+    settled = []
+    for index in range(12):
+        watched.track(index, index / 10, [SignDetection(_looming(index / 10), "no_entry", 0, 0.9, False), faint])
+        settled.append(watched.settled())
+    assert settled == [False] * 5 + [True] * 7  # watched from 0.0 s for 0.5 s
     predicted = memory.predict(5, 0.5)
     assert [track.track_id for track, _ in predicted] == [0]
     assert np.allclose(predicted[0][1], _looming(0.5), atol=1e-6)

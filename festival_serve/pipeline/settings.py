@@ -263,10 +263,17 @@ class StreamSettings(_Section):
     )
     analyze_every: int = Field(
         3, ge=1,
-        description="While every track of a stream is settled (confirmed, its text final) and no new box is being "
-        "confirmed, only every this-many-th frame goes through the graph; between them the tracker predicts the "
-        "boxes (Kalman, constant velocity), the hazards are the last analysed frame's, and the frame is not even "
-        "decoded (DeepStream's `interval`). A new sign is then seen at most this many frames late. 1: every frame.",
+        description="While every track of a stream is settled (confirmed, its text final) and every box is in a "
+        "track (or has been outside one for `untracked_watch_s`), only every this-many-th frame goes through the "
+        "graph; between them each track's box is predicted (a sign looming as the camera nears it), the hazards "
+        "are the last analysed frame's, and the frame is not even decoded (DeepStream's `interval`). A new sign "
+        "is then seen at most this many frames late. 1: every frame.",
+    )
+    untracked_watch_s: float = Field(
+        1.0, ge=0,
+        description="A box outside every track (a sign not yet confirmed, or scored too low to start a track) "
+        "keeps every frame analysed for this long, seconds; one that stays outside longer is taken for a "
+        "distractor and frames are skipped again.",
     )
     describe_every_s: float = Field(
         10.0, gt=0,

@@ -158,7 +158,9 @@ class StreamMemory:
         self._pending: list[dict] = []  # events of this frame not yet handed out
         self.events_total: Counter = Counter()
         self._analysed_frame = -1
-        self._untracked = 0  # detections of the last analysed frame in no track (not yet, or too unsure to start one)
+        # Since when the analysed frames have had a box in no track (not yet, or too unsure to start one), seconds.
+        self._untracked_since = float("inf")
+        self._last_time_s = 0.0
 
     # -- signs --------------------------------------------------------------------------------------
 
@@ -185,16 +187,21 @@ class StreamMemory:
             track.labels[detection.label] += 1
             track.has_text = track.has_text or detection.has_text
             out[int(index)] = TrackedSign(detection, track)
-        self._untracked = sum(1 for item in out if item.track is None)
-        self._analysed_frame = frame_index
+        if any(item.track is None for item in out):
+            self._untracked_since = min(self._untracked_since, time_s)
+        else:
+            self._untracked_since = float("inf")
+        self._analysed_frame, self._last_time_s = frame_index, time_s
         self._end_lost_tracks(frame_index, time_s)
         return out
 
     def settled(self) -> bool:
         """Whether nothing needs the models' eyes now: every track confirmed with its text final (read surely, or
         read as often as allowed, or a pictogram), and no box of the last analysed frame outside a track (a sign on
-        its way to becoming one, or seen too unsurely yet: skipping frames would announce it late or never)."""
-        if self._untracked or any(t.tracker_id < 0 for t in self.tracker.tracks):
+        its way to becoming one, or seen too unsurely yet: skipping frames would announce it late or never) unless
+        boxes have been outside tracks for ``untracked_watch_s`` (a distractor)."""
+        watching = 0 <= self._last_time_s - self._untracked_since < self.settings.untracked_watch_s
+        if watching or any(t.tracker_id < 0 for t in self.tracker.tracks):
             return False
         return all(not t.has_text or self.text_final(t) or t.reads >= self.settings.max_reads_per_track
                    for t in self.tracks.values())
