@@ -23,6 +23,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from festival_serve import DATA_DIR
 from festival_serve.serving import auth
 from festival_serve.ops import up
 from festival_serve.cli import SAMPLE_SCENE
@@ -508,9 +509,16 @@ def test_metrics_include_queue_waits_batch_sizes_and_ray_serves_own_series(serve
                    if labels.get("stage") == model.name}
         assert replica == {model.deployment}  # measured in the model's own replica
     assert _counts(samples, "ray_serve_num_http_requests_total", ("status_code",), application=FULL_APP)
+    # A camera, so that the stream series exist: a committed clip over WS /v1/streams, every frame.
+    from festival_serve.ops.watch import watch
+
+    camera = watch(str(DATA_DIR / "clips" / "road_a.mp4"), server, quiet=True)
+    assert camera.results > 0 and camera.errors == 0
     dashboard = json.loads((ROOT / "cluster" / "grafana-dashboard.json").read_text())
     plotted = {name for panel in dashboard["panels"] for target in panel.get("targets", [])
                for name in re.findall(r"ray_\w+", target["expr"])}
+    if not camera.events:  # a counter is exported once it counted something: these stand-ins may announce nothing
+        plotted.discard("ray_festival_stream_events_total")
 
     def every_plotted_series_exported():
         missing = plotted - set(_scrape(metrics_port))
