@@ -21,8 +21,12 @@ class SignDetector(ModelDeployment):
 
     @paced_batch  # paced by the model (festival_serve.serving.batching); sizes and waits: user_config (reconfigure)
     async def detect(self, images: list[np.ndarray], tickets: list[Ticket]) -> list[list[SignDetection]]:
-        """(H, W, 3) uint8 RGB frames → the signs found in each, boxes in frame pixels."""
-        return await self._run_batch(images, lambda batch: self.model.detect(batch), tickets)
+        """(H, W, 3) uint8 RGB frames → the signs found in each, boxes in frame pixels; camera-stream frames (their
+        tickets say so) at the stream letterbox size."""
+        return await self._run_batch(list(zip(images, (t.stream for t in tickets))),
+                                     lambda batch: self.model.detect([image for image, _ in batch],
+                                                                     streams=[stream for _, stream in batch]),
+                                     tickets)
 
     def _model_info(self) -> dict:
         return self.model.model_info()

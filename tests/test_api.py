@@ -187,3 +187,35 @@ def test_over_budget_reader_reads_the_surest_signs_and_describer_is_skipped():
     assert answer["description"] is None
     assert {(d["stage"], d["code"]) for d in answer["degraded"]} == {("sign_reader", "partial"),
                                                                      ("scene_describer", "skipped_over_budget")}
+
+
+class ReadEverything:
+    """A stream's watcher (``flow.FrameWatcher``) that reads every sign and keeps what was read."""
+
+    def choose_reads(self, image, found_signs):
+        return list(range(len(found_signs)))
+
+    def texts(self, found_signs, read):
+        return [read.get(i) for i in range(len(found_signs))]
+
+    def wants_description(self, hazards):
+        return False
+
+
+def test_a_stream_frames_tickets_say_so_and_an_images_do_not():
+    tickets: dict[str, list] = {"sign_detector": [], "hazard_cells": []}
+
+    def stage(name, answer):
+        async def call(frame, ticket):
+            tickets[name].append(ticket.stream)
+            return answer
+        return call
+
+    image = np.zeros((40, 200, 3), np.uint8)
+    stages = {"sign_detector": stage("sign_detector", [sign(40, "speed_limit", True)]),
+              "hazard_cells": stage("hazard_cells", []), "sign_reader": Reader(), "scene_describer": None}
+    asyncio.run(analyze_frame(image, image, False, stages, IngressSettings(), {}))
+    streamed = asyncio.run(analyze_frame(image, image, False, stages, IngressSettings(), {}, watcher=ReadEverything()))
+    # The detector letterboxes a stream frame at stream_image_size (the ticket is all it is told).
+    assert tickets == {"sign_detector": [False, True], "hazard_cells": [False, True]}
+    assert [s["text"] for s in streamed["signs"]] == ["0"]

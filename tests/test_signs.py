@@ -337,6 +337,23 @@ def test_detect_batch_equals_single_image_calls(onnx_detector):
     assert onnx_detector.detect([]) == []
 
 
+def test_stream_frames_are_detected_at_the_stream_size_in_the_same_batch(store, onnx_detector):
+    both = SignDetector(settings(backend="onnxruntime", threads=2, stream_image_size=2 * SIZE), model_store=store)
+    at_stream_size = SignDetector(settings(backend="onnxruntime", threads=2, image_size=2 * SIZE), model_store=store)
+    images = frames()
+    mixed = both.detect(images, streams=[False, True, False])
+    want = [onnx_detector.detect([images[0]])[0], at_stream_size.detect([images[1]])[0],
+            onnx_detector.detect([images[2]])[0]]
+    assert sum(map(len, want)) > 0 and want[1] != onnx_detector.detect([images[1]])[0]  # the sizes differ
+    for got, expected in zip(mixed, want):
+        np.testing.assert_allclose([d.box for d in got], [d.box for d in expected], atol=1e-3)
+        np.testing.assert_allclose([d.score for d in got], [d.score for d in expected], atol=1e-5)
+    assert both.detect(images) == both.detect(images, streams=[False] * 3)  # images: image_size
+    info = both.model_info()
+    assert (info["image_size"], info["stream_image_size"]) == (SIZE, 2 * SIZE)
+    assert [n["name"] for n in info["networks"]] == ["sign_detector", "sign_detector_streams"]
+
+
 def test_describe_reports_what_the_runtime_runs_on_weights_and_classes(onnx_detector, weights):
     assert onnx_detector.names == NAMES
     described = onnx_detector.model_info()

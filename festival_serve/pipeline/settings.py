@@ -90,6 +90,12 @@ class _NetworkSettings(_Section):
 class SignDetectorSettings(_NetworkSettings):
     weights: str = Field("sign_detector/signs.pt", description="Ultralytics YOLO checkpoint (.pt).")
     image_size: int = Field(640, ge=32, multiple_of=32, description="Square letterbox side, pixels.")
+    stream_image_size: int | None = Field(
+        None, ge=32, multiple_of=32,
+        description="Square letterbox side for camera-stream frames (WS /v1/streams), pixels; null: image_size. "
+        "A stream tracks signs from 24 px, which a small letterbox misses on many frames; the stage loads the "
+        "network at both sizes and batches each size apart.",
+    )
     confidence: float = Field(0.25, gt=0, lt=1, description="Minimum class score of a kept box.")
     iou: float = Field(0.45, gt=0, lt=1, description="NMS IoU threshold.")
     max_detections: int = Field(50, ge=1, description="Most signs kept per image.")

@@ -103,6 +103,23 @@ def _yolo(path: Path, settings) -> Any:
     return _attr("festival_serve.models.sign_detector.detector:YoloCheckpoint")(path, settings.image_size)
 
 
+def _stream_size(settings) -> int:
+    return settings.stream_image_size or settings.image_size
+
+
+def _stream_weights(settings) -> str | None:
+    """The detector's weights again when camera-stream frames have a letterbox size of their own, else None."""
+    return settings.weights if _stream_size(settings) != settings.image_size else None
+
+
+def _yolo_streams(path: Path, settings) -> Any:
+    return _attr("festival_serve.models.sign_detector.detector:YoloCheckpoint")(path, _stream_size(settings))
+
+
+def _detector_stream_batch(settings, frames: list, sign_boxes: list) -> Any:
+    return _attr("festival_serve.models.sign_detector.detector:letterbox_batch")(frames, _stream_size(settings))[0]
+
+
 def _classifier(path: Path, settings) -> Any:
     return _attr("festival_serve.models.sign_detector.classifier:ClassifierCheckpoint")(path, settings.classifier_image_size)
 
@@ -135,6 +152,9 @@ STAGES: tuple[Stage, ...] = (
         weights=lambda s: s.weights, runtime=lambda s: s.backend,
         networks=(
             Network("sign_detector", "sign_detector", lambda s: s.weights, _yolo, _detector_batch, "images"),
+            # The same weights at camera-stream frames' letterbox size (stream_image_size), when it differs.
+            Network("sign_detector_streams", "sign_detector", _stream_weights, _yolo_streams, _detector_stream_batch,
+                    "images"),
             # Runs where its detector runs (same backend, device and precision settings).
             Network("sign_classifier", "sign_detector", lambda s: s.classifier, _classifier, _classifier_batch,
                     "crops"),

@@ -87,6 +87,9 @@ class Ticket:
 
     sent_at: float
     deadline: float
+    # A camera-stream frame (WS /v1/streams): its signs are tracked from 24 px, so the detector looks at it closer
+    # (``SignDetectorSettings.stream_image_size``).
+    stream: bool = False
 
     def expired(self, now: float) -> bool:
         return now >= self.deadline

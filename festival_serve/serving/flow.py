@@ -69,6 +69,7 @@ class _Frame:
     request_id: str
     degraded: list[Degraded]
     shed: dict[str, float]  # stage → Retry-After its queue asked for
+    stream: bool = False  # a camera-stream frame (its tickets say so)
 
 
 @contextlib.contextmanager
@@ -115,7 +116,7 @@ async def analyze_frame(image: np.ndarray, frame: Any, describe: bool, stages: M
     ``watcher``: a stream's tracking (reads only what its tracks still need; describes only when it says).
     Raises ``Rejected`` when the safety stages cannot answer."""
     run = _Frame(budget or Budget(settings.default_budget_s), settings, admission or Admission(), timings,
-                 request_id, [], {})
+                 request_id, [], {}, stream=watcher is not None)
     found_signs, hazards = await asyncio.gather(_stage(run, stages, "sign_detector", 1, frame),
                                                 _stage(run, stages, "hazard_cells", 1, frame))
     _refuse_without_safety(run, found_signs, hazards)
@@ -193,7 +194,8 @@ async def _stage(run: _Frame, stages: Mapping[str, StageCall], name: str, items:
     started = time.perf_counter()
     ahead = load.begin(items)
     completed = False
-    ticket = Ticket(sent_at=time.time(), deadline=run.budget.deadline_unix() - run.settings.answer_margin_s)
+    ticket = Ticket(sent_at=time.time(), deadline=run.budget.deadline_unix() - run.settings.answer_margin_s,
+                    stream=run.stream)
     try:
         result = await _bounded(run, name, stages[name](*args, ticket))
         if isinstance(result, StageError) and result.code == "unavailable" and \

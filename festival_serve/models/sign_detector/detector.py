@@ -166,6 +166,10 @@ class SignDetector:
         run = dict(device=device, fp16=resolve_fp16(settings.fp16, device), threads=settings.threads,
                    placement=Placement(gpu_only, gpu_fraction, settings.build_engines, settings.batch_slices or 1))
         self.backend = create_backend(settings.backend, self.checkpoint, **run)
+        # Camera-stream frames at their own letterbox size: the same weights exported (or engined) at that size too.
+        self.stream_size = settings.stream_image_size or settings.image_size
+        self.stream_backend = self.backend if self.stream_size == settings.image_size else \
+            create_backend(settings.backend, YoloCheckpoint(self.weights, self.stream_size), **run)
         self.classifier = None
         if settings.classifier:
             # The classifier runs where its detector runs, with the same settings ("auto" looks for its own engine).
@@ -177,22 +181,32 @@ class SignDetector:
                 **run,
             )
         self.text_classes = self._known_classes(settings.text_classes)
-        networks = [self.backend, *([self.classifier.backend] if self.classifier else [])]
+        networks = [self.backend, *([self.stream_backend] if self.stream_backend is not self.backend else []),
+                    *([self.classifier.backend] if self.classifier else [])]
         self.preprocess = preprocess_path(settings.preprocess, networks)  # "host" | "device", fixed from here on
         # Warm-up through the whole path: the first batch would otherwise also pay for importing the
         # letterbox/NMS code (cv2 on the host, ultralytics and torch on the device, ~3 s on a small CPU).
         blank = np.zeros((64, 64, 3), dtype=np.uint8)
-        self.detect([blank])
+        self.detect([blank, blank], streams=[False, self.stream_backend is not self.backend])
         if self.classifier is not None:  # a blank frame has no signs, so warm the classifier on a box of it
             self._classify(self._frames([blank]), [[(0.0, 0.0, 32.0, 32.0)]])
 
-    def detect(self, images: list[np.ndarray]) -> list[list[SignDetection]]:
-        """``(H, W, 3) uint8 RGB`` frames → per frame, the signs found, best first: letterbox, one forward pass,
-        NMS and boxes back in frame pixels, then (with a classifier) the boxes' crops named in one more."""
+    def detect(self, images: list[np.ndarray], streams: list[bool] | None = None) -> list[list[SignDetection]]:
+        """``(H, W, 3) uint8 RGB`` frames → per frame, the signs found, best first: letterbox, one forward pass
+        per letterbox size, NMS and boxes back in frame pixels, then (with a classifier) the boxes' crops named in
+        one more. ``streams``: which frames are camera-stream frames (``stream_image_size``); none by default."""
         if not images:
             return []
         frames = self._frames(images)
-        detections = self._find(frames)
+        if streams is None or self.stream_backend is self.backend:
+            streams = [False] * len(frames)  # one size for every frame
+        detections: list = [None] * len(frames)
+        for stream, backend, size in ((False, self.backend, self.settings.image_size),
+                                      (True, self.stream_backend, self.stream_size)):
+            group = [i for i, is_stream in enumerate(streams) if is_stream == stream]
+            if group:
+                for i, found in zip(group, self._find([frames[i] for i in group], size, backend)):
+                    detections[i] = found
         if self.classifier is not None:
             detections = _renamed(detections, self._classify(frames, [[d.box for d in found] for found in detections]))
         if self.text_classes is None:
@@ -208,16 +222,16 @@ class SignDetector:
 
         return upload_frames(images, self.backend.runtime_device())
 
-    def _find(self, frames: list) -> list[list[SignDetection]]:
-        """Letterbox, network, NMS and boxes back in frame pixels, where the frames are: on the device path as
-        tensor ops where the network runs, so only the kept boxes come back."""
+    def _find(self, frames: list, size: int, backend) -> list[list[SignDetection]]:
+        """Letterbox to ``size``, ``backend``'s network, NMS and boxes back in frame pixels, where the frames are:
+        on the device path as tensor ops where the network runs, so only the kept boxes come back."""
         if self.preprocess != "device":
-            batch, metas = letterbox_batch(frames, self.settings.image_size)
-            return postprocess(self.backend.forward(batch)[0], metas, self.names, self._nms_options())
+            batch, metas = letterbox_batch(frames, size)
+            return postprocess(backend.forward(batch)[0], metas, self.names, self._nms_options())
         from festival_serve.models.sign_detector import device_ops
 
-        batch, metas = device_ops.letterbox_frames(frames, self.settings.image_size)
-        raw = self.backend.forward_tensor(batch)[0]
+        batch, metas = device_ops.letterbox_frames(frames, size)
+        raw = backend.forward_tensor(batch)[0]
         return device_ops.postprocess_on_device(raw, metas, self.names, self._nms_options())
 
     def _classify(self, frames: list, boxes: list[list[tuple[float, float, float, float]]]) -> list[tuple[int, str, float]]:
@@ -254,7 +268,10 @@ class SignDetector:
         networks = [{"name": "sign_detector", **self.backend.model_info()}]
         if self.classifier is not None:
             networks.append({"name": "sign_classifier", **self.classifier.backend.model_info()})
+        if self.stream_backend is not self.backend:
+            networks.append({"name": "sign_detector_streams", **self.stream_backend.model_info()})
         described = {**self.backend.model_info(), "weights": str(self.weights), "classes": len(self.names),
+                     "image_size": self.settings.image_size, "stream_image_size": self.stream_size,
                      "text_classes": sorted(self.text_classes) if self.text_classes is not None else None,
                      "cpu_beside_gpu": self.cpu_beside_gpu, "networks": networks, "preprocess": self.preprocess}
         return {**described, **self.classifier.model_info()} if self.classifier else described
