@@ -226,7 +226,8 @@ def test_health_readiness_and_models(server):
         assert m["gpu_fraction"] is None and m["gpu_visible"] is False and m["cpu_beside_gpu"] is False
         for network in m["networks"]:
             assert network["runtime_device"] == "cpu" and network["gpu_memory_cap_bytes"] is None, network
-    assert [n["name"] for n in models[0]["networks"]] == ["sign_detector", "sign_classifier"]
+    # serve_config detects camera-stream frames at a size of their own: the same weights, a second network.
+    assert [n["name"] for n in models[0]["networks"]] == ["sign_detector", "sign_detector_streams", "sign_classifier"]
     assert [n["name"] for n in models[2]["networks"]] == ["sign_reader.det", "sign_reader.rec"]
     assert models[2]["networks"][1]["providers"] == ["CPUExecutionProvider"]
 

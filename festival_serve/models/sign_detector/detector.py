@@ -265,11 +265,12 @@ class SignDetector:
         return frozenset(text_classes)
 
     def model_info(self) -> dict:
+        # In the order of the stage's networks (festival_serve.pipeline.stages).
         networks = [{"name": "sign_detector", **self.backend.model_info()}]
-        if self.classifier is not None:
-            networks.append({"name": "sign_classifier", **self.classifier.backend.model_info()})
         if self.stream_backend is not self.backend:
             networks.append({"name": "sign_detector_streams", **self.stream_backend.model_info()})
+        if self.classifier is not None:
+            networks.append({"name": "sign_classifier", **self.classifier.backend.model_info()})
         described = {**self.backend.model_info(), "weights": str(self.weights), "classes": len(self.names),
                      "image_size": self.settings.image_size, "stream_image_size": self.stream_size,
                      "text_classes": sorted(self.text_classes) if self.text_classes is not None else None,
