@@ -119,6 +119,11 @@ class SignDetectorSettings(_NetworkSettings):
         "the CPU, as ultralytics does.",
     )
 
+    @property
+    def stream_size(self) -> int:
+        """The letterbox side camera-stream frames get, pixels."""
+        return self.stream_image_size or self.image_size
+
 
 class HazardCellsSettings(_NetworkSettings):
     weights: str = Field("hazard_cells/yolic_m2.pth.tar", description="YOLIC-M2 state_dict checkpoint.")

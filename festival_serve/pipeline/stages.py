@@ -103,21 +103,17 @@ def _yolo(path: Path, settings) -> Any:
     return _attr("festival_serve.models.sign_detector.detector:YoloCheckpoint")(path, settings.image_size)
 
 
-def _stream_size(settings) -> int:
-    return settings.stream_image_size or settings.image_size
-
-
 def _stream_weights(settings) -> str | None:
     """The detector's weights again when camera-stream frames have a letterbox size of their own, else None."""
-    return settings.weights if _stream_size(settings) != settings.image_size else None
+    return settings.weights if settings.stream_size != settings.image_size else None
 
 
 def _yolo_streams(path: Path, settings) -> Any:
-    return _attr("festival_serve.models.sign_detector.detector:YoloCheckpoint")(path, _stream_size(settings))
+    return _attr("festival_serve.models.sign_detector.detector:YoloCheckpoint")(path, settings.stream_size)
 
 
 def _detector_stream_batch(settings, frames: list, sign_boxes: list) -> Any:
-    return _attr("festival_serve.models.sign_detector.detector:letterbox_batch")(frames, _stream_size(settings))[0]
+    return _attr("festival_serve.models.sign_detector.detector:letterbox_batch")(frames, settings.stream_size)[0]
 
 
 def _classifier(path: Path, settings) -> Any:

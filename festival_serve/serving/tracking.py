@@ -245,7 +245,7 @@ class StreamMemory:
             if box[0] < margin or box[1] < margin or box[2] > width - margin or box[3] > height - margin:
                 continue  # cut off by the frame's edge: part of its text is not in view
             if track.reads and (self.text_final(track) or _area(box) < settings.read_growth * track.read_area
-                                or track.read_side < settings.read_final_side_px > side):
+                                or max(track.read_side, side) < settings.read_final_side_px):
                 continue  # read again only once it has grown, and to a size whose sure reading is final
             if sharpness(crop(image, box, crop_padding)) < settings.read_min_sharpness:
                 continue

@@ -167,9 +167,8 @@ class SignDetector:
                    placement=Placement(gpu_only, gpu_fraction, settings.build_engines, settings.batch_slices or 1))
         self.backend = create_backend(settings.backend, self.checkpoint, **run)
         # Camera-stream frames at their own letterbox size: the same weights exported (or engined) at that size too.
-        self.stream_size = settings.stream_image_size or settings.image_size
-        self.stream_backend = self.backend if self.stream_size == settings.image_size else \
-            create_backend(settings.backend, YoloCheckpoint(self.weights, self.stream_size), **run)
+        self.stream_backend = self.backend if settings.stream_size == settings.image_size else \
+            create_backend(settings.backend, YoloCheckpoint(self.weights, settings.stream_size), **run)
         self.classifier = None
         if settings.classifier:
             # The classifier runs where its detector runs, with the same settings ("auto" looks for its own engine).
@@ -202,7 +201,7 @@ class SignDetector:
             streams = [False] * len(frames)  # one size for every frame
         detections: list = [None] * len(frames)
         for stream, backend, size in ((False, self.backend, self.settings.image_size),
-                                      (True, self.stream_backend, self.stream_size)):
+                                      (True, self.stream_backend, self.settings.stream_size)):
             group = [i for i, is_stream in enumerate(streams) if is_stream == stream]
             if group:
                 for i, found in zip(group, self._find([frames[i] for i in group], size, backend)):
@@ -272,7 +271,7 @@ class SignDetector:
         if self.classifier is not None:
             networks.append({"name": "sign_classifier", **self.classifier.backend.model_info()})
         described = {**self.backend.model_info(), "weights": str(self.weights), "classes": len(self.names),
-                     "image_size": self.settings.image_size, "stream_image_size": self.stream_size,
+                     "image_size": self.settings.image_size, "stream_image_size": self.settings.stream_size,
                      "text_classes": sorted(self.text_classes) if self.text_classes is not None else None,
                      "cpu_beside_gpu": self.cpu_beside_gpu, "networks": networks, "preprocess": self.preprocess}
         return {**described, **self.classifier.model_info()} if self.classifier else described
